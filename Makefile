@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch is pinned (constraints.txt) to the local CPU wheel; an unpinned torch pulls CUDA builds.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[ckks,test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedmm-secure run --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests -p no:cacheprovider --timeout=900
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench --benchmark-only -p no:cacheprovider
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

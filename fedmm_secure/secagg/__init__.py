@@ -1,0 +1,12 @@
+"""Secure aggregation: the interface, the in-process driver and the backend registry."""
+
+from .base import (AggregatorEndpoint, ClientRound, MarketEndpoint, RoundContext, Roster,
+                   SecureAggregator, ServerRound)
+from .driver import RoundOutcome, run_round
+from .registry import available_backends, create_backend, register_backend
+
+__all__ = [
+    "AggregatorEndpoint", "ClientRound", "MarketEndpoint", "RoundContext", "Roster",
+    "SecureAggregator", "ServerRound", "RoundOutcome", "run_round", "available_backends",
+    "create_backend", "register_backend",
+]

@@ -1,0 +1,207 @@
+"""The secure-aggregation interface the federation code talks to.
+
+A backend is a factory for two kinds of endpoint: one :class:`MarketEndpoint` per market (holding
+that market's long-term secrets) and one :class:`AggregatorEndpoint` (holding public material
+only). For every summation both sides open a *round*: a small state machine that exchanges opaque
+byte messages. The federation code never looks inside the bytes and never learns which backend
+runs; :func:`fedmm_secure.secagg.driver.run_round` moves the bytes around in the embedded runtime,
+and a network runtime moves exactly the same bytes.
+
+Rounds are multi-stage: the aggregator's round emits one message per market, markets answer, and
+so on until the aggregator's round reports ``done``; the last messages it emits carry the result
+(the sum itself for masking and plain, the encrypted sum for CKKS) and markets answer them with
+``None``.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from ..errors import ConfigError, ProtocolError
+
+__all__ = [
+    "RoundContext",
+    "Roster",
+    "ClientRound",
+    "ServerRound",
+    "MarketEndpoint",
+    "AggregatorEndpoint",
+    "SecureAggregator",
+]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _check_id(kind: str, value: str) -> None:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise ConfigError(kind, f"invalid identifier {value!r}", allowed="1-64 chars of [A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What both sides agree on before a round starts.
+
+    ``max_abs`` bounds every coordinate of every market's input (a scalar, or one bound per
+    coordinate). Backends that quantize derive their clip range and ring size from it and the
+    number of participants so that the sum can never wrap; inputs outside the bound are clipped
+    and the clipping is reported by the market's round.
+    """
+
+    run_id: str
+    round_id: int
+    participants: tuple[str, ...]
+    length: int
+    max_abs: float | np.ndarray
+    label: str = "update"  # what is summed ("codebook-stats", "code-embeddings", ...), bound into transcripts
+
+    def __post_init__(self) -> None:
+        _check_id("run_id", self.run_id)
+        _check_id("label", self.label)
+        if not isinstance(self.round_id, int) or self.round_id < 0:
+            raise ConfigError("round_id", f"must be a non-negative int, got {self.round_id!r}")
+        if len(self.participants) < 1:
+            raise ConfigError("participants", "at least one participant is required")
+        if len(set(self.participants)) != len(self.participants):
+            raise ConfigError("participants", "duplicate market ids")
+        for p in self.participants:
+            _check_id("participants", p)
+        if tuple(sorted(self.participants)) != tuple(self.participants):
+            object.__setattr__(self, "participants", tuple(sorted(self.participants)))
+        if not isinstance(self.length, int) or self.length < 1:
+            raise ConfigError("length", f"must be a positive int, got {self.length!r}")
+        bound = np.asarray(self.max_abs, dtype=np.float64)
+        if bound.ndim not in (0, 1) or (bound.ndim == 1 and bound.shape[0] != self.length):
+            raise ConfigError("max_abs", "must be a scalar or one bound per coordinate")
+        if not np.all(np.isfinite(bound)) or np.any(bound <= 0):
+            raise ConfigError("max_abs", "bounds must be finite and > 0")
+
+    def bounds(self) -> np.ndarray:
+        """Per-coordinate bound as a float64 vector of ``length``."""
+        return np.broadcast_to(np.asarray(self.max_abs, dtype=np.float64), (self.length,)).copy()
+
+
+@dataclass(frozen=True)
+class Roster:
+    """The PKI: each market's long-term public bundle, distributed out of band.
+
+    Bundles are backend-specific public bytes (for masking an Ed25519 verification key); the
+    roster is public and may be shown to anyone.
+    """
+
+    entries: Mapping[str, bytes] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for m, b in self.entries.items():
+            _check_id("roster", m)
+            if not isinstance(b, (bytes, bytearray)):
+                raise ConfigError("roster", f"bundle of {m!r} must be bytes")
+        object.__setattr__(self, "entries", dict(sorted(self.entries.items())))
+
+    @property
+    def markets(self) -> tuple[str, ...]:
+        return tuple(self.entries)
+
+    def bundle(self, market: str) -> bytes:
+        try:
+            return bytes(self.entries[market])
+        except KeyError:
+            raise ProtocolError(f"market {market!r} is not on the roster") from None
+
+
+class ClientRound(ABC):
+    """A market's side of one round."""
+
+    @abstractmethod
+    def handle(self, message: bytes) -> bytes | None:
+        """Process one message from the aggregator; return the reply, or ``None`` after the
+        final (result) message. Invalid messages raise :class:`ProtocolError` (or its
+        :class:`IntegrityError`) and leave the round's state unchanged."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """True once the result has been received."""
+
+    @abstractmethod
+    def result(self) -> np.ndarray:
+        """The float64 sum over the round's survivors (valid once ``done``)."""
+
+    def report(self) -> dict:
+        """Backend facts for results.json (clipping, quantization error bound, ...)."""
+        return {}
+
+
+class ServerRound(ABC):
+    """The aggregator's side of one round."""
+
+    @abstractmethod
+    def start(self) -> dict[str, bytes]:
+        """First messages, one per participant."""
+
+    @abstractmethod
+    def handle(self, replies: Mapping[str, bytes]) -> dict[str, bytes]:
+        """Replies from the markets that answered this stage (absent markets have dropped out);
+        returns the next messages. Raises :class:`AbortError` when the round cannot finish."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """True once the messages last returned carried the result."""
+
+    @property
+    @abstractmethod
+    def survivors(self) -> tuple[str, ...]:
+        """Markets whose inputs are in the sum (valid once ``done``)."""
+
+    def result(self) -> np.ndarray:
+        """The plaintext sum, for backends where the aggregator learns it (masking, plain)."""
+        raise ProtocolError(f"{type(self).__name__}: the aggregator does not learn the sum")
+
+
+class MarketEndpoint(ABC):
+    """One market's long-lived state for a backend (its long-term keys)."""
+
+    market_id: str
+
+    @abstractmethod
+    def public_bundle(self) -> bytes:
+        """Long-term public material that goes on the roster."""
+
+    @abstractmethod
+    def install_roster(self, roster: Roster) -> None: ...
+
+    @abstractmethod
+    def begin_round(self, ctx: RoundContext, vector: np.ndarray) -> ClientRound: ...
+
+
+class AggregatorEndpoint(ABC):
+    """The aggregator's long-lived state for a backend (public material only)."""
+
+    @abstractmethod
+    def install_roster(self, roster: Roster) -> None: ...
+
+    @abstractmethod
+    def begin_round(self, ctx: RoundContext) -> ServerRound: ...
+
+
+class SecureAggregator(ABC):
+    """A secure-aggregation backend: a factory of endpoints.
+
+    ``secure`` is False only for ``plain``, which exists for baselines and must be asked for by
+    name; everything that writes results labels such runs as not secure.
+    """
+
+    name: ClassVar[str]
+    secure: ClassVar[bool]
+
+    @abstractmethod
+    def create_market(self, market_id: str) -> MarketEndpoint: ...
+
+    @abstractmethod
+    def create_aggregator(self) -> AggregatorEndpoint: ...
