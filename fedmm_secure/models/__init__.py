@@ -1,0 +1,10 @@
+"""Models: CF embeddings, the two-level RQ-VAE, CTR models."""
+
+from .cf import CFModel
+from .codebook import (CodeStats, assign_codes, code_statistics, perplexity, update_codebook,
+                       utilization)
+from .ctr import DeepFM
+from .rqvae import RQVAE
+
+__all__ = ["CFModel", "CodeStats", "assign_codes", "code_statistics", "perplexity",
+           "update_codebook", "utilization", "DeepFM", "RQVAE"]

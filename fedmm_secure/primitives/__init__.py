@@ -1,0 +1,19 @@
+"""Pure cryptographic and numeric building blocks: no torch, no I/O, nothing of ours imported.
+
+* :mod:`.keys`: typed Ed25519 / X25519 / symmetric key objects (HKDF with explicit contexts)
+* :mod:`.aead`: AES-256-GCM ``seal`` / ``open_sealed``
+* :mod:`.prg`: AES-256-CTR mask expansion into ring elements
+* :mod:`.shamir`: t-of-n Shamir sharing of 32-byte secrets
+* :mod:`.quantization`: fixed-point encoding into Z_2^k with overflow impossible by construction
+
+(``ckks`` is imported on its own because it needs the optional TenSEAL dependency.)
+"""
+
+from .aead import open_sealed, seal
+from .keys import (AgreementPrivateKey, AgreementPublicKey, IdentityPrivateKey, IdentityPublicKey,
+                   SymmetricKey)
+
+__all__ = [
+    "AgreementPrivateKey", "AgreementPublicKey", "IdentityPrivateKey", "IdentityPublicKey",
+    "SymmetricKey", "seal", "open_sealed",
+]

@@ -1,0 +1,168 @@
+"""Run configuration: dataclasses validated at the boundary.
+
+Every invalid value raises :class:`ConfigError` naming the field (dotted path) and what is
+allowed; the CLI turns it into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict", "METHODS"]
+
+METHODS = ("local", "local_codes", "fedmm", "centralized")
+SECAGG_BACKENDS = ("masking", "ckks", "plain")
+UNITS = ("record", "user")
+ACCOUNTANTS = ("pld", "prv", "rdp")
+ON_EXCEED = ("skip", "stop")
+
+
+def _positive(name: str, value: Any, *, integer: bool) -> None:
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+        raise ConfigError(name, f"must be a positive {'integer' if integer else 'number'}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    cf_dim: int = 16
+    cf_epochs: int = 1           # local epochs per federated round
+    cf_lr: float = 0.02
+    latent_dim: int = 8
+    vq_hidden: int = 32
+    n_global: int = 32           # level-1 (global) codebook size
+    n_local: int = 8             # level-2 (local) codebook size
+    vq_epochs: int = 30          # local encoder/decoder epochs per round
+    vq_lr: float = 3e-3
+    beta: float = 0.25           # commitment weight
+    codebook_decay: float = 0.0  # 0 = plain k-means update from statistics
+    ctr_dim: int = 16
+    ctr_hidden: tuple[int, ...] = (64, 32)
+    ctr_epochs: int = 1          # local epochs per federated round
+    ctr_lr: float = 3e-3
+    batch_size: int = 256
+    share_ctr_mlp: bool = True       # FedMM: average the CTR interaction MLP across markets
+    share_autoencoder: bool = True   # FedMM: average RQ-VAE encoder/decoder across markets
+    shared_bound: float = 2.0    # clip bound of every shared parameter coordinate (sizes the ring)
+
+    def __post_init__(self) -> None:
+        for f in ("cf_dim", "cf_epochs", "latent_dim", "vq_hidden", "n_global", "n_local", "vq_epochs",
+                  "ctr_dim", "ctr_epochs", "batch_size"):
+            _positive(f"model.{f}", getattr(self, f), integer=True)
+        for f in ("cf_lr", "vq_lr", "beta", "ctr_lr", "shared_bound"):
+            _positive(f"model.{f}", getattr(self, f), integer=False)
+        if not 0 <= self.codebook_decay < 1:
+            raise ConfigError("model.codebook_decay", f"must be in [0, 1), got {self.codebook_decay!r}")
+        if not self.ctr_hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.ctr_hidden):
+            raise ConfigError("model.ctr_hidden", "must be a non-empty list of positive integers")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = False
+    unit: str = "record"
+    delta: float = 1e-5
+    epsilon: float | None = None           # calibrate the noise multiplier for the planned rounds
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    epsilon_budget: float | None = None
+    on_exceed: str = "skip"
+    accountant: str = "pld"
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ConfigError("privacy.unit", f"unknown unit {self.unit!r}", allowed=", ".join(UNITS))
+        if self.accountant not in ACCOUNTANTS:
+            raise ConfigError("privacy.accountant", f"unknown accountant {self.accountant!r}",
+                              allowed=", ".join(ACCOUNTANTS))
+        if self.on_exceed not in ON_EXCEED:
+            raise ConfigError("privacy.on_exceed", f"unknown policy {self.on_exceed!r}", allowed=", ".join(ON_EXCEED))
+        if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
+            raise ConfigError("privacy.delta", f"must be in (0, 1), got {self.delta!r}")
+        for f in ("epsilon", "noise_multiplier", "epsilon_budget"):
+            v = getattr(self, f)
+            if v is not None:
+                _positive(f"privacy.{f}", v, integer=False)
+        _positive("privacy.max_grad_norm", self.max_grad_norm, integer=False)
+        if self.enabled and self.epsilon is None and self.noise_multiplier is None:
+            raise ConfigError("privacy.noise_multiplier", "a private run needs --epsilon or a noise multiplier")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    rounds: int = 4
+    methods: tuple[str, ...] = METHODS
+    data: str = "synthetic"                 # "synthetic" or "<loader>:<path>"
+    markets: tuple[str, ...] | None = None  # subset of markets to use
+    synthetic: dict = field(default_factory=dict)  # overrides of SyntheticConfig fields
+    secagg: str = "plain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError("seed", f"must be a non-negative integer, got {self.seed!r}")
+        _positive("rounds", self.rounds, integer=True)
+        if not self.methods:
+            raise ConfigError("methods", "at least one method is required", allowed=", ".join(METHODS))
+        for m in self.methods:
+            if m not in METHODS:
+                raise ConfigError("methods", f"unknown method {m!r}", allowed=", ".join(METHODS))
+        if self.secagg not in SECAGG_BACKENDS:
+            raise ConfigError("secagg", f"unknown backend {self.secagg!r}", allowed=", ".join(SECAGG_BACKENDS))
+        if not isinstance(self.data, str) or not (self.data == "synthetic" or ":" in self.data):
+            raise ConfigError("data", f"unknown data source {self.data!r}",
+                              allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix or "config", f"must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(path, "unknown setting", allowed=", ".join(sorted(known)))
+        if cls is RunConfig and key == "model":
+            value = _build(ModelConfig, value, "model")
+        elif cls is RunConfig and key == "privacy":
+            value = _build(PrivacyConfig, value, "privacy")
+        elif key in ("methods", "markets", "ctr_hidden") and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong types that dataclass construction itself rejects
+        raise ConfigError(prefix or "config", str(e)) from None
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    return _build(RunConfig, raw, "")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {p}: {e.strerror}") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    except Exception as e:  # parse errors of either format
+        raise ConfigError("--config", f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+    return config_from_dict(raw)

@@ -1,0 +1,103 @@
+"""Mask expansion: a :class:`SymmetricKey` becomes a stream of ring elements in Z_2^32.
+
+The PRG is AES-256-CTR keyed with the full 256-bit key, counter block starting at zero, and the
+keystream read as little-endian uint32. A fixed counter start is safe because every key expanded
+here is used for exactly one stream (self-mask seeds are fresh per round; pairwise seeds come out
+of HKDF with a context that names the run, round, label and pair). No numpy RNG, no Mersenne
+Twister: every mask bit is AES output.
+
+Speed matters (the keystream is the floor of a masking client's cost), so keystream bytes are
+produced by one ``update_into`` of zeros into a reused buffer and viewed as uint32 without a copy.
+:func:`accumulate_masks` adds and subtracts many masks in cache-sized chunks, so the additions run
+on data that is still in cache rather than making one pass over main memory per mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from ..errors import ProtocolError
+from .keys import SymmetricKey
+
+__all__ = ["RING_DTYPE", "expand", "accumulate_masks", "keystream_into"]
+
+RING_DTYPE = np.dtype("<u4")
+_ZERO_IV = bytes(16)
+_BLOCK = 16
+# 64 Ki uint32 = 256 KiB per chunk: keystream + accumulator chunk stay in L2.
+_CHUNK = 1 << 16
+
+
+def _encryptor(key: bytes, iv: bytes = _ZERO_IV):
+    return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+
+
+def keystream_into(key: bytes, out: bytearray | memoryview, *, iv: bytes = _ZERO_IV,
+                   zeros: bytes | None = None) -> None:
+    """hazmat: fill ``out`` with raw AES-CTR keystream for a raw 32-byte key (tests, benchmarks).
+
+    ``out`` must have ``block_size - 1`` spare bytes at the end (``update_into``'s contract); the
+    first ``len(out) - 15`` bytes are keystream. ``zeros`` (``len(out) - 15`` zero bytes) may be
+    passed to reuse the input buffer across calls, as the keystream floor benchmark does.
+    """
+    n = len(out) - (_BLOCK - 1)
+    if n <= 0:
+        raise ProtocolError("output buffer too small")
+    if zeros is None:
+        zeros = bytes(n)
+    elif len(zeros) != n or any(zeros[:16]):
+        raise ProtocolError("zeros must be len(out) - 15 zero bytes")
+    _encryptor(key, iv).update_into(zeros, out)
+
+
+def _check_length(length: int) -> None:
+    if not isinstance(length, (int, np.integer)) or length < 1:
+        raise ProtocolError(f"mask length must be a positive int, got {length!r}")
+
+
+def expand(key: SymmetricKey, length: int) -> np.ndarray:
+    """``length`` pseudorandom uint32 values (a fresh array) from ``key``."""
+    if not isinstance(key, SymmetricKey):
+        raise ProtocolError("key must be a SymmetricKey")
+    _check_length(length)
+    nbytes = 4 * int(length)
+    out = bytearray(nbytes + _BLOCK - 1)
+    _encryptor(key._hazmat_bytes()).update_into(bytes(nbytes), out)
+    return np.frombuffer(out, dtype=RING_DTYPE, count=int(length))
+
+
+def accumulate_masks(acc: np.ndarray, *, add: Sequence[SymmetricKey],
+                     subtract: Sequence[SymmetricKey]) -> None:
+    """In place: ``acc += sum(expand(k) for k in add) - sum(expand(k) for k in subtract)`` mod 2^32.
+
+    Identical to the naive sum of :func:`expand` outputs (tests check this), computed chunk by
+    chunk with one live AES-CTR context per key.
+    """
+    if not isinstance(acc, np.ndarray) or acc.dtype != RING_DTYPE or acc.ndim != 1 \
+            or not acc.flags.c_contiguous or not acc.flags.writeable:
+        raise ProtocolError("accumulator must be a writeable contiguous 1-D uint32 array")
+    keys = [(k, np.add) for k in add] + [(k, np.subtract) for k in subtract]
+    for k, _ in keys:
+        if not isinstance(k, SymmetricKey):
+            raise ProtocolError("mask keys must be SymmetricKey objects")
+    if not keys:
+        return
+    length = acc.shape[0]
+    chunk = min(_CHUNK, length)
+    zeros = bytes(4 * chunk)
+    buf = bytearray(4 * chunk + _BLOCK - 1)
+    view = np.frombuffer(buf, dtype=RING_DTYPE, count=chunk)
+    ctxs = [(_encryptor(k._hazmat_bytes()), op) for k, op in keys]
+    zmv = memoryview(zeros)
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        m = stop - start
+        part = acc[start:stop]
+        src = zmv if m == chunk else zmv[:4 * m]
+        for enc, op in ctxs:
+            # CTR state carries over between calls, so chunked output equals one long stream.
+            enc.update_into(src, buf)
+            op(part, view[:m], out=part)

@@ -1,0 +1,167 @@
+"""Fixed-point encoding of bounded reals into the ring Z_2^k (k <= 32), overflow-free by design.
+
+Every coordinate i has a known bound B_i (the DP clip norm, a count bound, an embedding-norm
+bound). With n participants the largest quantized magnitude is ``qmax = floor((2^(k-1) - 1) / n)``
+and the scale is ``qmax / B_i``, so a sum of any n encoded values lies in
+``[-(2^(k-1) - 1), 2^(k-1) - 1]`` and decodes exactly from its centred representative: the sum
+cannot wrap, whatever the inputs. Inputs outside the bound are clipped (and counted) first.
+
+Rounding is to nearest (deterministic, error <= 0.5 / scale per value) or stochastic (unbiased,
+error < 1 / scale per value; its uniforms come from a caller-supplied ``numpy.random.Generator``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError, DataError, ProtocolError
+
+__all__ = ["Quantizer", "make_quantizer", "ROUNDING_MODES"]
+
+ROUNDING_MODES = ("nearest", "stochastic")
+_CHUNK = 1 << 15  # float64 chunk of 256 KiB stays in L2
+
+
+@dataclass(frozen=True, eq=False)
+class Quantizer:
+    """Encoding parameters both sides derive from the round's public context."""
+
+    ring_bits: int
+    n_participants: int
+    qmax: int
+    scale: np.ndarray          # per-coordinate, float64
+    bounds: np.ndarray         # per-coordinate clip bound, float64
+    rounding: str
+
+    @property
+    def length(self) -> int:
+        return int(self.scale.shape[0])
+
+    @property
+    def modulus(self) -> int:
+        return 1 << self.ring_bits
+
+    def per_value_error(self) -> np.ndarray:
+        """Max |x_clipped - dequantize(quantize(x))| per coordinate for one value."""
+        unit = 0.5 if self.rounding == "nearest" else 1.0
+        return unit / self.scale
+
+    def max_abs_error_bound(self, n_summed: int | None = None) -> float:
+        """Bound on |sum of clipped inputs - decoded sum| over all coordinates, for a sum of
+        ``n_summed`` (default: all participants) values."""
+        m = self.n_participants if n_summed is None else int(n_summed)
+        return float(m * np.max(self.per_value_error())) if self.scale.strides != (0,) \
+            else float(m * self.per_value_error()[0])
+
+    def quantize(self, x: np.ndarray, *, rng: np.random.Generator | None = None,
+                 out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Encode ``x`` into ring elements (uint32); returns ``(encoded, clipped_count)``.
+
+        Runs in cache-sized chunks (one pass over main memory instead of one per operation);
+        ``out`` may be a preallocated uint32 vector to write into.
+        """
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != (self.length,):
+            raise ProtocolError(f"input of shape {x.shape}, expected ({self.length},)")
+        if self.rounding == "stochastic" and not isinstance(rng, np.random.Generator):
+            raise ConfigError("rng", "stochastic rounding needs a numpy Generator passed in")
+        if out is None:
+            out = np.empty(self.length, dtype=np.uint32)
+        elif out.shape != (self.length,) or out.dtype != np.uint32:
+            raise ProtocolError("out must be a uint32 vector of the quantizer's length")
+        uniform = self.scale.strides == (0,)
+        limit = float(self.qmax)
+        n = self.length
+        chunk = min(_CHUNK, n)
+        buf = np.empty(chunk)
+        absbuf = np.empty(chunk)
+        flags = np.empty(chunk, dtype=bool)
+        signed = out.view(np.int32)  # |q| <= qmax < 2^31: int32 two's complement == value mod 2^32
+        clipped = 0
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            m = stop - start
+            xs, b, a, f = x[start:stop], buf[:m], absbuf[:m], flags[:m]
+            # A finite sum proves every summand finite (one fast reduction); only a non-finite
+            # sum, which huge finite values can also cause, needs the element-wise check.
+            if not np.isfinite(np.add.reduce(xs)) and not np.all(np.isfinite(xs)):
+                raise DataError("input holds non-finite values")
+            np.abs(xs, out=a)
+            if uniform:
+                np.multiply(xs, self.scale[0], out=b)
+                np.greater(a, self.bounds[0], out=f)
+            else:
+                np.multiply(xs, self.scale[start:stop], out=b)
+                np.greater(a, self.bounds[start:stop], out=f)
+            clipped += int(np.count_nonzero(f))
+            np.clip(b, -limit, limit, out=b)
+            if self.rounding == "nearest":
+                np.rint(b, out=b)
+            else:
+                b += rng.random(m)
+                np.floor(b, out=b)
+                # floor(qmax + u) exceeds qmax only through float noise; keep the invariant.
+                np.clip(b, -limit, limit, out=b)
+            np.copyto(signed[start:stop], b, casting="unsafe")
+        if self.ring_bits < 32:
+            out &= np.uint32(self.modulus - 1)
+        return out, clipped
+
+    def dequantize_sum(self, ring_sum: np.ndarray) -> np.ndarray:
+        """Decode a ring sum of at most ``n_participants`` encoded values to float64."""
+        s = np.asarray(ring_sum)
+        if s.shape != (self.length,) or s.dtype != np.uint32:
+            raise ProtocolError("ring sum must be a uint32 vector of the quantizer's length")
+        if self.ring_bits == 32:
+            # Centred representative in one cast: int32 reinterpretation of the uint32 sum.
+            centred = s.view(np.int32).astype(np.float64)
+        else:
+            v = (s & np.uint32(self.modulus - 1)).astype(np.int64)
+            v[v >= self.modulus // 2] -= self.modulus
+            centred = v.astype(np.float64)
+        if self.scale.strides == (0,):
+            centred /= self.scale[0]
+        else:
+            centred /= self.scale
+        return centred
+
+
+def make_quantizer(*, bounds: float | np.ndarray, length: int, n_participants: int,
+                   ring_bits: int = 32, rounding: str = "nearest",
+                   max_error: float | None = None) -> Quantizer:
+    """Parameters such that ``n_participants`` values of magnitude <= ``bounds`` sum without
+    wrapping in Z_2^ring_bits. ``max_error`` (optional) is the largest acceptable error of the
+    decoded *sum*; if the ring cannot give that precision a :class:`ConfigError` says so."""
+    if not isinstance(ring_bits, int) or not 2 <= ring_bits <= 32:
+        raise ConfigError("ring_bits", f"got {ring_bits!r}", allowed="an int in [2, 32]")
+    if not isinstance(n_participants, int) or n_participants < 1:
+        raise ConfigError("n_participants", f"must be a positive int, got {n_participants!r}")
+    if rounding not in ROUNDING_MODES:
+        raise ConfigError("rounding", f"got {rounding!r}", allowed=", ".join(ROUNDING_MODES))
+    if not isinstance(length, int) or length < 1:
+        raise ConfigError("length", f"must be a positive int, got {length!r}")
+    b = np.asarray(bounds, dtype=np.float64)
+    if b.ndim not in (0, 1) or (b.ndim == 1 and b.shape[0] != length):
+        raise ConfigError("bounds", "must be a scalar or one bound per coordinate")
+    if not np.all(np.isfinite(b)) or np.any(b <= 0):
+        raise ConfigError("bounds", "must be finite and > 0")
+    qmax = ((1 << (ring_bits - 1)) - 1) // n_participants
+    if qmax < 1:
+        raise ConfigError("ring_bits", f"a {ring_bits}-bit ring cannot hold a sum of "
+                          f"{n_participants} values", allowed="more ring bits or fewer participants")
+    # A scalar bound stays a stride-0 view: no per-round allocation of `length` floats.
+    scale = np.broadcast_to(np.asarray(qmax / b, dtype=np.float64), (length,))
+    full = np.broadcast_to(b, (length,))
+    if b.ndim == 1:
+        scale, full = scale.copy(), full.copy()
+        scale.setflags(write=False)
+        full.setflags(write=False)
+    q = Quantizer(ring_bits, n_participants, qmax, scale, full, rounding)
+    if max_error is not None and q.max_abs_error_bound() > max_error:
+        raise ConfigError("max_error", f"a {ring_bits}-bit ring with {n_participants} participants "
+                          f"gives at best {q.max_abs_error_bound():.3g} for bound(s) up to "
+                          f"{float(np.max(b)):.3g}", allowed="a larger error, smaller bounds or "
+                          "more ring bits")
+    return q

@@ -1,0 +1,313 @@
+"""DP-SGD wiring: a thin stateful trainer that cannot step without reporting a privacy event.
+
+Every optimisation step on raw interactions goes through :meth:`DPTrainer.step`, which
+
+1. takes a :class:`~fedmm_secure.privacy.sampling.PoissonDraw` from the trainer's own sampler
+   (so the sample rate reported is the one actually used),
+2. computes ``sum_u clip_C(grad_u)`` over the units (records or users) of the draw, adds
+   Gaussian noise of std ``noise_multiplier * C`` to every trainable parameter (dense, the whole
+   embedding table included) and divides by the expected batch size ``q * N`` as Opacus does,
+3. reports ``SubsampledGaussianEvent(q, sigma, steps=1, unit)`` through ``on_event`` and only
+   then lets the wrapped optimizer apply the update. If ``on_event`` raises (for example the
+   budget policy refuses), the update is discarded.
+
+The wrapped optimizer is sealed: a step pre-hook refuses any ``optimizer.step()`` that does not
+come from the trainer after an event was reported, so a training loop cannot bypass the
+accountant by stepping the optimizer it still holds a reference to.
+
+Modes: ``"fast"`` (ours, :mod:`fast_clipping`: one forward, one backward, no per-sample
+gradient tensors), ``"opacus_hooks"`` (Opacus ``GradSampleModule`` + ``DPOptimizer``, record
+level only) and ``"opacus_ghost"`` (Opacus ghost clipping, record level only). The Opacus modes
+exist as references for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, FedMMError
+from .events import SubsampledGaussianEvent
+from .fast_clipping import AddBias, GhostClipper, check_supported
+from .sampling import PoissonDraw, PoissonRecordSampler, PoissonUserSampler
+
+__all__ = ["AccountingBypassError", "DPTrainer", "LossFn", "MODES", "dp_train_epoch"]
+
+MODES = ("fast", "opacus_hooks", "opacus_ghost")
+
+# loss_fn(model, batch) -> per-record losses, shape (B,), in the order of draw.indices.
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+class AccountingBypassError(FedMMError, RuntimeError):
+    """An optimizer step on a DP-trained model was attempted without a privacy event."""
+
+
+def _secure_generator() -> torch.Generator:
+    try:
+        import torchcsprng  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ConfigError(
+            "secure_mode", "needs the torchcsprng package (cryptographic RNG for the noise, as "
+            "Opacus's secure_mode does), which is not installed; it has no release for this "
+            "torch version", allowed="secure_mode=False") from e
+    return torchcsprng.create_random_device_generator("/dev/urandom")
+
+
+def _fill_noise(buf: torch.Tensor, std: float, generator: torch.Generator,
+                secure: bool) -> torch.Tensor:
+    """Gaussian noise into ``buf``; same stream as Opacus's ``_generate_noise``."""
+    if std == 0:
+        return buf.zero_()
+    if not secure:
+        return buf.normal_(0.0, std, generator=generator)
+    # Opacus's defence against floating-point attacks (Holohan et al.): sum of 4 draws / 2.
+    torch.normal(mean=0, std=std, size=(1, 1), generator=generator)
+    buf.zero_()
+    for _ in range(4):
+        buf.add_(torch.normal(mean=0, std=std, size=buf.shape, generator=generator))
+    return buf.div_(2)
+
+
+def _register_opacus_samplers() -> None:
+    """Teach Opacus about :class:`AddBias` (grad sampler and ghost norm sampler)."""
+    from opacus.grad_sample import register_grad_sampler, register_norm_sampler
+    from opacus.grad_sample.grad_sample_module import GradSampleModule
+
+    if AddBias in GradSampleModule.GRAD_SAMPLERS:
+        return
+
+    def per_sample(layer: AddBias, activations: list, backprops: torch.Tensor) -> dict:
+        b = backprops.shape[0]
+        width = layer.bias.numel()
+        return {layer.bias: backprops.reshape(b, -1, width).sum(1).view(b, *layer.bias.shape)}
+
+    def norms(layer: AddBias, activations: list, backprops: torch.Tensor) -> dict:
+        b = backprops.shape[0]
+        return {layer.bias: backprops.reshape(b, -1, layer.bias.numel()).sum(1).norm(2, dim=1)}
+
+    register_grad_sampler(AddBias)(per_sample)
+    register_norm_sampler(AddBias)(norms)
+
+
+class DPTrainer:
+    """Stateful DP-SGD stepper for one market's model.
+
+    ``loss_fn(model, batch)`` must return one loss per record of ``batch`` (shape ``(B,)``,
+    e.g. ``F.binary_cross_entropy_with_logits(..., reduction="none")``); the trainer does the
+    reduction. ``sampler`` is a :class:`PoissonRecordSampler` (record-level DP) or a
+    :class:`PoissonUserSampler` (user-level DP); it fixes ``sample_rate`` and ``unit`` of the
+    reported events. ``generator`` drives the noise (pass a dedicated, seeded one).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, loss_fn: LossFn,
+                 noise_multiplier: float, max_grad_norm: float,
+                 sampler: PoissonRecordSampler | PoissonUserSampler,
+                 on_event: Callable[[SubsampledGaussianEvent], None],
+                 generator: torch.Generator, secure_mode: bool = False,
+                 mode: str = "fast") -> None:
+        if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
+                and noise_multiplier > 0):
+            raise ConfigError("noise_multiplier", f"must be finite and > 0, got {noise_multiplier!r}")
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
+                and max_grad_norm > 0):
+            raise ConfigError("max_grad_norm", f"must be finite and > 0, got {max_grad_norm!r}")
+        if not callable(on_event):
+            raise ConfigError("on_event", "a callable that records privacy events is required")
+        if not callable(loss_fn):
+            raise ConfigError("loss_fn", "must be callable(model, batch) -> (B,) losses")
+        if not isinstance(sampler, (PoissonRecordSampler, PoissonUserSampler)):
+            raise ConfigError("sampler", "must be a Poisson sampler from privacy.sampling",
+                              allowed="PoissonRecordSampler, PoissonUserSampler")
+        if mode not in MODES:
+            raise ConfigError("mode", f"unknown mode {mode!r}", allowed=", ".join(MODES))
+        if mode != "fast" and sampler.unit != "record":
+            raise ConfigError("mode", f"{mode} supports record-level DP only", allowed="fast")
+        if not isinstance(generator, torch.Generator):
+            raise ConfigError("generator", "a torch.Generator must be passed in (no global RNG)")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt_params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if {id(p) for p in trainable} != {id(p) for p in opt_params} \
+                or len(opt_params) != len(trainable):
+            raise ConfigError("optimizer", "must hold exactly the model's trainable parameters "
+                              "(clipping norms cover every trainable parameter)")
+        check_supported(model)
+
+        self.model = model
+        self.loss_fn = loss_fn
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.sampler = sampler
+        self.mode = mode
+        self.secure_mode = bool(secure_mode)
+        self.generator = _secure_generator() if secure_mode else generator
+        self.steps_taken = 0
+        self._on_event = on_event
+        self._optimizer = optimizer
+        self._params = opt_params  # Opacus's order: param groups, then params
+        self._authorized = False
+        self._guard = optimizer.register_step_pre_hook(self._refuse_unaccounted_step)
+        self._clipper: GhostClipper | None = None
+        self._gsm: Any = None
+        self._dp_opt: Any = None
+        if mode == "fast":
+            self._clipper = GhostClipper(model)
+        else:
+            self._setup_opacus(mode)
+
+    # -- sealing -------------------------------------------------------------------------
+
+    def _refuse_unaccounted_step(self, opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._authorized:
+            raise AccountingBypassError(
+                "this optimizer belongs to a DPTrainer; step it only through DPTrainer.step, "
+                "which reports the privacy event first")
+
+    @property
+    def sample_rate(self) -> float:
+        return self.sampler.sample_rate
+
+    @property
+    def unit(self) -> str:
+        return self.sampler.unit
+
+    def close(self) -> None:
+        """Remove hooks; the optimizer stays sealed (it was used on raw data)."""
+        if self._clipper is not None:
+            self._clipper.remove()
+        if self._gsm is not None:
+            self._gsm._close()
+
+    # -- Opacus reference modes ------------------------------------------------------------
+
+    def _setup_opacus(self, mode: str) -> None:
+        _register_opacus_samplers()
+        common = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                      expected_batch_size=self.sampler.expected_batch_size,
+                      loss_reduction="mean", generator=self.generator,
+                      secure_mode=self.secure_mode)
+        if mode == "opacus_hooks":
+            from opacus import GradSampleModule
+            from opacus.optimizers import DPOptimizer
+            self._gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="mean")
+            self._dp_opt = DPOptimizer(self._optimizer, **common)
+        else:
+            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+            from opacus.optimizers import DPOptimizerFastGradientClipping
+            self._gsm = GradSampleModuleFastGradientClipping(
+                self.model, batch_first=True, loss_reduction="mean",
+                max_grad_norm=self.max_grad_norm, use_ghost_clipping=True)
+            self._dp_opt = DPOptimizerFastGradientClipping(self._optimizer, **common)
+
+    def _opacus_grads(self, batch: Any, n: int) -> torch.Tensor:
+        loss = self._losses(batch, n)
+        if self.mode == "opacus_hooks":
+            loss.mean().backward()
+        else:
+            from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+            DPTensorFastGradientClipping(self._gsm, self._dp_opt, loss, "mean").backward()
+        return loss
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def _losses(self, batch: Any, n: int) -> torch.Tensor:
+        loss = self.loss_fn(self.model, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 1 or loss.shape[0] != n:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError("loss_fn", f"must return one loss per record of the draw, shape "
+                              f"({n},), got {shape}")
+        return loss
+
+    def _noise_into_grads(self) -> dict[nn.Parameter, torch.Tensor]:
+        std = self.noise_multiplier * self.max_grad_norm
+        return {p: _fill_noise(torch.empty_like(p), std, self.generator, self.secure_mode)
+                for p in self._params}
+
+    def _fast_grads(self, batch: Any, draw: PoissonDraw) -> torch.Tensor:
+        clipper = self._clipper
+        with clipper.capture():
+            loss = self._losses(batch, len(draw))
+        noisy = clipper.clipped_sum(loss, draw.group_ids, draw.num_units,
+                                    max_grad_norm=self.max_grad_norm, into=self._noise_into_grads)
+        denom = self.sampler.expected_batch_size
+        for p in self._params:
+            p.grad = noisy[p].div_(denom)
+        return loss
+
+    def _noise_only_grads(self) -> None:
+        denom = self.sampler.expected_batch_size
+        for p, buf in self._noise_into_grads().items():
+            p.grad = buf.div_(denom)
+
+    def step(self, batch: Any, *, draw: PoissonDraw) -> float:
+        """One DP-SGD step on ``batch`` (built from ``draw.indices``, in that order).
+
+        Returns the mean per-record loss of the batch (NaN for an empty draw, which is still a
+        step: noise only, and still reported).
+        """
+        if not isinstance(draw, PoissonDraw) or draw.sampler_id != id(self.sampler):
+            raise ConfigError("draw", "must come from this trainer's sampler (trainer.sample())")
+        self._optimizer.zero_grad(set_to_none=True)
+        n = len(draw)
+        try:
+            if n == 0:
+                if self._clipper is not None:
+                    self._clipper.discard()
+                self._noise_only_grads()
+                loss_value = float("nan")
+            elif self.mode == "fast":
+                loss_value = float(self._fast_grads(batch, draw).detach().mean())
+            else:
+                loss_value = float(self._opacus_grads(batch, n).detach().mean())
+            event = SubsampledGaussianEvent(self.sample_rate, self.noise_multiplier, 1, self.unit)
+            # Recorded before the update exists anywhere but in .grad: a refusal or crash here
+            # leaves the model as it was.
+            self._on_event(event)
+        except BaseException:
+            self._discard()
+            raise
+        self._authorized = True
+        try:
+            if n > 0 and self._dp_opt is not None:
+                self._dp_opt.step()
+            else:
+                self._optimizer.step()
+        finally:
+            self._authorized = False
+            self._discard()
+        self.steps_taken += 1
+        return loss_value
+
+    def _discard(self) -> None:
+        if self._dp_opt is not None:
+            self._dp_opt.zero_grad(set_to_none=True)
+        self._optimizer.zero_grad(set_to_none=True)
+        if self._clipper is not None:
+            self._clipper.discard()
+
+    def sample(self) -> PoissonDraw:
+        return self.sampler.sample()
+
+
+def dp_train_epoch(trainer: DPTrainer, make_batch: Callable[[torch.Tensor], Any], *,
+                   steps: int | None = None) -> list[float]:
+    """Run ``steps`` DP-SGD steps (default ``ceil(1/q)``, one expected pass over the data).
+
+    ``make_batch(record_indices)`` builds the model input for the sampled records, in order.
+    Returns the per-step mean losses (NaN for empty draws). One event per step is reported
+    through the trainer's ``on_event``.
+    """
+    n_steps = trainer.sampler.steps_per_epoch if steps is None else steps
+    if not isinstance(n_steps, int) or n_steps < 0:
+        raise ConfigError("steps", f"must be a non-negative int, got {steps!r}")
+    losses: list[float] = []
+    for _ in range(n_steps):
+        draw = trainer.sample()
+        batch = make_batch(draw.indices) if len(draw) else None
+        losses.append(trainer.step(batch, draw=draw))
+    return losses
+

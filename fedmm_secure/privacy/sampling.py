@@ -1,0 +1,128 @@
+"""Poisson subsampling of privacy units (records or users) with a known sample rate.
+
+The accountant's subsampled-Gaussian bound assumes every unit joins each step's batch
+independently with probability ``q``; these samplers do exactly that, with the generator passed
+in, and stamp every draw with the rate so the trainer can report it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError, DataError
+
+__all__ = ["PoissonDraw", "PoissonRecordSampler", "PoissonUserSampler"]
+
+
+@dataclass(frozen=True)
+class PoissonDraw:
+    """One step's sample.
+
+    ``indices``: record indices (into the market's records) in the batch, sorted.
+    ``group_ids``: for each of those records, its unit id in ``[0, num_units)`` (records of one
+    sampled user share an id; for record-level sampling it is ``arange``).
+    """
+
+    indices: torch.Tensor
+    group_ids: torch.Tensor
+    num_units: int
+    sample_rate: float
+    unit: str
+    sampler_id: int
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+def _check_rate(sample_rate: float) -> float:
+    if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
+        raise ConfigError("sample_rate", f"must be in (0, 1], got {sample_rate!r}")
+    return float(sample_rate)
+
+
+def _check_generator(generator: object) -> torch.Generator:
+    if not isinstance(generator, torch.Generator):
+        raise ConfigError("generator", "a torch.Generator must be passed in (no global RNG)")
+    return generator
+
+
+class PoissonRecordSampler:
+    """Each record joins a step's batch independently with probability ``sample_rate``."""
+
+    unit = "record"
+
+    def __init__(self, *, num_records: int, sample_rate: float,
+                 generator: torch.Generator) -> None:
+        if not isinstance(num_records, int) or num_records <= 0:
+            raise ConfigError("num_records", f"must be a positive int, got {num_records!r}")
+        self.num_records = num_records
+        self.sample_rate = _check_rate(sample_rate)
+        self.generator = _check_generator(generator)
+
+    @property
+    def num_units_total(self) -> int:
+        return self.num_records
+
+    @property
+    def expected_batch_size(self) -> float:
+        """Expected number of units per batch, the denominator Opacus uses for the mean."""
+        return self.sample_rate * self.num_records
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(1 / self.sample_rate))
+
+    def sample(self) -> PoissonDraw:
+        mask = torch.rand(self.num_records, generator=self.generator) < self.sample_rate
+        idx = mask.nonzero().flatten()
+        return PoissonDraw(idx, torch.arange(idx.numel()), int(idx.numel()),
+                           self.sample_rate, self.unit, id(self))
+
+
+class PoissonUserSampler:
+    """Each user joins a step's batch independently with probability ``sample_rate``, with all
+    of their records (user-level DP: the unit clipped is the user's summed gradient)."""
+
+    unit = "user"
+
+    def __init__(self, *, user_of_record: torch.Tensor, sample_rate: float,
+                 generator: torch.Generator) -> None:
+        if not isinstance(user_of_record, torch.Tensor) or user_of_record.dim() != 1 \
+                or user_of_record.numel() == 0 or user_of_record.is_floating_point():
+            raise DataError("user_of_record must be a non-empty 1-D integer tensor")
+        if int(user_of_record.min()) < 0:
+            raise DataError("user_of_record has negative user ids")
+        self.sample_rate = _check_rate(sample_rate)
+        self.generator = _check_generator(generator)
+        users, dense = torch.unique(user_of_record.long(), return_inverse=True)
+        self.num_users = int(users.numel())
+        # Records grouped by user once, so a draw is a gather, not a scan.
+        self._order = torch.argsort(dense, stable=True)
+        counts = torch.bincount(dense, minlength=self.num_users)
+        self._counts = counts
+        self._starts = torch.cumsum(counts, 0) - counts
+
+    @property
+    def num_units_total(self) -> int:
+        return self.num_users
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.num_users
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(1 / self.sample_rate))
+
+    def sample(self) -> PoissonDraw:
+        chosen = (torch.rand(self.num_users, generator=self.generator)
+                  < self.sample_rate).nonzero().flatten()
+        counts = self._counts[chosen]
+        group = torch.arange(chosen.numel()).repeat_interleave(counts)
+        offset = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[group]
+        idx = self._order[self._starts[chosen][group] + offset]
+        return PoissonDraw(idx, group, int(chosen.numel()), self.sample_rate, self.unit,
+                           id(self))
