@@ -22,7 +22,7 @@ import statistics
 import pytest
 
 from fedmm_secure.benchmarks.masking import (FULL_GRID, QUICK_GRID, keystream_floor,
-                                             shamir_timings, time_round)
+                                             mask_breakdown, shamir_timings, time_round)
 from fedmm_secure.primitives.shamir import recover_secret, split_secret
 
 GRID = FULL_GRID if os.environ.get("FEDMM_BENCH_FULL") else QUICK_GRID
@@ -70,6 +70,19 @@ def test_round_vs_floor(benchmark, n, d):
     benchmark.extra_info.update(info)
     print("\nmasking " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                    for k, v in info.items()))
+
+
+@pytest.mark.parametrize("n,d", [(n, d) for n, d in GRID if d >= 262_144])
+def test_mask_breakdown(benchmark, n, d):
+    """Masking proper (``accumulate_masks``) vs the n-keystream floor, plus the other
+    per-coordinate client work, pieces interleaved so that load drift hits all alike."""
+    rows: list[dict] = []
+    benchmark.pedantic(lambda: rows.append(mask_breakdown(n, d, repeats=3)),
+                       rounds=3 if n <= 10 else 1, iterations=1)
+    keys = [k for k in rows[0] if k not in ("n", "d")]
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
+    benchmark.extra_info.update(n=n, d=d, **med)
+    print(f"\nbreakdown n={n} d={d} " + "  ".join(f"{k}={v:.4g}" for k, v in med.items()))
 
 
 def test_shamir_split_n100(benchmark):

@@ -16,13 +16,17 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..primitives.prg import keystream_into
+import hashlib
+
+from ..primitives.keys import SymmetricKey
+from ..primitives.prg import accumulate_masks, keystream_into
+from ..primitives.quantization import make_quantizer
 from ..primitives.shamir import recover_secret, recover_secrets, split_secret
 from ..secagg.base import RoundContext, Roster
 from ..secagg.masking import MASKED_INPUT, MaskingAggregator
 
-__all__ = ["bench_masking", "keystream_floor", "time_round", "shamir_timings", "QUICK_GRID",
-           "FULL_GRID"]
+__all__ = ["bench_masking", "keystream_floor", "time_round", "mask_breakdown", "shamir_timings",
+           "QUICK_GRID", "FULL_GRID"]
 
 QUICK_GRID = ((3, 16_384), (10, 262_144), (10, 1_048_576))
 FULL_GRID = tuple((n, d) for n in (3, 10, 50, 100) for d in (16_384, 262_144, 1_048_576))
@@ -109,6 +113,49 @@ def time_round(n: int, length: int, *, bound: float = 1.0, seed: int = 0) -> dic
     }
 
 
+def mask_breakdown(n: int, length: int, *, repeats: int = 5) -> dict:
+    """Where a client's d-proportional time goes, each piece timed interleaved with the floor.
+
+    ``accumulate`` is the masking proper (n keystreams added into the encoding, chunked in
+    cache), directly comparable to ``keystream_n``; ``accumulate_and_hash`` adds the upload's
+    signature digest computed chunk by chunk in cache, as the client does; ``sha256`` is the same
+    digest taken afterwards from main memory, for comparison; ``quantize`` and ``dequantize``
+    are the rest of a client's per-coordinate work.
+    """
+    buf = bytearray(4 * length + 15)
+    zeros = bytes(4 * length)
+    raw = [os.urandom(32) for _ in range(n)]
+    keys = [SymmetricKey(k) for k in raw]
+    q = make_quantizer(bounds=1.0, length=length, n_participants=n)
+    x = np.random.default_rng(0).uniform(-1, 1, length)
+    acc, _ = q.quantize(x)
+    payload = acc.tobytes()
+    pieces: dict[str, Callable[[], object]] = {
+        "keystream_n": lambda: [keystream_into(k, buf, zeros=zeros) for k in raw],
+        "accumulate": lambda: accumulate_masks(acc, add=keys[: n // 2 + 1], subtract=keys[n // 2 + 1:]),
+        "accumulate_and_hash": lambda: accumulate_masks(
+            acc, add=keys[: n // 2 + 1], subtract=keys[n // 2 + 1:],
+            finish_chunk=hashlib.sha256().update),
+        "quantize": lambda: q.quantize(x, out=acc),
+        "sha256": lambda: hashlib.sha256(payload).digest(),
+        "dequantize": lambda: q.dequantize_sum(acc),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in pieces}
+    for fn in pieces.values():
+        fn()  # warm-up
+    for _ in range(repeats):  # interleaved, so load drift hits every piece alike
+        for name, fn in pieces.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    ms = {f"{k}_ms": statistics.median(v) * 1e3 for k, v in samples.items()}
+    ms["accumulate_over_keystream_n"] = ms["accumulate_ms"] / ms["keystream_n_ms"]
+    ms["accumulate_and_hash_over_keystream_n"] = ms["accumulate_and_hash_ms"] / ms["keystream_n_ms"]
+    per_coord = ms["accumulate_and_hash_ms"] + ms["quantize_ms"] + ms["dequantize_ms"]
+    ms["client_per_coordinate_work_over_keystream_n"] = per_coord / ms["keystream_n_ms"]
+    return {"n": n, "d": length, **ms}
+
+
 def shamir_timings(*, n: int = 100, repeats: int = 20) -> dict:
     t = n - n // 3
     secret = os.urandom(32)
@@ -157,5 +204,6 @@ def bench_masking(*, quick: bool) -> dict:
         flower = "installed (not benchmarked here)"
     except ImportError:
         flower = "not installed; Flower SecAgg+ anchors are the DESIGN §7 figures"
-    return {"backend": "masking", "quick": quick, "rounds": rows, "shamir": shamir_timings(),
-            "flower": flower}
+    breakdown = [mask_breakdown(n, d) for n, d in grid if d >= 262_144 and n <= 50]
+    return {"backend": "masking", "quick": quick, "rounds": rows, "mask_breakdown": breakdown,
+            "shamir": shamir_timings(), "flower": flower}

@@ -37,9 +37,9 @@ def _default_markets() -> tuple[MarketSpec, ...]:
     # One rich market and three sparse ones, as in real multi-market data.
     return (
         MarketSpec("rich", 2000, 800, 40),
-        MarketSpec("sparse_a", 400, 500, 12),
-        MarketSpec("sparse_b", 350, 450, 12),
-        MarketSpec("sparse_c", 300, 400, 12),
+        MarketSpec("sparse_a", 900, 600, 8),
+        MarketSpec("sparse_b", 800, 500, 8),
+        MarketSpec("sparse_c", 700, 450, 8),
     )
 
 

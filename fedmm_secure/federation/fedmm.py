@@ -35,19 +35,25 @@ from ..models.cf import CFModel
 from ..models.codebook import code_statistics, flatten_stats, perplexity, unflatten_stats, update_codebook, utilization
 from ..models.ctr import DeepFM
 from ..models.rqvae import RQVAE
-from .training import PlainSteps, TrainSettings, train_poisson
+from .training import LocalTrainer, TrainerFactory, TrainSettings, plain_trainers
 from .transport import SecureSum
 
-__all__ = ["StepSinkFactory", "MarketRun", "run_method", "pool_markets", "evaluate_ctr"]
+__all__ = ["RoundHooks", "MarketRun", "run_method", "pool_markets", "evaluate_ctr"]
 
-# Builds the optimisation sink for one raw-data training loop: (market, stage, model, optimizer,
-# n_records, settings) -> object with .step(). Privacy runs pass a DP factory; the default is
-# non-private.
-StepSinkFactory = Callable[[str, str, torch.nn.Module, torch.optim.Optimizer, int, TrainSettings], object]
+class RoundHooks:
+    """Called around every raw-data federated round; the privacy session overrides both.
 
+    ``before_round`` returns the markets allowed to train this round (a market over its budget
+    skips training but still takes part in the secure sum with its unchanged, already-private
+    parameters); ``before_release`` runs after local training and before anything leaves the
+    markets: the ledger is written there, so a crash never under-counts spent epsilon.
+    """
 
-def plain_sinks(market: str, stage: str, model, optimizer, n: int, settings: TrainSettings):
-    return PlainSteps(model, optimizer)
+    def before_round(self, stage: str, rnd: int, markets: Sequence[str]) -> set[str]:
+        return set(markets)
+
+    def before_release(self, stage: str, rnd: int) -> None:
+        return None
 
 
 @dataclass
@@ -117,7 +123,8 @@ def _average_shared(runs: dict[str, MarketRun], module_of: Callable[[MarketRun],
 
 # ----------------------------------------------------------------------------- stage 1: CF
 def train_cf(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, federated: bool,
-             secure_sum: SecureSum | None, sinks: StepSinkFactory, progress: Callable[[str], None]) -> None:
+             secure_sum: SecureSum | None, trainers: TrainerFactory, hooks: RoundHooks,
+             progress: Callable[[str], None]) -> None:
     settings = TrainSettings(cfg.cf_epochs, cfg.batch_size, cfg.cf_lr)
     for m, r in runs.items():
         d = r.data
@@ -133,17 +140,21 @@ def train_cf(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, feder
             r.cf.load_state_dict({k: v for k, v in first.state_dict().items() if k.startswith("attrs.")}, strict=False)
     names = next(iter(runs.values())).cf.shared_parameter_names()
     for rnd in range(rounds):
+        allowed = hooks.before_round("cf", rnd, list(runs))
         for m, r in runs.items():
+            if m not in allowed:
+                continue
             users, items, click = _split_tensors(r.data.train)
-            opt = torch.optim.Adam(r.cf.parameters(), lr=settings.lr)
-            sink = sinks(m, "cf", r.cf, opt, len(users), settings)
-            model = r.cf
 
-            def loss(idx, model=model, users=users, items=items, click=click):
+            def loss(model, idx, users=users, items=items, click=click):
                 return F.binary_cross_entropy_with_logits(model(users[idx], items[idx]), click[idx], reduction="none")
 
-            train_poisson(n=len(users), settings=settings, steps_sink=sink, per_record_loss=loss, generator=r.generator)
-        if federated and names:
+            trainers(market=m, stage="cf", model=r.cf, loss_fn=loss, n_records=len(users), users=users,
+                     settings=settings, generator=r.generator).train_epochs(settings.epochs)
+        hooks.before_release("cf", rnd)
+        # Average between rounds, not after the last: each market keeps the shared tables its
+        # own ID embeddings were last trained with (personalised FedAvg).
+        if federated and names and rnd < rounds - 1:
             _average_shared(runs, lambda r: r.cf, names, secure_sum, "cf-shared", rnd, cfg.shared_bound)
         progress(f"cf round {rnd + 1}/{rounds}")
 
@@ -252,7 +263,8 @@ def evaluate_ctr(y: np.ndarray, p: np.ndarray) -> dict:
 
 
 def train_ctr(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, with_codes: bool, federated: bool,
-              secure_sum: SecureSum | None, sinks: StepSinkFactory, progress: Callable[[str], None]) -> None:
+              secure_sum: SecureSum | None, trainers: TrainerFactory, hooks: RoundHooks,
+              progress: Callable[[str], None]) -> None:
     settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
     for m, r in runs.items():
         with _seeded(r.generator):
@@ -262,32 +274,36 @@ def train_ctr(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, with
     # Shared in FedMM: what has the same meaning in every market (level-1 code embeddings and,
     # optionally, the interaction network on top of the field embeddings); never ID embeddings.
     shared = [n for n, _ in first.named_parameters()
-              if "code1" in n or (cfg.share_ctr_mlp and (n.startswith("mlp.") or n == "bias"))]
+              if "code1" in n or (cfg.share_ctr_mlp and n.startswith("mlp."))]
     if federated:
         init = {k: v.clone() for k, v in first.state_dict().items() if k in shared}
         for r in runs.values():
             r.ctr.load_state_dict(init, strict=False)
     best: dict[str, tuple[float, dict]] = {}
     for rnd in range(rounds):
+        allowed = hooks.before_round("ctr", rnd, list(runs))
         for m, r in runs.items():
+            if m not in allowed:
+                continue
             x = _ctr_inputs(r, r.data.train, with_codes)
             y = torch.from_numpy(r.data.train.click)
-            opt = torch.optim.Adam(r.ctr.parameters(), lr=settings.lr)
-            sink = sinks(m, "ctr", r.ctr, opt, len(x), settings)
-            model = r.ctr
 
-            def loss(idx, model=model, x=x, y=y):
+            def loss(model, idx, x=x, y=y):
                 return F.binary_cross_entropy_with_logits(model(x[idx]), y[idx], reduction="none")
 
-            train_poisson(n=len(x), settings=settings, steps_sink=sink, per_record_loss=loss, generator=r.generator)
-        if federated:
-            _average_shared(runs, lambda r: r.ctr, shared, secure_sum, "ctr-code1", rnd, cfg.shared_bound)
-        # Model selection on the market's own validation split (a local decision).
+            trainers(market=m, stage="ctr", model=r.ctr, loss_fn=loss, n_records=len(x),
+                     users=torch.from_numpy(r.data.train.users), settings=settings,
+                     generator=r.generator).train_epochs(settings.epochs)
+        hooks.before_release("ctr", rnd)
+        # Model selection on the market's own validation split (a local decision), on the model
+        # as locally trained: the shared part is a starting point, each market keeps its own fit.
         for m, r in runs.items():
             v = evaluate_ctr(r.data.valid.click, _predict(r.ctr, _ctr_inputs(r, r.data.valid, with_codes)))["auc"]
             r.history["valid_auc"].append(v)
             if m not in best or v > best[m][0]:
                 best[m] = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
+        if federated and rnd < rounds - 1:
+            _average_shared(runs, lambda r: r.ctr, shared, secure_sum, "ctr-code1", rnd, cfg.shared_bound)
         progress(f"ctr round {rnd + 1}/{rounds}")
     for m, r in runs.items():
         r.ctr.load_state_dict(best[m][1])
@@ -324,23 +340,26 @@ def _code_metrics(codes: np.ndarray, n_codes: int) -> dict:
 
 
 def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
-               secure_sum: SecureSum | None, sinks: StepSinkFactory = plain_sinks,
-               progress: Callable[[str], None] = lambda s: None) -> dict:
+               secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
+               hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Run one method; returns ``{"markets": {m: metrics}, "codes": {...}}``."""
     if method == "centralized":
         pooled = pool_markets(markets)
+        # Non-private by definition (it pools raw data): plain trainers whatever was asked.
         out = run_method("local_codes", [pooled], cfg, rounds=rounds, seed=seed, secure_sum=None,
-                         sinks=sinks, progress=progress)
+                         progress=progress)
         return _split_pooled(out, pooled, markets)
     federated = method == "fedmm"
+    hooks = hooks or RoundHooks()
     runs = {m.name: MarketRun(m, torch.Generator().manual_seed(seed * 1_000_003 + i))
             for i, m in enumerate(markets)}
     with_codes = method != "local"
     if with_codes:
-        train_cf(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, sinks=sinks, progress=progress)
+        train_cf(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, trainers=trainers,
+                 hooks=hooks, progress=progress)
         train_rqvae(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, seed=seed, progress=progress)
     train_ctr(runs, cfg, rounds=rounds, with_codes=with_codes, federated=federated, secure_sum=secure_sum,
-              sinks=sinks, progress=progress)
+              trainers=trainers, hooks=hooks, progress=progress)
     result: dict = {"markets": {}, "runs": runs}
     for m, r in runs.items():
         p = _predict(r.ctr, _ctr_inputs(r, r.data.test, with_codes))

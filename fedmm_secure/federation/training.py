@@ -1,22 +1,27 @@
 """Local training loops, shaped for DP-SGD.
 
-Every loop Poisson-samples its batches (each record joins a step independently with probability
-``sample_rate``), so the sample rate an accountant needs is known exactly, and losses are
-per-record (``reduction='none'``), which is what per-sample clipping needs. A loop that reads raw
-interactions is given a :class:`StepSink`: a non-private sink for baselines, or a DP trainer that
-clips, noises and reports a privacy event for every step it takes.
+Every raw-data loop Poisson-samples its batches (each record joins a step independently with
+probability ``sample_rate``), so the sample rate an accountant needs is known exactly, and
+losses are per record (``reduction='none'``), which per-sample clipping needs. The federation
+code asks a :data:`TrainerFactory` for a trainer per (market, stage): baselines get
+:class:`PlainTrainer`; private runs get a DP trainer (``privacy.session``) that clips, noises
+and reports a privacy event for every step it takes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..errors import ConfigError
 
-__all__ = ["TrainSettings", "poisson_batches", "PlainSteps", "train_poisson"]
+__all__ = ["TrainSettings", "LocalTrainer", "TrainerFactory", "PlainTrainer", "plain_trainers", "sample_rate_for"]
+
+LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (model, record indices) -> (B,) losses
 
 
 @dataclass(frozen=True)
@@ -24,7 +29,6 @@ class TrainSettings:
     epochs: int
     batch_size: int
     lr: float
-    weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -35,50 +39,48 @@ class TrainSettings:
             raise ConfigError("lr", "must be > 0")
 
 
-def poisson_batches(n: int, sample_rate: float, steps: int, generator: torch.Generator):
-    """Yield ``steps`` index tensors, each a Poisson sample of ``range(n)``.
-
-    Empty batches are yielded too: skipping them would change the sampling distribution the
-    accountant assumes."""
-    for _ in range(steps):
-        mask = torch.rand(n, generator=generator) < sample_rate
-        yield torch.nonzero(mask, as_tuple=False).squeeze(1)
+def sample_rate_for(n_records: int, batch_size: int) -> float:
+    """Poisson sample rate giving ``batch_size`` records per step in expectation."""
+    return min(1.0, batch_size / max(1, n_records))
 
 
-class PlainSteps:
-    """Non-private optimisation: mean of per-record losses, one optimizer step. Baselines only."""
+class LocalTrainer(Protocol):
+    def train_epochs(self, epochs: int) -> int:
+        """Train ``epochs`` expected passes; returns the number of steps taken."""
+
+
+class TrainerFactory(Protocol):
+    def __call__(self, *, market: str, stage: str, model: torch.nn.Module, loss_fn: LossFn, n_records: int,
+                 users: torch.Tensor, settings: TrainSettings, generator: torch.Generator) -> LocalTrainer: ...
+
+
+class PlainTrainer:
+    """Non-private Poisson-sampled Adam. Baselines and non-private runs only."""
 
     private = False
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, *, model: torch.nn.Module, loss_fn: LossFn, n_records: int, settings: TrainSettings,
+                 generator: torch.Generator) -> None:
+        self.model, self.loss_fn, self.n = model, loss_fn, n_records
+        self.q = sample_rate_for(n_records, settings.batch_size)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        self.generator = generator
 
-    def step(self, per_record_loss: Callable[[], torch.Tensor], *, expected_batch: float) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = per_record_loss()
-        if losses.numel() == 0:
-            return 0.0
-        # Divide by the expected batch size, as DP-SGD does under Poisson sampling, so private
-        # and non-private runs take steps of the same scale.
-        loss = losses.sum() / expected_batch
-        loss.backward()
-        self.optimizer.step()
-        return float(losses.detach().mean())
+    def train_epochs(self, epochs: int) -> int:
+        steps = epochs * max(1, math.ceil(1.0 / self.q))
+        expected = self.q * self.n
+        for _ in range(steps):
+            idx = torch.nonzero(torch.rand(self.n, generator=self.generator) < self.q, as_tuple=False).squeeze(1)
+            self.optimizer.zero_grad(set_to_none=True)
+            if idx.numel() == 0:
+                continue
+            # Divide by the expected batch size, as DP-SGD does under Poisson sampling, so private
+            # and non-private runs take steps of the same scale.
+            (self.loss_fn(self.model, idx).sum() / expected).backward()
+            self.optimizer.step()
+        return steps
 
 
-def train_poisson(*, n: int, settings: TrainSettings, steps_sink, per_record_loss: Callable[[torch.Tensor], torch.Tensor],
-                  generator: torch.Generator, on_epoch: Callable[[int, float], None] | None = None) -> int:
-    """Run ``settings.epochs`` epochs of Poisson-sampled steps; returns the number of steps."""
-    if n == 0:
-        return 0
-    q = min(1.0, settings.batch_size / n)
-    steps_per_epoch = max(1, int(round(1.0 / q)))
-    total = 0
-    for epoch in range(settings.epochs):
-        losses = []
-        for idx in poisson_batches(n, q, steps_per_epoch, generator):
-            losses.append(steps_sink.step(lambda idx=idx: per_record_loss(idx), expected_batch=q * n))
-            total += 1
-        if on_epoch is not None:
-            on_epoch(epoch, sum(losses) / max(1, len(losses)))
-    return total
+def plain_trainers(*, market: str, stage: str, model: torch.nn.Module, loss_fn: LossFn, n_records: int,
+                   users: torch.Tensor, settings: TrainSettings, generator: torch.Generator) -> LocalTrainer:
+    return PlainTrainer(model=model, loss_fn=loss_fn, n_records=n_records, settings=settings, generator=generator)

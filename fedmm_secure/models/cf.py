@@ -23,7 +23,6 @@ class CFModel(nn.Module):
         self.user_bias = nn.Embedding(n_users, 1)
         self.item_bias = nn.Embedding(n_items, 1)
         self.attrs = nn.ModuleList(nn.Embedding(c, dim) for c in item_feature_cards)
-        self.global_bias = nn.Parameter(torch.zeros(1))
         for emb in (self.user, self.item, *self.attrs):
             nn.init.normal_(emb.weight, std=0.1)
         nn.init.zeros_(self.user_bias.weight)
@@ -40,8 +39,8 @@ class CFModel(nn.Module):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         u = self.user(users)
         v = self.item_repr(items)
-        return ((u * v).sum(-1) + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
-                + self.global_bias)
+        # Biases live in embedding tables only (no bare parameters), so DP clipping covers them.
+        return (u * v).sum(-1) + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
 
     def shared_parameter_names(self) -> list[str]:
         """Parameters whose meaning is the same in every market (federated in FedMM)."""

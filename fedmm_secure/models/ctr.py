@@ -32,7 +32,6 @@ class DeepFM(nn.Module):
             width = h
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
-        self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: int64 (B, n_fields) in the order of ``fields``; returns logits (B,)."""
@@ -41,4 +40,6 @@ class DeepFM(nn.Module):
         s = embs.sum(1)
         fm = 0.5 * (s * s - (embs * embs).sum(1)).sum(-1)
         deep = self.mlp(embs.flatten(1)).squeeze(-1)
-        return self.bias + first + fm + deep
+        # No bare bias parameter: the MLP's last Linear carries it (per-sample clipping covers
+        # Linear/Embedding/LayerNorm layers, not loose parameters).
+        return first + fm + deep

@@ -12,8 +12,12 @@
 from .aead import open_sealed, seal
 from .keys import (AgreementPrivateKey, AgreementPublicKey, IdentityPrivateKey, IdentityPublicKey,
                    SymmetricKey)
+from .prg import accumulate_masks, expand
+from .quantization import Quantizer, make_quantizer
+from .shamir import Share, recover_secret, split_secret
 
 __all__ = [
     "AgreementPrivateKey", "AgreementPublicKey", "IdentityPrivateKey", "IdentityPublicKey",
-    "SymmetricKey", "seal", "open_sealed",
+    "SymmetricKey", "seal", "open_sealed", "expand", "accumulate_masks", "Quantizer",
+    "make_quantizer", "Share", "split_secret", "recover_secret",
 ]

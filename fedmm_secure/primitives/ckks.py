@@ -15,8 +15,8 @@ Why these choices (measured in ``bench/RESULTS_ckks.md``):
   before compression, and SEAL's zstd compression strips the unused high bits of each 64-bit
   word, so a 45-bit prime lands at ~6.7x.
 * Encryption is *symmetric* (secret-key): every market holds the secret key anyway (it must
-  decrypt the sum), secret-key encryption skips the public-key multiply, is ~1.7x faster and
-  has ~10x less fresh noise.
+  decrypt the sum), secret-key encryption skips the public-key multiply, is ~1.5x faster and
+  its fresh noise gives ~8x less error.
 * Inputs are normalised to [-1, 1] by the caller's per-coordinate bound, and the scale is
   chosen from the number of summands so that the sum can never wrap modulo the data prime
   (``summands * 2**scale_bits <= 2**(data_bits - 2) < q / 2``).

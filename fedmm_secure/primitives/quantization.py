@@ -43,17 +43,25 @@ class Quantizer:
     def modulus(self) -> int:
         return 1 << self.ring_bits
 
+    @property
+    def min_scale(self) -> float:
+        """The coarsest grid (largest step is 1 / min_scale) over all coordinates."""
+        return float(self.scale[0] if self.scale.strides == (0,) else np.min(self.scale))
+
+    def _unit_error(self) -> float:
+        # Rounding error in grid steps, plus slack for float64 error in x * scale (relative
+        # 2^-53 of at most qmax < 2^31 steps, i.e. < 2^-22 steps) and in the final division.
+        return (0.5 if self.rounding == "nearest" else 1.0) + 2.0 ** -20
+
     def per_value_error(self) -> np.ndarray:
         """Max |x_clipped - dequantize(quantize(x))| per coordinate for one value."""
-        unit = 0.5 if self.rounding == "nearest" else 1.0
-        return unit / self.scale
+        return self._unit_error() / self.scale
 
     def max_abs_error_bound(self, n_summed: int | None = None) -> float:
         """Bound on |sum of clipped inputs - decoded sum| over all coordinates, for a sum of
         ``n_summed`` (default: all participants) values."""
         m = self.n_participants if n_summed is None else int(n_summed)
-        return float(m * np.max(self.per_value_error())) if self.scale.strides != (0,) \
-            else float(m * self.per_value_error()[0])
+        return m * self._unit_error() / self.min_scale
 
     def quantize(self, x: np.ndarray, *, rng: np.random.Generator | None = None,
                  out: np.ndarray | None = None) -> tuple[np.ndarray, int]:

@@ -213,7 +213,8 @@ class _Plan:
             if spec is None:
                 spec = self._spec[k] = _pld.single_spectrum(self.disc[k], self.window)
             got = spec ** n
-            if len(self._pow) > 64:
+            # Bounded memory: at most ~2^24 cached coefficients (256 MiB) per plan.
+            if len(self._pow) >= max(2, (1 << 24) // spec.size):
                 self._pow.clear()
             self._pow[key] = got
         return got
@@ -248,24 +249,19 @@ class _Plan:
         inf_mass = -math.expm1(log_fin)
         tail = _pld.upper_tail_bound(parts, w.top)
         # Rounding error of the FFT power: per coefficient at most ~(n + log M) ulp of |S_j|,
-        # so per output cell at most (1/M) sum_j of that; only the cells above epsilon enter
-        # delta. First solve without it, then charge it for the cells above that epsilon
-        # (the final epsilon is larger, so it has fewer cells above it: conservative).
+        # so per output cell at most (1/M) sum_j of that; only cells above epsilon >= 0 enter
+        # delta, so charge it for every cell above 0.
         per_cell = 8.0 * (n_total + math.log2(w.size)) * np.finfo(np.float64).eps \
             * (2.0 * float(np.abs(spec).sum())) / w.size
-        delta_err = delta * 1e-3
-        target = delta - delta_err - tail
         values_start = w.k_lo * self.mesh
-        eps_t, fft_err = 0.0, 0.0
-        for _ in range(2):
-            if target - fft_err <= 0.0:
-                raise ConfigError("delta", f"{delta!r} is too small for numerically certified accounting")
-            eps_t = _pld.epsilon_from_pmf(pmf, values_start=values_start, mesh=self.mesh,
-                                          inf_mass=inf_mass, delta=target - fft_err)
-            if not math.isfinite(eps_t):
-                break
-            cells_above = w.size - max(0, int(math.floor((eps_t - values_start) / self.mesh)))
-            fft_err = per_cell * cells_above
+        cells_above_zero = min(w.size, max(0, w.size + w.k_lo))
+        fft_err = per_cell * cells_above_zero
+        delta_err = delta * 1e-3
+        target = delta - delta_err - tail - fft_err
+        if target <= 0.0:
+            raise ConfigError("delta", f"{delta!r} is too small for numerically certified accounting")
+        eps_t = _pld.epsilon_from_pmf(pmf, values_start=values_start, mesh=self.mesh,
+                                      inf_mass=inf_mass, delta=target)
         bias = sum(self.disc[k].bias_lb * n for k, n in counts.items())
         slack = _pld.hoeffding_slack(mesh=self.mesh, steps=n_total, delta_err=delta_err)
         eps = max(0.0, eps_t - bias + slack)
@@ -290,6 +286,8 @@ class PLDAccountant(PrivacyAccountant):
         for field, v in (("relative_error", relative_error), ("absolute_error", absolute_error)):
             if not (isinstance(v, (int, float)) and 0 < v < 1):
                 raise ConfigError(field, f"must be in (0, 1), got {v!r}")
+        if isinstance(max_window, bool) or not isinstance(max_window, int) or max_window < 1024:
+            raise ConfigError("max_window", f"must be an int >= 1024, got {max_window!r}")
         self._rel = float(relative_error)
         self._abs = float(absolute_error)
         self._max_window = int(max_window)

@@ -38,7 +38,7 @@ class Decision:
                 "reason": self.reason, "certified": self.certified}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BudgetPolicy:
     """``epsilon_budget`` at ``delta`` per market; what to do when a round would exceed it."""
 

@@ -9,7 +9,9 @@ Every optimisation step on raw interactions goes through :meth:`DPTrainer.step`,
    embedding table included) and divides by the expected batch size ``q * N`` as Opacus does,
 3. reports ``SubsampledGaussianEvent(q, sigma, steps=1, unit)`` through ``on_event`` and only
    then lets the wrapped optimizer apply the update. If ``on_event`` raises (for example the
-   budget policy refuses), the update is discarded.
+   budget policy refuses), the update is discarded. Alternatively :meth:`DPTrainer.prepay`
+   reports one event for ``k`` steps up front (one ledger write per epoch); the next ``k``
+   steps consume it. Prepaid steps left unused stay counted: accounting errs only upward.
 
 The wrapped optimizer is sealed: a step pre-hook refuses any ``optimizer.step()`` that does not
 come from the trainer after an event was reported, so a training loop cannot bypass the
@@ -112,7 +114,8 @@ class DPTrainer:
                  mode: str = "fast") -> None:
         if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
                 and noise_multiplier > 0):
-            raise ConfigError("noise_multiplier", f"must be finite and > 0, got {noise_multiplier!r}")
+            raise ConfigError("noise_multiplier",
+                              f"must be finite and > 0, got {noise_multiplier!r}")
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)
                 and max_grad_norm > 0):
             raise ConfigError("max_grad_norm", f"must be finite and > 0, got {max_grad_norm!r}")
@@ -146,6 +149,7 @@ class DPTrainer:
         self.secure_mode = bool(secure_mode)
         self.generator = _secure_generator() if secure_mode else generator
         self.steps_taken = 0
+        self._prepaid = 0
         self._on_event = on_event
         self._optimizer = optimizer
         self._params = opt_params  # Opacus's order: param groups, then params
@@ -154,8 +158,11 @@ class DPTrainer:
         self._clipper: GhostClipper | None = None
         self._gsm: Any = None
         self._dp_opt: Any = None
+        self._lazy_noise = False
         if mode == "fast":
             self._clipper = GhostClipper(model)
+            self._lazy_noise = [id(p) for p in self._clipper.param_order()] == \
+                [id(p) for p in self._params]
         else:
             self._setup_opacus(mode)
 
@@ -166,6 +173,20 @@ class DPTrainer:
             raise AccountingBypassError(
                 "this optimizer belongs to a DPTrainer; step it only through DPTrainer.step, "
                 "which reports the privacy event first")
+
+    @property
+    def prepaid_steps(self) -> int:
+        """Steps already reported through ``on_event`` but not yet taken."""
+        return self._prepaid
+
+    def prepay(self, steps: int) -> SubsampledGaussianEvent:
+        """Report one event covering the next ``steps`` steps, before any of them runs."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ConfigError("steps", f"must be a positive int, got {steps!r}")
+        event = SubsampledGaussianEvent(self.sample_rate, self.noise_multiplier, steps, self.unit)
+        self._on_event(event)  # raises -> nothing prepaid
+        self._prepaid += steps
+        return event
 
     @property
     def sample_rate(self) -> float:
@@ -223,7 +244,9 @@ class DPTrainer:
         return loss
 
     def _noise_into_grads(self) -> dict[nn.Parameter, torch.Tensor]:
-        std = self.noise_multiplier * self.max_grad_norm
+        # Opacus: grad = (clipped sum + N(0, (sigma C)^2)) / (q N). The division is folded into
+        # the noise std and the clip factors (same noise stream, one pass less per table).
+        std = self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
         return {p: _fill_noise(torch.empty_like(p), std, self.generator, self.secure_mode)
                 for p in self._params}
 
@@ -231,17 +254,30 @@ class DPTrainer:
         clipper = self._clipper
         with clipper.capture():
             loss = self._losses(batch, len(draw))
+        if self._lazy_noise:
+            # The clipper visits parameters in the optimizer's order: draw each one's noise
+            # only when its layer is reached, after the backward pass has freed activations.
+            std = self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
+
+            def into(p: nn.Parameter) -> torch.Tensor:
+                return _fill_noise(torch.empty_like(p), std, self.generator, self.secure_mode)
+        else:
+            pending: dict[nn.Parameter, torch.Tensor] = {}
+
+            def into(p: nn.Parameter) -> torch.Tensor:
+                if not pending:  # noise stream in the optimizer's order, as Opacus draws it
+                    pending.update(self._noise_into_grads())
+                return pending[p]
         noisy = clipper.clipped_sum(loss, draw.group_ids, draw.num_units,
-                                    max_grad_norm=self.max_grad_norm, into=self._noise_into_grads)
-        denom = self.sampler.expected_batch_size
+                                    max_grad_norm=self.max_grad_norm, into=into,
+                                    scale=1.0 / self.sampler.expected_batch_size)
         for p in self._params:
-            p.grad = noisy[p].div_(denom)
+            p.grad = noisy[p]
         return loss
 
     def _noise_only_grads(self) -> None:
-        denom = self.sampler.expected_batch_size
         for p, buf in self._noise_into_grads().items():
-            p.grad = buf.div_(denom)
+            p.grad = buf
 
     def step(self, batch: Any, *, draw: PoissonDraw) -> float:
         """One DP-SGD step on ``batch`` (built from ``draw.indices``, in that order).
@@ -263,10 +299,13 @@ class DPTrainer:
                 loss_value = float(self._fast_grads(batch, draw).detach().mean())
             else:
                 loss_value = float(self._opacus_grads(batch, n).detach().mean())
-            event = SubsampledGaussianEvent(self.sample_rate, self.noise_multiplier, 1, self.unit)
-            # Recorded before the update exists anywhere but in .grad: a refusal or crash here
-            # leaves the model as it was.
-            self._on_event(event)
+            if self._prepaid > 0:
+                self._prepaid -= 1
+            else:
+                # Recorded before the update exists anywhere but in .grad: a refusal or crash
+                # here leaves the model as it was.
+                self._on_event(SubsampledGaussianEvent(self.sample_rate, self.noise_multiplier,
+                                                       1, self.unit))
         except BaseException:
             self._discard()
             raise
@@ -294,16 +333,18 @@ class DPTrainer:
 
 
 def dp_train_epoch(trainer: DPTrainer, make_batch: Callable[[torch.Tensor], Any], *,
-                   steps: int | None = None) -> list[float]:
+                   steps: int | None = None, prepay: bool = True) -> list[float]:
     """Run ``steps`` DP-SGD steps (default ``ceil(1/q)``, one expected pass over the data).
 
     ``make_batch(record_indices)`` builds the model input for the sampled records, in order.
-    Returns the per-step mean losses (NaN for empty draws). One event per step is reported
-    through the trainer's ``on_event``.
+    Returns the per-step mean losses (NaN for empty draws). With ``prepay`` one event for all
+    the steps is reported before the first; otherwise one event per step.
     """
     n_steps = trainer.sampler.steps_per_epoch if steps is None else steps
-    if not isinstance(n_steps, int) or n_steps < 0:
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 0:
         raise ConfigError("steps", f"must be a non-negative int, got {steps!r}")
+    if prepay and n_steps > trainer.prepaid_steps:
+        trainer.prepay(n_steps - trainer.prepaid_steps)
     losses: list[float] = []
     for _ in range(n_steps):
         draw = trainer.sample()

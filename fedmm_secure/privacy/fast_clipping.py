@@ -167,7 +167,7 @@ def embedding_unit_sq_norms(idx: torch.Tensor, g: torch.Tensor, gid: torch.Tenso
         return out
     key = gid * num_embeddings + idx
     uniq, inverse = torch.unique(key, return_inverse=True)
-    if True:
+    if uniq.numel() == key.numel():
         return out.index_add_(0, gid, g.pow(2).sum(1))
     summed = g.new_zeros((uniq.numel(), g.shape[1])).index_add_(0, inverse, g)
     return out.index_add_(0, torch.div(uniq, num_embeddings, rounding_mode="floor"),
@@ -180,6 +180,28 @@ class _Call:
     inputs: tuple[Any, ...]
     output: torch.Tensor
     version: int
+    upstream: tuple[Any, ...] = ()   # grad_fn of each differentiable input
+
+
+def _params_reached_outside_layers(loss: torch.Tensor, calls: list[_Call],
+                                   params: dict[int, str]) -> list[str]:
+    """Names of trainable parameters the loss depends on other than through a captured layer
+    call (e.g. ``x @ emb.weight.T`` for a tied output layer). Their gradient would be missed by
+    the clipped sum, silently voiding the privacy guarantee, so callers must refuse them."""
+    stop = {c.output.grad_fn for c in calls if c.output.grad_fn is not None}
+    frontier = [loss.grad_fn] + [f for c in calls for f in c.upstream]
+    seen: set[Any] = set()
+    found: list[str] = []
+    while frontier:
+        node = frontier.pop()
+        if node is None or node in seen or node in stop:
+            continue
+        seen.add(node)
+        var = getattr(node, "variable", None)
+        if var is not None and id(var) in params:
+            found.append(params[id(var)])
+        frontier.extend(n for n, _ in node.next_functions)
+    return found
 
 
 @dataclass
@@ -241,7 +263,12 @@ class GhostClipper:
         self._active = False
         self._handles = [m.register_forward_hook(self._hook, with_kwargs=True)
                          for _, m in self.layers]
+        self._param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self.last_sq_norms: torch.Tensor | None = None
+
+    def param_order(self) -> list[nn.Parameter]:
+        """Trainable parameters in the order ``clipped_sum`` visits them."""
+        return [p for _, m in self.layers for _, p in _own_trainable(m)]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -254,11 +281,13 @@ class GhostClipper:
         if isinstance(module, nn.EmbeddingBag):
             names = ("input", "offsets", "per_sample_weights")
             full = list(args) + [kwargs.get(n) for n in names[len(args):]]
-            inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in full)
+            raw = tuple(full)
         else:
-            x = args[0] if args else kwargs["input"]
-            inputs = (x.detach(),)
-        self._calls.append(_Call(module, inputs, output, output._version))
+            raw = (args[0] if args else kwargs["input"],)
+        inputs = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in raw)
+        upstream = tuple(t.grad_fn for t in raw
+                         if isinstance(t, torch.Tensor) and t.grad_fn is not None)
+        self._calls.append(_Call(module, inputs, output, output._version, upstream))
 
     class _Capture:
         def __init__(self, owner: "GhostClipper") -> None:
@@ -326,15 +355,16 @@ class GhostClipper:
 
     def clipped_sum(self, loss: torch.Tensor, gid: torch.Tensor, num_units: int, *,
                     max_grad_norm: float,
-                    into: Callable[[], dict[nn.Parameter, torch.Tensor]] | None = None
-                    ) -> dict[nn.Parameter, torch.Tensor]:
+                    into: Callable[[nn.Parameter], torch.Tensor] | None = None,
+                    scale: float = 1.0) -> dict[nn.Parameter, torch.Tensor]:
         """Backward once and return ``{param: sum_u clip(grad_u)}`` for every trainable param.
 
         ``loss``: (B,) per-record losses; ``gid``: (B,) unit id of each record in
-        ``[0, num_units)``. Parameters get no ``.grad``. ``into()``, called once after the
-        backward pass (when activations are freed), may return a tensor per parameter (e.g.
-        its noise) to add the clipped sum to in place, which saves one parameter-sized buffer
-        per embedding table at the step's peak.
+        ``[0, num_units)``. Parameters get no ``.grad``. ``into(p)``, called after the backward
+        pass for each parameter in :meth:`param_order`, returns a buffer (e.g. ``p``'s noise)
+        the clipped sum is added to in place, which saves one parameter-sized buffer per
+        embedding table; the rows captured for a layer are freed as soon as it is done. The clipped sum is multiplied by ``scale``
+        (folding e.g. the 1/(q N) of a mean into the clip factors saves a pass per table).
         """
         calls, self._calls = self._calls, []
         if loss.dim() != 1 or loss.shape[0] != gid.shape[0]:
@@ -345,6 +375,11 @@ class GhostClipper:
                 raise ConfigError("model", f"the output of a {type(c.module).__name__} layer "
                                   "was modified in place (e.g. ReLU(inplace=True)); per-sample "
                                   "clipping needs it intact", allowed="inplace=False")
+        stray = _params_reached_outside_layers(loss, calls, self._param_names)
+        if stray:
+            raise ConfigError("model", f"parameters {sorted(set(stray))} are used outside the "
+                              "forward of their own layer (e.g. a weight read directly); their "
+                              "per-sample gradients cannot be clipped")
         live = [c for c in calls if c.output.requires_grad]
         outs = torch.autograd.grad(loss.sum(), [c.output for c in live], allow_unused=True) \
             if live else []
@@ -368,18 +403,21 @@ class GhostClipper:
                 idx=None if rows[0].idx is None else torch.cat([x.idx for x in rows]))
             merged[key] = r
             sq = sq + self._sq_norms(module, r, num_units)
+        per_layer.clear()
         self.last_sq_norms = sq
         factors = clip_factors(sq, max_grad_norm)
+        if scale != 1.0:
+            factors = factors * scale
         del calls, live, outs
-        buffers = {} if into is None else into()
 
         grads: dict[nn.Parameter, torch.Tensor] = {}
         for _, module in self.layers:
             for _, p in _own_trainable(module):
-                grads[p] = buffers[p] if p in buffers else torch.zeros_like(p)
-            r = merged.get(id(module))
-            if r is not None:
+                grads[p] = torch.zeros_like(p) if into is None else into(p)
+            r = merged.pop(id(module), None)
+            if r is not None:  # rows are dropped layer by layer as they are consumed
                 self._accumulate(module, r, factors[r.gid], grads)
+                del r
         return grads
 
     @staticmethod

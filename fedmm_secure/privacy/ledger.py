@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from ..errors import ConfigError, LedgerError
-from .accountant import PrivacyAccountant, make_accountant
+from .accountant import EpsilonReport, PrivacyAccountant, make_accountant
 from .events import SubsampledGaussianEvent, event_from_dict
 
 __all__ = [
@@ -178,6 +178,16 @@ def _check_market(m: str) -> str:
     return m
 
 
+class _Rows(list):
+    """fetchall() result with the two cursor methods the reads use."""
+
+    def fetchall(self) -> list:
+        return list(self)
+
+    def fetchone(self):
+        return self[0] if self else None
+
+
 class Ledger:
     """Thin stateful wrapper over the ledger file. Use :meth:`open`, not the constructor."""
 
@@ -296,8 +306,15 @@ class Ledger:
         except sqlite3.Error as exc:
             raise LedgerError(f"ledger write failed: {exc}") from None
 
+    def _q(self, sql: str, params: tuple = ()) -> "_Rows":
+        """Run a read; any SQLite failure (a page corrupted after opening) is a LedgerError."""
+        try:
+            return _Rows(self._conn.execute(sql, params).fetchall())
+        except sqlite3.Error as exc:
+            raise LedgerError(f"{self.path}: corrupt ledger ({exc})") from None
+
     def _status(self, r: int) -> str | None:
-        row = self._conn.execute(
+        row = self._q(
             "SELECT status FROM rounds WHERE round = ? ORDER BY id DESC LIMIT 1", (r,)).fetchone()
         return row[0] if row else None
 
@@ -312,7 +329,7 @@ class Ledger:
         """Start ``round`` with its participant markets; rounds start in increasing order."""
         r = _check_round(round)
         parts = sorted({_check_market(m) for m in participants})
-        (last,) = self._conn.execute("SELECT MAX(round) FROM rounds").fetchone()
+        (last,) = self._q("SELECT MAX(round) FROM rounds").fetchone()
         if last is not None and r <= last:
             raise LedgerError(f"round {r} must be greater than the last started round {last}")
         try:
@@ -330,6 +347,9 @@ class Ledger:
         if not isinstance(event, SubsampledGaussianEvent):
             raise ConfigError("event", f"unsupported DP event {type(event).__name__}")
         self._require_open_round(r)
+        if self._q("SELECT 1 FROM participants WHERE round = ? AND market = ?",
+                              (r, m)).fetchone() is None:
+            raise LedgerError(f"market {m!r} is not a participant of round {r}")
         self._write("INSERT INTO events (round, market, event_json, at) VALUES (?, ?, ?, ?)",
                     (r, m, json.dumps(event.to_dict(), sort_keys=True), time.time()))
 
@@ -384,9 +404,9 @@ class Ledger:
         """Every event of ``market`` in write order, INCLUDING those of uncommitted rounds
         (spent privacy counts whether or not the round finished)."""
         m = _check_market(market)
-        rows = self._conn.execute(
+        rows = self._q(
             "SELECT round, event_json FROM events WHERE market = ? ORDER BY id", (m,)).fetchall()
-        committed = {r for r, in self._conn.execute(
+        committed = {r for r, in self._q(
             "SELECT round FROM rounds WHERE status = 'committed'").fetchall()}
         out = []
         for r, text in rows:
@@ -399,7 +419,7 @@ class Ledger:
         return out
 
     def markets(self) -> tuple[str, ...]:
-        rows = self._conn.execute(
+        rows = self._q(
             "SELECT market FROM events UNION SELECT market FROM participants "
             "UNION SELECT market FROM epsilons UNION SELECT market FROM skips").fetchall()
         return tuple(sorted(r[0] for r in rows))
@@ -411,17 +431,37 @@ class Ledger:
             acc.compose(e)
         return acc
 
+    def spent(self, *, delta: float | None = None,
+              accountant: str | None = None) -> dict[str, EpsilonReport]:
+        """Epsilon actually spent per market, recomputed from the ledger's events (uncommitted
+        rounds included), not copied from the recorded epsilons. ``delta`` and ``accountant``
+        default to the last ones recorded for that market (delta: else for any market;
+        accountant: else ``pld``); with no recorded delta at all, pass one. For
+        ``budget check``."""
+        out: dict[str, EpsilonReport] = {}
+        every = self.epsilons()
+        for m in self.markets():
+            recs = [r for r in every if r.market == m]
+            # delta is run-level: fall back to the last one recorded for any market.
+            d = delta if delta is not None else (recs or every or [None])[-1]
+            d = d.delta if isinstance(d, EpsilonRecord) else d
+            if d is None:
+                raise ConfigError("delta", f"market {m!r} has no recorded delta; pass one")
+            name = accountant or (recs[-1].accountant if recs else "pld")
+            out[m] = self.rebuild_accountant(m, name).report(d)
+        return out
+
     def last_committed_round(self) -> int | None:
-        (r,) = self._conn.execute("SELECT MAX(round) FROM rounds WHERE status = 'committed'").fetchone()
+        (r,) = self._q("SELECT MAX(round) FROM rounds WHERE status = 'committed'").fetchone()
         return r
 
     def rounds(self) -> list[RoundRecord]:
         out = []
-        for (r,) in self._conn.execute("SELECT DISTINCT round FROM rounds ORDER BY round").fetchall():
-            status, reason = self._conn.execute(
+        for (r,) in self._q("SELECT DISTINCT round FROM rounds ORDER BY round").fetchall():
+            status, reason = self._q(
                 "SELECT status, reason FROM rounds WHERE round = ? ORDER BY id DESC LIMIT 1",
                 (r,)).fetchone()
-            parts = tuple(m for (m,) in self._conn.execute(
+            parts = tuple(m for (m,) in self._q(
                 "SELECT market FROM participants WHERE round = ? ORDER BY market", (r,)).fetchall())
             out.append(RoundRecord(round=r, status=status, participants=parts, reason=reason))
         return out
@@ -432,15 +472,15 @@ class Ledger:
         if market is not None:
             sql += " WHERE market = ?"
             params = (market,)
-        rows = self._conn.execute(sql + " ORDER BY id", params).fetchall()
+        rows = self._q(sql + " ORDER BY id", params).fetchall()
         return [EpsilonRecord(r, m, e, d, a, bool(c)) for r, m, e, d, a, c in rows]
 
     def skips(self) -> list[tuple[int, str, str]]:
-        return [tuple(r) for r in self._conn.execute(
+        return [tuple(r) for r in self._q(
             "SELECT round, market, reason FROM skips ORDER BY id").fetchall()]
 
     def decisions(self) -> list[DecisionRecord]:
-        rows = self._conn.execute(
+        rows = self._q(
             "SELECT round, market, allowed, epsilon_if_run, epsilon_budget, delta, reason "
             "FROM decisions ORDER BY id").fetchall()
         return [DecisionRecord(r, m, bool(a), e, b, d, why) for r, m, a, e, b, d, why in rows]

@@ -98,8 +98,9 @@ def _loss_cdf_sf(v: np.ndarray, *, q: float, sigma: float, direction: Direction)
     sign = 1.0 if direction == "remove" else -1.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         r = np.expm1(sign * v) / q
-        x = np.where(r > -1.0, s2 * np.log1p(np.maximum(r, -1.0 + 1e-300)) + 0.5, -np.inf)
-    x = np.where(r > -1.0, x, -np.inf)
+        # r <= -1: v is beyond the loss's bound (below log(1-q) for remove, above -log(1-q)
+        # for add), where no x maps; x = -inf gives the right CDF/SF there.
+        x = np.where(r > -1.0, s2 * np.log1p(np.maximum(r, -1.0)) + 0.5, -np.inf)
     cdf_x, sf_x = _x_cdf_sf(x, q=q, sigma=sigma, mixture=(direction == "remove"))
     if direction == "remove":
         return cdf_x, sf_x
@@ -300,5 +301,9 @@ def epsilon_from_pmf(
             return max(0.0, min(max(eps, lo_v), hi_v))
         a_above, b_above = float(a[0]), float(b[0])
         stop = start
-    # delta(v_first) <= delta already: epsilon is at most v_first <= 0.
-    return 0.0
+    # delta(v_first) <= delta already: epsilon is at most v_first, where every cell counts.
+    v_first = values_start + mesh * first
+    num = inf_mass + a_above - delta
+    if v_first <= 0 or num <= 0 or b_above <= 0:
+        return 0.0
+    return max(0.0, min(v_ref + math.log(num / b_above), v_first))

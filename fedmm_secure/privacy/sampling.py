@@ -21,7 +21,8 @@ __all__ = ["PoissonDraw", "PoissonRecordSampler", "PoissonUserSampler"]
 class PoissonDraw:
     """One step's sample.
 
-    ``indices``: record indices (into the market's records) in the batch, sorted.
+    ``indices``: record indices (into the market's records) in the batch, in batch order
+    (ascending for record sampling, grouped by user for user sampling).
     ``group_ids``: for each of those records, its unit id in ``[0, num_units)`` (records of one
     sampled user share an id; for record-level sampling it is ``arange``).
     """

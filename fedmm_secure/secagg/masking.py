@@ -21,8 +21,10 @@ driver's ``drop_at`` indices):
 5. RESULT        the aggregator rebuilds the missing seeds, removes every mask, and sends the ring
                  sum and U3 to the markets that answered; each decodes the float64 sum.
 
-Every market message is an envelope (:mod:`.codec`) followed by an Ed25519 signature over the
-domain tag and the full envelope bytes; every payload starts with a digest of the session (run,
+Every market message is an envelope (:mod:`.codec`) whose payload ends with an Ed25519
+signature over the domain tag and the SHA-256 digest of every envelope byte before it
+(hash-then-sign: one fast pass over a megabyte upload instead of Ed25519's two SHA-512 passes,
+the same layout as the ``ckks`` backend); every payload starts with a digest of the session (run,
 round, label, participants, length, bounds, threshold, ring), so nothing can be replayed into
 another round, stage or configuration. Fewer than t markets at any stage aborts the round
 (:class:`AbortError`) and nothing is released. Invalid messages raise :class:`ProtocolError` /
@@ -40,11 +42,11 @@ import numpy as np
 
 from ..errors import AbortError, ConfigError, IntegrityError, ProtocolError
 from ..primitives.aead import OVERHEAD, open_sealed, seal
-from ..primitives.keys import (AgreementPrivateKey, AgreementPublicKey, IdentityPrivateKey,
-                               IdentityPublicKey, SymmetricKey, SIGNATURE_SIZE)
+from ..primitives.keys import (SIGNATURE_SIZE, AgreementPrivateKey, AgreementPublicKey,
+                               IdentityPrivateKey, IdentityPublicKey, SymmetricKey)
 from ..primitives.prg import accumulate_masks
 from ..primitives.quantization import ROUNDING_MODES, Quantizer, make_quantizer
-from ..primitives.shamir import (SHARE_SIZE, Share, recover_secrets, split_key)
+from ..primitives.shamir import SHARE_SIZE, Share, recover_secrets, split_key
 from .base import (AggregatorEndpoint, ClientRound, MarketEndpoint, RoundContext, Roster,
                    SecureAggregator, ServerRound)
 from .codec import Envelope, decode_envelope, encode_envelope, expect
@@ -208,38 +210,45 @@ def _signed_digest(parts: Sequence[bytes | memoryview]) -> bytes:
     return _DOMAIN + b"/sig" + h.digest()
 
 
+def _signed_head(ctx: RoundContext, stage: int, sender: str, body_len: int) -> bytes:
+    """Envelope bytes up to the payload, for a payload ``session | body | signature``."""
+    # The codec ends every envelope with ``u32 payload length | payload``: encode the header
+    # with an empty payload and patch the length, so a megabyte body is never concatenated twice.
+    head = encode_envelope(Envelope(_BACKEND, stage, ctx.round_id, ctx.run_id, ctx.label, sender,
+                                    b""))[:-4]
+    return head + struct.pack(">I", _DIGEST + body_len + SIGNATURE_SIZE)
+
+
 def _sign_message(identity: IdentityPrivateKey, ctx: RoundContext, stage: int, sender: str,
                   session: bytes, body: bytes | memoryview) -> bytes:
-    """``envelope(session + body) + Ed25519(SHA-256(envelope))``, built with a single copy of
-    ``body`` (a masked upload is megabytes; every extra copy costs as much as a mask)."""
-    # The codec ends every envelope with ``u32 payload length | payload``: encode the header
-    # with an empty payload and patch the length, so the payload is never concatenated twice.
-    head = encode_envelope(Envelope(_BACKEND, stage, ctx.round_id, ctx.run_id, ctx.label, sender,
-                                    b""))[:-4] + struct.pack(">I", len(session) + len(body))
+    """An envelope whose payload is ``session | body | signature``; the Ed25519 signature covers
+    every envelope byte before it."""
+    head = _signed_head(ctx, stage, sender, len(body))
     sig = identity.sign(_signed_digest([head, session, body]))
     return b"".join([head, session, body, sig])
 
 
 def _open_signed(data: bytes, *, ctx: RoundContext, stage: int, sender: str, session: bytes,
                  keys: Mapping[str, IdentityPublicKey], view: bool = False) -> bytes | memoryview:
-    """Verify a market's signed message and return its body (payload minus session digest)."""
-    if not isinstance(data, (bytes, bytearray)) or len(data) <= SIGNATURE_SIZE:
+    """Verify a market's signed message and return its body (between session digest and
+    signature); ``view`` returns a zero-copy view, for megabyte uploads."""
+    env = decode_envelope(data)
+    if len(env.payload) < _DIGEST + SIGNATURE_SIZE:
         raise ProtocolError("message truncated")
-    raw = memoryview(data)
-    env_bytes, sig = raw[:-SIGNATURE_SIZE], bytes(raw[-SIGNATURE_SIZE:])
-    env = decode_envelope(env_bytes)
     key = keys.get(env.sender)
     if key is None:
         raise ProtocolError(f"message from {env.sender!r}, who is not on the roster")
     # Signature before content checks: any flipped byte of a well-formed message is reported as
     # the one opaque IntegrityError.
-    key.verify(sig, _signed_digest([env_bytes]))
+    key.verify(env.payload[-SIGNATURE_SIZE:],
+               _signed_digest([memoryview(data)[:-SIGNATURE_SIZE]]))
     expect(env, backend=_BACKEND, stage=stage, round_id=ctx.round_id, run_id=ctx.run_id,
            label=ctx.label, sender=sender)
     if env.payload[:_DIGEST] != session:
         raise ProtocolError("message belongs to another session configuration")
-    # ``view``: a zero-copy view for megabyte uploads; small bodies are returned as bytes.
-    return memoryview(env.payload)[_DIGEST:] if view else env.payload[_DIGEST:]
+    if view:
+        return memoryview(env.payload)[_DIGEST:-SIGNATURE_SIZE]
+    return env.payload[_DIGEST:-SIGNATURE_SIZE]
 
 
 def _server_message(ctx: RoundContext, stage: int, payload: bytes) -> bytes:
@@ -393,10 +402,20 @@ class _MaskingClient(ClientRound):
         # Everything above validated the message; masking in place is the first state change
         # (the unmasked encoding must not outlive this stage anyway).
         y = self._encoded
-        accumulate_masks(y, add=add, subtract=sub)
-        if self._q.ring_bits < 32:
-            y &= np.uint32(self._q.modulus - 1)
-        reply = self._sign(MASKED_INPUT, memoryview(y.astype("<u4", copy=False)).cast("B"))
+        head = _signed_head(self._ctx, MASKED_INPUT, self._market, 4 * y.shape[0])
+        digest = hashlib.sha256(head + self._session)
+        ring_mask = np.uint32(self._q.modulus - 1)
+
+        def finish(part: np.ndarray) -> None:
+            # Reduce and hash each chunk while it is in cache: saves a second pass over the
+            # 4 MB upload in main memory (SHA-256 itself, ~2.4 ms per 4 MB, remains).
+            if self._q.ring_bits < 32:
+                part &= ring_mask
+            digest.update(part)
+
+        accumulate_masks(y, add=add, subtract=sub, finish_chunk=finish)
+        sig = self._identity.sign(_DOMAIN + b"/sig" + digest.digest())
+        reply = b"".join([head, self._session, memoryview(y).cast("B"), sig])
         self._held, self._u2, self._stage = held, u2, CONSISTENCY
         self._encoded = np.zeros(0, dtype=np.uint32)
         return reply
@@ -460,7 +479,7 @@ class _MaskingClient(ClientRound):
         return {"clipped_coordinates": self._clipped,
                 "max_abs_error_bound": self._q.max_abs_error_bound(),
                 "ring_bits": self._q.ring_bits,
-                "scale": float(np.min(self._q.scale)),
+                "scale": self._q.min_scale,
                 "threshold": self._t}
 
 

@@ -93,8 +93,9 @@ def test_public_context_holds_no_secret_key_and_cannot_decrypt(secret, public) -
     import tenseal as ts
     bits = scale_bits_for(P, summands=1)
     ct = secret.encrypt(np.full(10, 0.5), scale_bits=bits)
-    with pytest.raises(ValueError):
-        ts.ckks_tensor_from(raw, ct).decrypt()
+    tensor = ts.ckks_tensor_from(raw, ct)
+    with pytest.raises(ValueError, match="secret"):
+        tensor.decrypt()
 
 
 def test_public_bytes_do_not_contain_the_secret_key(secret, tmp_path) -> None:

@@ -89,3 +89,23 @@ def test_distinct_keys_give_distinct_streams_and_input_is_checked():
         expand(SymmetricKey(b"\x01" * 32), 0)
     with pytest.raises(ProtocolError):
         accumulate_masks(np.zeros(4, dtype=np.int64), add=[], subtract=[])
+
+
+def test_finish_chunk_sees_every_final_chunk_in_order():
+    import hashlib
+    length = (1 << 16) + 123
+    keys = [SymmetricKey(b"\x05" * 32), SymmetricKey(b"\x06" * 32)]
+    acc = np.arange(length, dtype=np.uint32)
+    h = hashlib.sha256()
+    seen = []
+
+    def finish(part):
+        part &= np.uint32(0xFFFF)  # chunks are writeable views of the accumulator
+        seen.append(part.shape[0])
+        h.update(part)
+
+    accumulate_masks(acc, add=keys[:1], subtract=keys[1:], finish_chunk=finish)
+    ref = (np.arange(length, dtype=np.uint32) + expand(keys[0], length) - expand(keys[1], length))
+    assert np.array_equal(acc, ref & np.uint32(0xFFFF))
+    assert sum(seen) == length and len(seen) == 2
+    assert h.digest() == hashlib.sha256(acc.tobytes()).digest()

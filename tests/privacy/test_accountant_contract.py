@@ -1,6 +1,6 @@
 """Every registered accountant passes the contract suite."""
 
-from accountant_contract import AccountantContract
+from .accountant_contract import AccountantContract
 
 from fedmm_secure.privacy.accountant import available_accountants
 

@@ -142,6 +142,8 @@ def test_options_validated():
         PLDAccountant(relative_error=0.0)
     with pytest.raises(ConfigError):
         PLDAccountant(absolute_error=2.0)
+    with pytest.raises(ConfigError):
+        PLDAccountant(max_window=10)
 
 
 # -- pure math --------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_rounded_up_mean_dominates_kl(q, sigma):
     assert mean_rounded - d.bias_lb <= kl + mesh
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(p=st.lists(st.floats(0.0, 1.0), min_size=3, max_size=30), start=st.integers(-10, 5),
        inf_mass=st.floats(0.0, 0.05), delta=st.floats(1e-4, 0.2))
 def test_epsilon_from_pmf_matches_brute_force(p, start, inf_mass, delta):
@@ -203,3 +205,20 @@ def test_hoeffding_slack():
     assert pld.hoeffding_slack(mesh=1e-3, steps=0, delta_err=1e-8) == 0.0
     t = pld.hoeffding_slack(mesh=1e-3, steps=100, delta_err=1e-8)
     assert math.exp(-2 * t * t / (100 * 1e-6)) == pytest.approx(1e-8)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@settings(max_examples=6, deadline=None)
+@given(q=st.floats(0.005, 0.5), sigma=st.floats(0.6, 3.0), steps=st.integers(1, 300),
+       delta=st.sampled_from([1e-4, 1e-5, 1e-6]))
+def test_between_prv_lower_and_upper_bounds(q, sigma, steps, delta):
+    from opacus.accountants import PRVAccountant
+
+    acc = PLDAccountant()
+    acc.compose(Ev(q, sigma, steps))
+    ours = acc.get_epsilon(delta)
+    prv = PRVAccountant()
+    prv.history = [(sigma, q, steps)]
+    lower, _, upper = prv._get_dprv(eps_error=0.01, delta_error=delta / 1000).compute_epsilon(
+        delta, delta / 1000, 0.01)
+    assert lower <= ours <= max(upper * 1.01, upper + 1e-3)

@@ -71,6 +71,11 @@ def test_invalid_policies(kwargs):
         BudgetPolicy(**kwargs)
 
 
+def test_policy_fields_are_keyword_only():
+    with pytest.raises(TypeError):
+        BudgetPolicy(1.0, 1e-5, "skip")  # type: ignore[misc]
+
+
 @settings(max_examples=6, deadline=None)
 @given(rounds=st.integers(0, 6), budget=st.floats(0.05, 3.0))
 def test_decision_matches_prediction_vs_budget(rounds, budget):
@@ -85,3 +90,31 @@ def test_check_spent():
     assert pol.check_spent(a).allowed
     a.compose(ROUND[0])
     assert not pol.check_spent(a).allowed
+
+
+def test_round_loop_with_ledger_never_exceeds_budget(tmp_path):
+    """The wiring the federation loop uses: decide -> (skip | events -> epsilon) -> commit."""
+    from fedmm_secure.privacy.ledger import Ledger
+
+    markets = {"rich": Ev(0.01, 1.0, 40), "sparse": Ev(0.08, 1.0, 40)}  # sparse spends faster
+    policy = BudgetPolicy(epsilon_budget=1.5, delta=1e-5, on_exceed="skip")
+    led = Ledger.open(tmp_path / "run", run_config={"budget": 1.5}, create=True)
+    accs = {m: make_accountant("pld") for m in markets}
+    for r in range(12):
+        led.record_round_start(r, list(markets))
+        for m, ev in markets.items():
+            d = policy.decide(accs[m], [ev], market=m)
+            led.record_decision(m, r, d)
+            if not d.allowed:
+                led.record_skip(m, r, d.reason)
+                continue
+            led.record_event(m, r, ev)
+            accs[m].compose(ev)
+            led.record_epsilon(m, r, accs[m].get_epsilon(1e-5), 1e-5, "pld")
+        led.commit_round(r)
+    spent = led.spent()
+    assert all(rep.epsilon <= 1.5 for rep in spent.values())
+    skipped = {m for _, m, _ in led.skips()}
+    assert "sparse" in skipped and "rich" not in skipped
+    # Rebuilt on another grid: both are certified upper bounds, equal to within the slack.
+    assert spent["rich"].epsilon == pytest.approx(accs["rich"].get_epsilon(1e-5), rel=5e-3)

@@ -13,7 +13,7 @@ from fedmm_secure.errors import ConfigError
 from fedmm_secure.privacy.dpsgd import AccountingBypassError, DPTrainer, dp_train_epoch
 from fedmm_secure.privacy.events import SubsampledGaussianEvent
 from fedmm_secure.privacy.sampling import PoissonRecordSampler, PoissonUserSampler
-from test_dpsgd_models import TinyCF, TinyCTR, bce_loss, reference_clipped_sum
+from .test_dpsgd_models import TinyCF, TinyCTR, bce_loss, reference_clipped_sum
 
 N = 48
 
@@ -39,14 +39,41 @@ def _flat(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def test_every_step_is_reported_and_total_steps_match():
+@pytest.mark.parametrize("prepay", [False, True])
+def test_every_step_is_reported_and_total_steps_match(prepay):
     x, y = _data()
     events: list[SubsampledGaussianEvent] = []
     trainer, _ = _trainer(TinyCTR(), events=events, q=0.05)  # small q: some draws are empty
-    losses = dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]), steps=30)
-    assert len(losses) == 30 and any(l != l for l in losses)  # an empty draw occurred (NaN)
-    assert sum(e.steps for e in events) == 30 == trainer.steps_taken
+    losses = dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]), steps=12, prepay=prepay)
+    draw = trainer.sample()  # plus steps outside the epoch helper
+    trainer.step((x[draw.indices], y[draw.indices]), draw=draw)
+    losses += dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]), steps=8, prepay=prepay)
+    assert len(losses) == 20 and any(l != l for l in losses)  # an empty draw occurred (NaN)
+    assert sum(e.steps for e in events) == 21 == trainer.steps_taken
+    assert len(events) == (3 if prepay else 21) and trainer.prepaid_steps == 0
     assert {(e.sample_rate, e.noise_multiplier, e.unit) for e in events} == {(0.05, 0.8, "record")}
+
+
+def test_prepay_is_recorded_before_steps_and_refusal_prepays_nothing():
+    x, y = _data()
+    log: list[str] = []
+    model = TinyCTR()
+
+    def sink(event):
+        if event.steps > 5:
+            raise RuntimeError("over budget")
+        log.append(f"event {event.steps}")
+
+    trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn=bce_loss,
+                        noise_multiplier=1.0, max_grad_norm=1.0,
+                        sampler=PoissonRecordSampler(num_records=N, sample_rate=0.3,
+                                                     generator=torch.Generator().manual_seed(0)),
+                        on_event=sink, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):
+        dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]), steps=6)
+    assert trainer.steps_taken == 0 and trainer.prepaid_steps == 0 and log == []
+    dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]), steps=4)
+    assert log == ["event 4"] and trainer.steps_taken == 4
 
 
 def test_direct_optimizer_step_is_refused_before_and_after_training():

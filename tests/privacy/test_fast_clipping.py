@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -15,7 +15,7 @@ from fedmm_secure.privacy.fast_clipping import (
     embedding_unit_sq_norms,
     linear_unit_sq_norms,
 )
-from test_dpsgd_models import TinyCF, TinyCTR, TinyMMoE, bce_loss, reference_clipped_sum
+from .test_dpsgd_models import TinyCF, TinyCTR, TinyMMoE, bce_loss, reference_clipped_sum
 
 
 def _fast(model, loss_fn, batch, gid, num_units, c):
@@ -145,8 +145,11 @@ def test_matches_opacus_grad_sample_module():
 
 
 @settings(max_examples=20, deadline=None)
-@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 5), st.integers(1, 5),
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(1, 12), st.integers(1, 12),
        st.integers(0, 10_000))
+@example(3, 2, 8, 8, 0)   # Gram ("ghost") form: L (in + out) <= in out
+@example(3, 3, 2, 2, 0)   # explicit G x out x in form
+@example(4, 1, 3, 2, 0)   # one row per unit
 def test_linear_norm_forms_agree(units, per_unit, d_in, d_out, seed):
     """Ghost (Gram) form, explicit form and the identity fast path give the same norms."""
     g = torch.Generator().manual_seed(seed)
@@ -199,3 +202,22 @@ def test_loss_must_be_one_value_per_record():
         loss = model(torch.randn(4, 3)).sum()
     with pytest.raises(ConfigError, match="one value per record"):
         clipper.clipped_sum(loss.reshape(1), torch.arange(4), 4, max_grad_norm=1.0)
+
+
+def test_parameter_used_outside_its_layer_is_refused():
+    """A tied output layer reading ``emb.weight`` directly would escape clipping: refuse."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(6, 3)
+
+        def forward(self, x):
+            return (self.emb(x) @ self.emb.weight.t()).sum(1)
+
+    model = Tied()
+    clipper = GhostClipper(model)
+    with clipper.capture():
+        loss = model(torch.tensor([1, 2, 3]))
+    with pytest.raises(ConfigError, match="emb.weight"):
+        clipper.clipped_sum(loss, torch.arange(3), 3, max_grad_norm=1.0)

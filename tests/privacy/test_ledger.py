@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from fedmm_secure.errors import ConfigError, LedgerError
@@ -46,6 +47,24 @@ def test_create_write_reopen_roundtrip(tmp_path):
         assert led2.skips() == [(0, "FR", "budget")]
         assert led2.resume_state().next_round == 1
         assert led2.run_config == CFG
+        spent = led2.spent()
+        assert set(spent) == {"DE", "FR"}
+        assert spent["DE"].delta == 1e-5 and spent["DE"].accountant == "pld" and spent["DE"].certified
+        from fedmm_secure.privacy.accountant import PLDAccountant
+        ref = PLDAccountant()
+        ref.compose(e1)
+        assert spent["DE"].epsilon == pytest.approx(ref.get_epsilon(1e-5))
+        assert spent["FR"].delta == 1e-5  # FR recorded none: the run-level delta is used
+        assert led2.spent(delta=1e-6, accountant="rdp")["FR"].certified is False
+
+
+def test_spent_needs_a_delta_when_none_was_recorded(tmp_path):
+    led = new(tmp_path)
+    led.record_round_start(0, ["DE"])
+    led.record_event("DE", 0, Ev(0.01, 1.0, 10))
+    with pytest.raises(ConfigError, match="no recorded delta"):
+        led.spent()
+    assert led.spent(delta=1e-5)["DE"].epsilon > 0
 
 
 def test_config_mismatch_and_double_create_are_refused(tmp_path):
@@ -62,8 +81,9 @@ def test_config_mismatch_and_double_create_are_refused(tmp_path):
 
 
 def test_corrupt_and_foreign_files_are_refused(tmp_path):
+    rng = np.random.default_rng(1234)  # reproducible junk
     junk = tmp_path / "junk.sqlite"
-    junk.write_bytes(os.urandom(4096))
+    junk.write_bytes(rng.bytes(4096))
     with pytest.raises(LedgerError):
         Ledger.open(junk)
     other = tmp_path / "other.sqlite"
@@ -86,7 +106,7 @@ def test_corrupt_and_foreign_files_are_refused(tmp_path):
     c.close()
     data = bytearray(path.read_bytes())
     for off in range(4096, len(data), 4096):
-        data[off + 100: off + 900] = os.urandom(800)
+        data[off + 100: off + 900] = rng.bytes(800)
     path.write_bytes(bytes(data))
     with pytest.raises(LedgerError):
         led3 = Ledger.open(path)
@@ -128,6 +148,8 @@ def test_round_protocol_errors(tmp_path):
     with pytest.raises(ConfigError):
         led.record_skip("DE", 3, "")
     led.record_round_start(4, ["DE"])
+    with pytest.raises(LedgerError, match="not a participant"):
+        led.record_event("FR", 4, Ev(0.01, 1.0, 1))
     led.skip_round(4, "all markets over budget")
     assert [(r.round, r.status, r.reason) for r in led.rounds()] == [
         (3, "committed", None), (4, "skipped", "all markets over budget")]

@@ -93,8 +93,9 @@ def test_aggregator_holds_no_secret_key_and_cannot_decrypt(fed) -> None:
     assert not raw.has_secret_key()
     body = decode_envelope(uploads["de"]).payload[:-64]
     ciphertext = body[4 + 16 + 4:]             # _pack(key_id, ciphertext)
-    with pytest.raises(ValueError):
-        ts.ckks_tensor_from(raw, ciphertext).decrypt()
+    tensor = ts.ckks_tensor_from(raw, ciphertext)   # it parses and could add it...
+    with pytest.raises(ValueError, match="secret"):
+        tensor.decrypt()                             # ...but has no key to decrypt it
     results = r.server.handle(uploads)
     with pytest.raises(ProtocolError):
         r.server.result()                      # the aggregator never learns the sum

@@ -40,8 +40,8 @@ def ctx_for(ids, length, bound=1.0, round_id=1):
 
 
 def upload_of(message: bytes) -> np.ndarray:
-    env = decode_envelope(message[:-64])
-    return np.frombuffer(env.payload[32:], dtype="<u4")
+    env = decode_envelope(message)
+    return np.frombuffer(env.payload[32:-64], dtype="<u4")
 
 
 def test_registered_and_secure():
@@ -222,3 +222,13 @@ def test_moderate_round_with_dropouts():
     for r in out.results.values():
         assert np.max(np.abs(r - plain)) <= out.reports["m0"]["max_abs_error_bound"]
     assert out.bytes_up["m0"] < 4 * length * 1.05 + 4000  # ~4 bytes/coordinate + small overhead
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_smallest_rounds(n):
+    agg, markets, ids = setup(n, seed=b"small")
+    ctx = ctx_for(ids, 8)
+    vecs = {m: np.full(8, 0.25 * (i + 1)) for i, m in enumerate(ids)}
+    out = run_round(agg, markets, ctx, vecs)
+    assert out.survivors == tuple(ids)
+    assert np.allclose(out.results[ids[0]], sum(vecs.values()), atol=1e-8)

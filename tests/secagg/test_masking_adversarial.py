@@ -135,7 +135,7 @@ def test_wrong_length_masked_input_signed_by_a_real_market():
     h = Harness()
     h.run_to(MASKED_INPUT)
     replies = h.replies()
-    session = decode_envelope(replies["m2"][:-64]).payload[:32]
+    session = decode_envelope(replies["m2"]).payload[:32]
     ident = h.markets["m2"]._identity  # a market that misbehaves with its own valid key
     for body in (bytes(4 * LENGTH - 4), bytes(4 * LENGTH + 4), bytes(8 * LENGTH)):
         forged = _sign_message(ident, h.ctx, MASKED_INPUT, "m2", session, body)
@@ -250,7 +250,7 @@ def test_consistency_signature_mismatch_detected_by_client():
     msg = h.outbox["m1"]
     env = decode_envelope(msg)
     sigs, want_b, want_s = _unpack_sections(env.payload, 3)
-    session = decode_envelope(h.last_replies["m2"][:-64]).payload[:32]
+    session = decode_envelope(h.last_replies["m2"]).payload[:32]
     forged = _sign_message(h.markets["m2"]._identity, h.ctx, CONSISTENCY, "m2", session,
                            _pack_ids(("m0", "m1", "m2", "m3")))
     items = _unpack_items(sigs)
@@ -258,4 +258,18 @@ def test_consistency_signature_mismatch_detected_by_client():
     bad = _rewrap(msg, _pack_sections(_pack_items(sorted(items.items())), want_b, want_s))
     with pytest.raises(IntegrityError):
         h.clients["m1"].handle(bad)
+    h.finish()
+
+
+def test_market_cannot_impersonate_another():
+    h = Harness()
+    h.run_to(MASKED_INPUT)
+    replies = h.replies()
+    env = decode_envelope(replies["m1"])
+    session, body = env.payload[:32], env.payload[32:-64]
+    # m2 signs m1's (or any) upload under m1's name with its own identity key
+    forged = _sign_message(h.markets["m2"]._identity, h.ctx, MASKED_INPUT, "m1", session, body)
+    with pytest.raises(IntegrityError):
+        h.server.handle(dict(replies, m1=forged))
+    h.step(replies)
     h.finish()

@@ -1,0 +1,202 @@
+"""A private run's privacy state: one accountant per market, the ledger, the budget policy, and
+the DP-SGD trainers handed to the federation code.
+
+The session is the federation's ``TrainerFactory`` (every raw-data training loop gets a
+:class:`~fedmm_secure.privacy.dpsgd.DPTrainer` whose events land here) and its ``RoundHooks``:
+
+* ``before_round``: for each market, the epsilon the round *would* reach is computed; a market
+  that would exceed its budget skips the round (``on_exceed="skip"``) or the run stops
+  (``"stop"``); the decision goes to the ledger;
+* ``before_release``: the round's DP events and the resulting epsilon per market are written
+  and committed to the ledger *before* anything trained in the round leaves the markets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import BudgetExceededError, ConfigError
+from .accountant import PrivacyAccountant, make_accountant
+from .budget import BudgetPolicy
+from .calibration import calibrate_noise_multiplier
+from .dpsgd import DPTrainer, dp_train_epoch
+from .events import SubsampledGaussianEvent
+from .ledger import Ledger
+from .sampling import PoissonRecordSampler, PoissonUserSampler
+
+__all__ = ["MarketPlan", "PrivacySession", "plan_markets"]
+
+
+@dataclass(frozen=True)
+class MarketPlan:
+    """What is known before training: sample rate and planned steps of one market."""
+
+    market: str
+    sample_rate: float
+    steps_per_round: dict[str, int]   # stage -> DP steps in one round of that stage
+    rounds: int
+
+    @property
+    def total_steps(self) -> int:
+        return self.rounds * sum(self.steps_per_round.values())
+
+
+def plan_markets(*, unit: str, batch_size: int, epochs: Mapping[str, int], rounds: int,
+                 n_records: Mapping[str, int], n_users: Mapping[str, int]) -> dict[str, MarketPlan]:
+    """Sample rate and step counts per market. Record level: ``batch_size`` records per step in
+    expectation; user level: the same expected number of records, reached by sampling users."""
+    plans = {}
+    for m, n in n_records.items():
+        if unit == "record":
+            q = min(1.0, batch_size / max(1, n))
+        else:
+            records_per_user = n / max(1, n_users[m])
+            q = min(1.0, batch_size / max(1.0, records_per_user) / max(1, n_users[m]))
+        steps = max(1, math.ceil(1.0 / q))
+        plans[m] = MarketPlan(m, q, {stage: e * steps for stage, e in epochs.items()}, rounds)
+    return plans
+
+
+class PrivacySession:
+    def __init__(self, *, unit: str, delta: float, max_grad_norm: float, plans: Mapping[str, MarketPlan],
+                 noise_multiplier: float | None, target_epsilon: float | None, accountant: str,
+                 policy: BudgetPolicy | None, ledger: Ledger | None, ledger_round_offset: int = 0,
+                 prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
+                 noise_seed: int, secure_mode: bool = False) -> None:
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ConfigError("privacy.noise_multiplier", "give exactly one of a noise multiplier or a target epsilon")
+        self.unit, self.delta, self.max_grad_norm = unit, delta, max_grad_norm
+        self.plans = dict(plans)
+        self.policy, self.ledger = policy, ledger
+        self.accountant_name = accountant
+        self.secure_mode = secure_mode
+        self._noise_seed = noise_seed
+        self.accountants: dict[str, PrivacyAccountant] = {m: make_accountant(accountant) for m in plans}
+        for m, events in (prior_events or {}).items():
+            if m in self.accountants:
+                for e in events:
+                    self.accountants[m].compose(e)
+        # --epsilon alone: calibrate sigma per market for its planned steps (markets differ in q).
+        self.noise_multipliers = {
+            m: (float(noise_multiplier) if noise_multiplier is not None else calibrate_noise_multiplier(
+                target_epsilon=target_epsilon, delta=delta, sample_rate=p.sample_rate, steps=p.total_steps,
+                accountant=accountant, unit=unit))
+            for m, p in plans.items()
+        }
+        self.epsilon_per_round: dict[str, list[float]] = defaultdict(list)
+        self.skipped: dict[str, list[dict]] = defaultdict(list)
+        self._pending: dict[str, int] = defaultdict(int)
+        self._round = ledger_round_offset
+        self._stage_round: tuple[str, int] | None = None
+
+    # -- TrainerFactory -------------------------------------------------------------------------
+    def __call__(self, *, market: str, stage: str, model: torch.nn.Module, loss_fn, n_records: int,
+                 users: torch.Tensor, settings, generator: torch.Generator):
+        plan = self.plans[market]
+        q = plan.sample_rate
+        noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator))
+                                                  ^ self._noise_seed)
+        if self.unit == "record":
+            sampler = PoissonRecordSampler(num_records=n_records, sample_rate=q, generator=generator)
+        else:
+            sampler = PoissonUserSampler(user_of_record=users, sample_rate=q, generator=generator)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+        trainer = DPTrainer(model, optimizer, loss_fn=lambda mdl, idx: loss_fn(mdl, idx),
+                            noise_multiplier=self.noise_multipliers[market], max_grad_norm=self.max_grad_norm,
+                            sampler=sampler, on_event=lambda e, m=market: self._on_event(m, e),
+                            generator=noise_gen, secure_mode=self.secure_mode)
+        return _DPLocal(trainer)
+
+    def _on_event(self, market: str, event: SubsampledGaussianEvent) -> None:
+        self._pending[market] += event.steps
+
+    # -- RoundHooks -----------------------------------------------------------------------------
+    def before_round(self, stage: str, rnd: int, markets: Sequence[str]) -> set[str]:
+        rid = self._round
+        if self.ledger is not None:
+            self.ledger.record_round_start(rid, list(markets))
+        allowed = set()
+        for m in markets:
+            plan = self.plans[m]
+            planned = SubsampledGaussianEvent(plan.sample_rate, self.noise_multipliers[m],
+                                              plan.steps_per_round[stage], self.unit)
+            if self.policy is None:
+                allowed.add(m)
+                continue
+            try:
+                decision = self.policy.decide(self.accountants[m], [planned], market=m)
+            except BudgetExceededError as e:  # policy "stop": the refusal is on record first
+                if self.ledger is not None:
+                    self.ledger.record_decision(m, rid, e.decision)
+                    self.ledger.skip_round(rid, e.decision.reason)
+                raise
+            if self.ledger is not None:
+                self.ledger.record_decision(m, rid, decision)
+            if decision.allowed:
+                allowed.add(m)
+            else:
+                self.skipped[m].append({"round": rid, "stage": stage, "reason": decision.reason})
+                if self.ledger is not None:
+                    self.ledger.record_skip(m, rid, decision.reason)
+        self._stage_round = (stage, rnd)
+        return allowed
+
+    def before_release(self, stage: str, rnd: int) -> None:
+        rid = self._round
+        for m in self.plans:
+            steps = self._pending.pop(m, 0)
+            if steps:
+                event = SubsampledGaussianEvent(self.plans[m].sample_rate, self.noise_multipliers[m], steps, self.unit)
+                if self.ledger is not None:
+                    self.ledger.record_event(m, rid, event)
+                self.accountants[m].compose(event)
+            eps = self.accountants[m].get_epsilon(self.delta)
+            self.epsilon_per_round[m].append(eps)
+            if self.ledger is not None:
+                self.ledger.record_epsilon(m, rid, eps, self.delta, self.accountant_name,
+                                           certified=self.accountants[m].certified)
+        if self.ledger is not None:
+            self.ledger.commit_round(rid)
+        self._round += 1
+
+    # -- results --------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        out = {}
+        for m, acc in self.accountants.items():
+            rep = acc.report(self.delta)
+            out[m] = {
+                "unit": self.unit,
+                "delta": self.delta,
+                "accountant": self.accountant_name,
+                "certified": rep.certified,
+                "bound": rep.bound,
+                "noise_multiplier": self.noise_multipliers[m],
+                "max_grad_norm": self.max_grad_norm,
+                "sample_rate": self.plans[m].sample_rate,
+                "steps": acc.steps,
+                "epsilon_per_round": list(self.epsilon_per_round[m]),
+                "epsilon": rep.epsilon,
+                "budget": None if self.policy is None else self.policy.epsilon_budget,
+                "skipped_rounds": list(self.skipped[m]),
+            }
+        return out
+
+
+class _DPLocal:
+    private = True
+
+    def __init__(self, trainer: DPTrainer) -> None:
+        self.trainer = trainer
+
+    def train_epochs(self, epochs: int) -> int:
+        steps = epochs * self.trainer.sampler.steps_per_epoch
+        try:
+            dp_train_epoch(self.trainer, lambda idx: idx, steps=steps)
+        finally:
+            self.trainer.close()
+        return steps

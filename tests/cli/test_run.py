@@ -1,0 +1,93 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fedmm_secure.cli import main
+
+TINY = {
+    "rounds": 1,
+    "synthetic": {"markets": [
+        {"name": "big", "n_users": 120, "n_items": 60, "impressions_per_user": 10},
+        {"name": "small", "n_users": 60, "n_items": 40, "impressions_per_user": 6},
+    ]},
+    "model": {"vq_epochs": 2, "cf_dim": 8, "latent_dim": 4, "n_global": 8, "n_local": 4, "ctr_dim": 8,
+              "ctr_hidden": [16]},
+}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    p = tmp_path / "tiny.json"
+    p.write_text(json.dumps(TINY))
+    return p
+
+
+def test_run_on_tiny_config_writes_results_and_report(tmp_path, tiny_config, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(tiny_config), "--out", str(out), "--seed", "1", "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["markets"]) == {"big", "small"}
+    for market in res["markets"].values():
+        assert set(market) == {"local", "local_codes", "fedmm", "centralized"}
+        for r in market.values():
+            assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0
+    assert res["config"]["seed"] == 1
+    assert res["secagg"]["backend"] in ("masking", "ckks", "plain")
+    report = (out / "report.md").read_text()
+    assert "| big |" in report and (out / "auc_per_market.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "local_codes AUC" in printed
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "fedmm_secure.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def _inproc(capsys, *args):
+    """Run the CLI in process; returns (exit code, stderr lines)."""
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse exits for flag errors
+        code = e.code
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line]
+    return code, err
+
+
+@pytest.mark.parametrize("args, field", [
+    (["run", "--secagg", "rot13"], "secagg"),
+    (["run", "--methods", "local,magic"], "methods"),
+    (["run", "--rounds", "0"], "rounds"),
+    (["run", "--rounds", "many"], "--rounds"),
+    (["run", "--bogus"], "--bogus"),
+])
+def test_bad_flags_give_one_line_exit_2(args, field, tmp_path, capsys):
+    code, lines = _inproc(capsys, *args, "--out", str(tmp_path / "x"))
+    assert code == 2, lines
+    assert len(lines) == 1, lines
+    assert field in lines[0]
+
+
+@pytest.mark.parametrize("content, field", [
+    ({"model": {"n_global": -3}}, "model.n_global"),
+    ({"model": {"wings": 2}}, "model.wings"),
+    ({"privacy": {"unit": "galaxy"}}, "privacy.unit"),
+    ({"synthetic": {"heterogeneity": -1}}, "data.heterogeneity"),
+])
+def test_bad_config_values_name_the_field(content, field, tmp_path, capsys):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(content))
+    code, lines = _inproc(capsys, "run", "--config", str(p), "--out", str(tmp_path / "x"))
+    assert code == 2, lines
+    assert len(lines) == 1 and field in lines[0]
+
+
+def test_unreadable_config_is_a_clear_error_without_traceback(tmp_path):
+    # a real process: what a user sees on the terminal
+    p = tmp_path / "broken.yaml"
+    p.write_text("model: [unclosed")
+    r = _cli("run", "--config", str(p))
+    assert r.returncode == 2 and "not valid YAML" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
