@@ -17,6 +17,7 @@ from .errors import ConfigError
 __all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict", "METHODS"]
 
 METHODS = ("local", "local_codes", "fedmm", "centralized")
+MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 SECAGG_BACKENDS = ("masking", "ckks", "plain")
 UNITS = ("record", "user")
 ACCOUNTANTS = ("pld", "prv", "rdp")
@@ -103,6 +104,8 @@ class RunConfig:
     markets: tuple[str, ...] | None = None  # subset of markets to use
     synthetic: dict = field(default_factory=dict)  # overrides of SyntheticConfig fields
     secagg: str = "plain"
+    model_family: str = "fedmm"             # "fedmm" or "pf-msmtrec"
+    pf: dict = field(default_factory=dict)  # PF-MSMTrec settings (see fedmm_secure/pf_experiment.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
@@ -117,6 +120,8 @@ class RunConfig:
                 raise ConfigError("methods", f"unknown method {m!r}", allowed=", ".join(METHODS))
         if self.secagg not in SECAGG_BACKENDS:
             raise ConfigError("secagg", f"unknown backend {self.secagg!r}", allowed=", ".join(SECAGG_BACKENDS))
+        if self.model_family not in MODEL_FAMILIES:
+            raise ConfigError("model_family", f"unknown model {self.model_family!r}", allowed=", ".join(MODEL_FAMILIES))
         if not isinstance(self.data, str) or not (self.data == "synthetic" or ":" in self.data):
             raise ConfigError("data", f"unknown data source {self.data!r}",
                               allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH")

@@ -257,3 +257,25 @@ def test_no_batch_by_vocab_by_dim_tensor(mode):
         assert largest <= 2 * table
     else:
         assert largest >= 20 * table
+
+
+def test_noise_follows_the_optimizer_parameter_order_like_opacus():
+    """With param groups in an unusual order the noise stream still matches Opacus's."""
+    x, y = _data(cards=(9, 13))
+    base = TinyCF()
+    out = {}
+    for mode in ("fast", "opacus_hooks"):
+        model = copy.deepcopy(base)
+        params = list(model.parameters())
+        opt = torch.optim.SGD([{"params": params[3:]}, {"params": params[:3][::-1]}], lr=1.0)
+        trainer = DPTrainer(model, opt, loss_fn=bce_loss, noise_multiplier=0.8,
+                            max_grad_norm=0.5,
+                            sampler=PoissonRecordSampler(num_records=N, sample_rate=0.25,
+                                                         generator=torch.Generator().manual_seed(3)),
+                            on_event=lambda e: None, generator=torch.Generator().manual_seed(7),
+                            mode=mode)
+        assert mode != "fast" or not trainer._lazy_noise
+        dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]), steps=2)
+        trainer.close()
+        out[mode] = _flat(model)
+    torch.testing.assert_close(out["fast"], out["opacus_hooks"], rtol=1e-5, atol=1e-6)
