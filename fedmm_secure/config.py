@@ -115,7 +115,7 @@ class RunConfig:
         _positive("rounds", self.rounds, integer=True)
         if not self.methods:
             raise ConfigError("methods", "at least one method is required", allowed=", ".join(METHODS))
-        for m in self.methods:
+        for m in self.methods if self.model_family == "fedmm" else ():
             if m not in METHODS:
                 raise ConfigError("methods", f"unknown method {m!r}", allowed=", ".join(METHODS))
         if self.secagg not in SECAGG_BACKENDS:
