@@ -45,7 +45,7 @@ class ModelConfig:
     codebook_decay: float = 0.0  # 0 = plain k-means update from statistics
     ctr_dim: int = 16
     ctr_hidden: tuple[int, ...] = (64, 32)
-    ctr_epochs: int = 1          # local epochs per federated round
+    ctr_epochs: int = 2          # local epochs per federated round
     ctr_lr: float = 3e-3
     batch_size: int = 256
     share_ctr_mlp: bool = True       # FedMM: average the CTR interaction MLP across markets
@@ -103,7 +103,7 @@ class RunConfig:
     data: str = "synthetic"                 # "synthetic" or "<loader>:<path>"
     markets: tuple[str, ...] | None = None  # subset of markets to use
     synthetic: dict = field(default_factory=dict)  # overrides of SyntheticConfig fields
-    secagg: str = "plain"
+    secagg: str = "masking"                 # "plain" must be asked for by name
     model_family: str = "fedmm"             # "fedmm" or "pf-msmtrec"
     pf: dict = field(default_factory=dict)  # PF-MSMTrec settings (see fedmm_secure/pf_experiment.py)
     model: ModelConfig = field(default_factory=ModelConfig)

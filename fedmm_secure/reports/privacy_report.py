@@ -1,0 +1,134 @@
+"""Compliance outputs from a run directory: the budget gate and the privacy report.
+
+The ledger is the source of truth: epsilon is recomputed from the DP events it holds (rounds cut
+short by a crash included), never copied from results.json, so a report can not under-state
+what was spent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from ..errors import ConfigError, LedgerError
+
+__all__ = ["budget_table", "write_privacy_report", "POST_PROCESSING_STEPS", "ACCOUNTED_STEPS"]
+
+ACCOUNTED_STEPS = (
+    ("CF embeddings (stage 1)", "reads raw clicks: DP-SGD, one event per market per round"),
+    ("CTR model (stage 3)", "reads raw clicks: DP-SGD, one event per market per round"),
+)
+POST_PROCESSING_STEPS = (
+    ("RQ-VAE training on item embeddings (stage 2)", "inputs are the DP-trained CF embeddings"),
+    ("level-1 codebook statistics and their secure sum", "computed from DP-trained embeddings"),
+    ("averaging of shared parameters through the secure sum", "function of DP-trained parameters"),
+    ("item codes fed to the CTR model", "function of the DP-trained RQ-VAE and embeddings"),
+)
+
+
+def _open_ledger(run_dir: Path):
+    from ..privacy.ledger import Ledger
+    if not (run_dir / "ledger.sqlite").exists():
+        raise LedgerError(f"{run_dir} has no ledger.sqlite: the run was not private (epsilon = inf)")
+    return Ledger.open(run_dir)
+
+
+def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> tuple[str, bool]:
+    if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
+        raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
+    with _open_ledger(run_dir) as ledger:
+        spent = ledger.spent(delta=delta)
+    if not spent:
+        raise LedgerError(f"{run_dir}/ledger.sqlite records no DP event")
+    lines = ["| market | epsilon | delta | accountant | certified | max | status |", "|---|---|---|---|---|---|---|"]
+    ok = True
+    for m, rep in spent.items():
+        within = rep.epsilon <= max_epsilon
+        ok &= within
+        lines.append(f"| {m} | {rep.epsilon:.4f} | {rep.delta:g} | {rep.accountant} | {rep.certified} | "
+                     f"{max_epsilon:g} | {'OK' if within else 'OVER BUDGET'} |")
+    worst = max(r.epsilon for r in spent.values())
+    lines.append(f"\nmaximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
+    return "\n".join(lines), ok
+
+
+def _plot_epsilon(per_market: dict[str, list[tuple[int, float]]], path: Path, budget: float | None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for m, pts in per_market.items():
+        ax.plot([r for r, _ in pts], [e for _, e in pts], marker="o", ms=3, label=m)
+    if budget is not None:
+        ax.axhline(budget, color="red", ls="--", lw=1, label=f"budget {budget:g}")
+    ax.set_xlabel("ledger round")
+    ax.set_ylabel("epsilon (certified upper bound)")
+    ax.set_title("Epsilon per round per market")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_privacy_report(run_dir: Path) -> Path:
+    results_path = run_dir / "results.json"
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
+    priv = results.get("privacy", {})
+    with _open_ledger(run_dir) as ledger:
+        spent = ledger.spent()
+        records = ledger.epsilons()
+        rounds = ledger.rounds()
+        skips = ledger.skips()
+        decisions = ledger.decisions()
+    per_market: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        per_market.setdefault(r.market, []).append((r.round, r.epsilon))
+    budget = next((v.get("budget") for v in priv.values() if v.get("budget") is not None), None)
+    plot = run_dir / "epsilon_per_round.png"
+    _plot_epsilon(per_market, plot, budget)
+    anyp = next(iter(priv.values()), {})
+    lines = [
+        "# Privacy report",
+        "",
+        f"Run directory: `{run_dir}`. Source of truth: `ledger.sqlite` (append-only; epsilon below is recomputed "
+        "from its DP events, including any round cut short by a crash).",
+        "",
+        f"- unit of privacy: **{anyp.get('unit', 'record')}**-level",
+        f"- delta: {next(iter(spent.values())).delta:g}" if spent else "- delta: n/a",
+        f"- accountant: {anyp.get('accountant', 'pld')} ({anyp.get('bound', 'certified upper bound')})",
+        f"- budget per market: {budget if budget is not None else 'none set'}",
+        f"- secure aggregation: {results.get('secagg', {}).get('backend', 'n/a')}",
+        "",
+        "## Epsilon per market",
+        "",
+        "| market | epsilon | noise multiplier | clip norm | sample rate | DP steps | budget status |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, rep in spent.items():
+        p = priv.get(m, {})
+        status = "n/a" if budget is None else ("within" if rep.epsilon <= budget else "OVER")
+        lines.append(f"| {m} | {rep.epsilon:.4f} | {p.get('noise_multiplier', float('nan')):.4g} | "
+                     f"{p.get('max_grad_norm', float('nan')):g} | {p.get('sample_rate', float('nan')):.4g} | "
+                     f"{rep.steps} | {status} |")
+    lines += ["", f"![epsilon per round]({plot.name})", "", "## Rounds", "",
+              f"{len(rounds)} ledger rounds; "
+              f"{sum(r.status == 'committed' for r in rounds)} committed, "
+              f"{sum(r.status == 'started' for r in rounds)} started but not committed (counted as spent), "
+              f"{sum(r.status == 'skipped' for r in rounds)} skipped.", ""]
+    if skips:
+        lines += ["Markets that skipped a round because of the budget:", ""]
+        lines += [f"- round {r}, {m}: {why}" for r, m, why in skips]
+        lines.append("")
+    if decisions:
+        refused = [d for d in decisions if not d.allowed]
+        lines.append(f"Budget decisions recorded: {len(decisions)} ({len(refused)} refused).")
+        lines.append("")
+    lines += ["## Which steps cost epsilon", "", "| step | accounting |", "|---|---|"]
+    lines += [f"| {s} | {why} |" for s, why in ACCOUNTED_STEPS]
+    lines += [f"| {s} | post-processing (no epsilon): {why} |" for s, why in POST_PROCESSING_STEPS]
+    lines += ["", "Test-set metrics in results.json are computed on held-out data and are not covered by DP.", ""]
+    path = run_dir / "privacy_report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
