@@ -410,12 +410,28 @@ class GhostClipper:
             factors = factors * scale
         del calls, live, outs
 
+        # Dense layers first, into small buffers, so their captured rows (activations and
+        # output gradients, O(B x width)) are freed before the tables' noise is drawn.
+        small: dict[nn.Parameter, torch.Tensor] = {}
+        for _, module in self.layers:
+            if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                for _, p in _own_trainable(module):
+                    small[p] = torch.zeros_like(p)
+                r = merged.pop(id(module), None)
+                if r is not None:
+                    self._accumulate(module, r, factors[r.gid], small)
+                    del r
         grads: dict[nn.Parameter, torch.Tensor] = {}
         for _, module in self.layers:
             for _, p in _own_trainable(module):
-                grads[p] = torch.zeros_like(p) if into is None else into(p)
+                if into is None:
+                    grads[p] = small.pop(p) if p in small else torch.zeros_like(p)
+                else:
+                    grads[p] = into(p)
+                    if p in small:
+                        grads[p].add_(small.pop(p))
             r = merged.pop(id(module), None)
-            if r is not None:  # rows are dropped layer by layer as they are consumed
+            if r is not None:  # table rows, added straight into the buffer
                 self._accumulate(module, r, factors[r.gid], grads)
                 del r
         return grads

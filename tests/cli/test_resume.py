@@ -1,0 +1,98 @@
+"""A private run killed with SIGKILL mid-run never under-counts spent epsilon, and
+``run --resume`` continues from its ledger."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+from fedmm_secure.cli import main
+
+TINY = {
+    "rounds": 3,
+    "methods": ["fedmm"],
+    "synthetic": {"markets": [
+        {"name": "big", "n_users": 150, "n_items": 60, "impressions_per_user": 10},
+        {"name": "small", "n_users": 60, "n_items": 40, "impressions_per_user": 6},
+    ]},
+    "model": {"vq_epochs": 40, "cf_dim": 8, "latent_dim": 4, "n_global": 8, "n_local": 4, "ctr_dim": 8,
+              "ctr_hidden": [16], "batch_size": 32},
+    "privacy": {"enabled": True, "noise_multiplier": 1.0, "delta": 1e-5},
+}
+
+
+def _epsilon_rows(db):
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT round, market, epsilon FROM epsilons ORDER BY id").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return []
+
+
+def test_sigkill_mid_run_then_resume(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(TINY))
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fedmm_secure.cli", "run", "--config", str(cfg), "--out", str(out),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    db = out / "ledger.sqlite"
+    deadline = time.monotonic() + 240
+    seen = []
+    try:
+        # Kill once the first CF round is on the ledger, while later rounds are in progress.
+        while time.monotonic() < deadline and proc.poll() is None:
+            seen = _epsilon_rows(db)
+            if len(seen) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read()!r}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert len(seen) >= 2
+    assert not (out / "results.json").exists()  # nothing released past the crash
+
+    from fedmm_secure.privacy.ledger import Ledger
+    with Ledger.open(out) as led:
+        spent = led.spent()
+        state = led.resume_state()
+    last_reported = {}
+    for _, m, eps in _epsilon_rows(db):
+        last_reported[m] = eps
+    for m, eps in last_reported.items():
+        assert spent[m].epsilon >= eps - 1e-9  # never under-counted
+
+    # Resume: the spend before the crash stays on the books, new rounds are numbered after it.
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    res = json.loads((out / "results.json").read_text())
+    with Ledger.open(out) as led:
+        rounds = [r.round for r in led.rounds()]
+        final = led.spent()
+    assert min(r for r in rounds if r >= state.next_round) == state.next_round
+    for m in last_reported:
+        assert final[m].epsilon > spent[m].epsilon
+        assert abs(res["privacy"][m]["epsilon"] - final[m].epsilon) <= 0.01 * final[m].epsilon
+
+
+def test_resume_refuses_a_directory_without_config(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_new_private_run_refuses_to_overwrite_a_ledger(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    small = dict(TINY, rounds=1, model=dict(TINY["model"], vq_epochs=1))
+    cfg.write_text(json.dumps(small))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert "already holds a privacy ledger" in capsys.readouterr().err
