@@ -20,7 +20,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedmm-secure run --out runs/demo
+	rm -rf runs/demo
+	$(BIN)/fedmm-secure run --epsilon 8 --epsilon-budget 10 --out runs/demo
+	$(BIN)/fedmm-secure budget check runs/demo --max-epsilon 10
+	$(BIN)/fedmm-secure report runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests -p no:cacheprovider --timeout=900

@@ -145,6 +145,8 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                 results["privacy"] = summary
         for m, metrics in out["markets"].items():
             results["markets"][m][method] = metrics
+        if "code_alignment" in out:
+            results.setdefault("code_alignment", {})[method] = out["code_alignment"]
         if "nmi_level1_pooled" in out:
             results["nmi_level1_pooled"][method] = out["nmi_level1_pooled"]
         if secure_sum is not None:

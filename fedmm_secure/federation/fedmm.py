@@ -31,6 +31,7 @@ from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 
 from ..config import ModelConfig
 from ..data.market import MarketData, MarketSplit
+from ..metrics import hit_rate_at_k, ndcg_at_k
 from ..models.cf import CFModel
 from ..models.codebook import code_statistics, flatten_stats, perplexity, unflatten_stats, update_codebook, utilization
 from ..models.ctr import DeepFM
@@ -364,6 +365,8 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
     for m, r in runs.items():
         p = _predict(r.ctr, _ctr_inputs(r, r.data.test, with_codes))
         metrics = evaluate_ctr(r.data.test.click, p)
+        if r.data.ranking is not None:
+            metrics.update(_ranking_metrics(r, r.data.ranking, with_codes))
         if with_codes:
             metrics["codebook"] = {"level1": _code_metrics(r.codes[0], cfg.n_global),
                                    "level2": _code_metrics(r.codes[1], cfg.n_local)}
@@ -371,6 +374,9 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
                 metrics["nmi_level1"] = float(normalized_mutual_info_score(r.data.item_cluster, r.codes[0]))
             metrics["rqvae_recon"] = r.history["vq_recon"][-1] if r.history.get("vq_recon") else None
         result["markets"][m] = metrics
+    if with_codes and all(r.data.item_keys is not None for r in runs.values()) and len(runs) > 1:
+        result["code_alignment"] = code_alignment({m: r.data for m, r in runs.items()},
+                                                  {m: r.codes[0] for m, r in runs.items()})
     if with_codes and all(r.data.item_cluster is not None for r in runs.values()):
         # Cross-market alignment: one NMI over all markets' items together. Only a shared
         # level-1 space can score well here; per-market codebooks are unaligned by construction.
@@ -378,6 +384,35 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
         codes = np.concatenate([r.codes[0] for r in runs.values()])
         result["nmi_level1_pooled"] = float(normalized_mutual_info_score(clusters, codes))
     return result
+
+
+def code_alignment(data: dict[str, MarketData], codes: dict[str, np.ndarray]) -> dict:
+    """Evaluation only: how often the same product (same original item key, never used in
+    training) gets the same level-1 code in two markets, against the rate expected by chance
+    given each market's code frequencies."""
+    from ..data.loaders import shared_item_pairs
+
+    names = list(data)
+    pairs = shared_item_pairs([data[m] for m in names])
+    if not pairs:
+        return {"pairs": 0}
+    same = np.array([codes[a][i] == codes[b][j] for a, i, b, j in pairs], dtype=bool)
+    chance = []
+    for a, _, b, _ in pairs:
+        k = max(codes[a].max(), codes[b].max()) + 1
+        pa = np.bincount(codes[a], minlength=k) / len(codes[a])
+        pb = np.bincount(codes[b], minlength=k) / len(codes[b])
+        chance.append(float(pa @ pb))
+    return {"pairs": len(pairs), "same_code_rate": float(same.mean()), "chance_rate": float(np.mean(chance))}
+
+
+def _ranking_metrics(r: MarketRun, ranking, with_codes: bool, *, user_offset: int = 0, item_offset: int = 0) -> dict:
+    """HR@10 and NDCG@10 on the sampled-ranking set (positive against its sampled negatives)."""
+    users = np.repeat(ranking.users + user_offset, ranking.items.shape[1])
+    items = ranking.items.ravel() + item_offset
+    split = MarketSplit(users, items, np.zeros(len(users), np.float32), np.zeros(len(users), np.float32))
+    scores = _predict(r.ctr, _ctr_inputs(r, split, with_codes)).reshape(ranking.items.shape)
+    return {"hr@10": hit_rate_at_k(scores, 10), "ndcg@10": ndcg_at_k(scores, 10)}
 
 
 def _split_pooled(out: dict, pooled: MarketData, markets: Sequence[MarketData]) -> dict:
@@ -389,6 +424,8 @@ def _split_pooled(out: dict, pooled: MarketData, markets: Sequence[MarketData]) 
         shifted = MarketSplit(m.test.users + uo[i], m.test.items + io[i], m.test.click, m.test.conversion)
         p = _predict(r.ctr, _ctr_inputs(r, shifted, True))
         metrics = evaluate_ctr(m.test.click, p)
+        if m.ranking is not None:
+            metrics.update(_ranking_metrics(r, m.ranking, True, user_offset=uo[i], item_offset=io[i]))
         c1 = r.codes[0][io[i]:io[i + 1]]
         metrics["codebook"] = {"level1": _code_metrics(c1, r.vq.global_codebook.shape[0]),
                                "level2": _code_metrics(r.codes[1][io[i]:io[i + 1]], r.vq.local_codebook.shape[0])}

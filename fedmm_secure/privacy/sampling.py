@@ -85,12 +85,17 @@ class PoissonRecordSampler:
 
 class PoissonUserSampler:
     """Each user joins a step's batch independently with probability ``sample_rate``, with all
-    of their records (user-level DP: the unit clipped is the user's summed gradient)."""
+    of their records (user-level DP: the unit clipped is the user's summed gradient).
+
+    ``max_records_per_user`` bounds the work (not the privacy: the user's gradient is clipped
+    whatever its size) spent on very active users: a chosen user with more records contributes
+    a fresh uniformly random subset of that many records to the step.
+    """
 
     unit = "user"
 
     def __init__(self, *, user_of_record: torch.Tensor, sample_rate: float,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, max_records_per_user: int | None = None) -> None:
         if not isinstance(user_of_record, torch.Tensor) or user_of_record.dim() != 1 \
                 or user_of_record.numel() == 0 or user_of_record.is_floating_point():
             raise DataError("user_of_record must be a non-empty 1-D integer tensor")
@@ -98,6 +103,11 @@ class PoissonUserSampler:
             raise DataError("user_of_record has negative user ids")
         self.sample_rate = _check_rate(sample_rate)
         self.generator = _check_generator(generator)
+        if max_records_per_user is not None and (
+                not isinstance(max_records_per_user, int) or max_records_per_user <= 0):
+            raise ConfigError("max_records_per_user",
+                              f"must be a positive int or None, got {max_records_per_user!r}")
+        self.max_records_per_user = max_records_per_user
         users, dense = torch.unique(user_of_record.long(), return_inverse=True)
         self.num_users = int(users.numel())
         # Records grouped by user once, so a draw is a gather, not a scan.
@@ -125,5 +135,14 @@ class PoissonUserSampler:
         group = torch.arange(chosen.numel()).repeat_interleave(counts)
         offset = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[group]
         idx = self._order[self._starts[chosen][group] + offset]
+        k = self.max_records_per_user
+        if k is not None and group.numel() and int(counts.max()) > k:
+            # Random order within each user (group-major), then keep each user's first k.
+            order = torch.argsort(group.double() + torch.rand(group.numel(), dtype=torch.float64,
+                                                              generator=self.generator))
+            group, idx = group[order], idx[order]
+            pos = torch.arange(group.numel()) - (torch.cumsum(counts, 0) - counts)[group]
+            keep = pos < k
+            group, idx = group[keep], idx[keep]
         return PoissonDraw(idx, group, int(chosen.numel()), self.sample_rate, self.unit,
                            id(self))

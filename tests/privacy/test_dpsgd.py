@@ -15,6 +15,9 @@ from fedmm_secure.privacy.events import SubsampledGaussianEvent
 from fedmm_secure.privacy.sampling import PoissonRecordSampler, PoissonUserSampler
 from .test_dpsgd_models import TinyCF, TinyCTR, bce_loss, reference_clipped_sum
 
+# Opacus's backward hooks warn when a layer's inputs need no gradient (embedding ids).
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
+
 N = 48
 
 

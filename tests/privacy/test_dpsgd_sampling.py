@@ -62,3 +62,21 @@ def test_sampler_validation():
         PoissonRecordSampler(num_records=10, sample_rate=0.1, generator=None)
     with pytest.raises(DataError):
         PoissonUserSampler(user_of_record=torch.tensor([0.5, 1.0]), sample_rate=0.1, generator=g)
+
+
+def test_user_sampler_caps_records_per_user_with_fresh_random_subsets():
+    user_of_record = torch.tensor([0] * 10 + [1] * 2 + [2] * 5)
+    s = PoissonUserSampler(user_of_record=user_of_record, sample_rate=1.0,
+                           generator=torch.Generator().manual_seed(4), max_records_per_user=3)
+    subsets = set()
+    for _ in range(20):
+        d = s.sample()
+        users = user_of_record[d.indices]
+        assert [int((users == u).sum()) for u in range(3)] == [3, 2, 3]
+        for g in range(d.num_units):  # a group id still names exactly one user
+            assert users[d.group_ids == g].unique().numel() == 1
+        subsets.add(tuple(sorted(d.indices[users == 0].tolist())))
+    assert len(subsets) > 5  # the subset is redrawn each step
+    with pytest.raises(ConfigError):
+        PoissonUserSampler(user_of_record=user_of_record, sample_rate=0.5,
+                           generator=torch.Generator(), max_records_per_user=0)

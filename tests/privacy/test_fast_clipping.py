@@ -17,6 +17,9 @@ from fedmm_secure.privacy.fast_clipping import (
 )
 from .test_dpsgd_models import TinyCF, TinyCTR, TinyMMoE, bce_loss, reference_clipped_sum
 
+# Opacus's backward hooks warn when a layer's inputs need no gradient (embedding ids).
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook:UserWarning")
+
 
 def _fast(model, loss_fn, batch, gid, num_units, c):
     clipper = GhostClipper(model)

@@ -1,0 +1,280 @@
+"""Local Flower deployment on loopback: one SuperLink, one SuperNode (+ worker) per market.
+
+:class:`FlowerLocalDeployment` starts real ``flower-superlink`` / ``flower-supernode``
+processes (``--insecure``, 127.0.0.1 only, free ports picked at start), submits the app with
+``flwr run`` and waits for the ServerApp to write ``results.json``. Every process it starts
+lives in a process group of its own (one group for the SuperLink, one per market: SuperNode,
+its SuperExec and ClientApp processes, and the market worker), and every group is terminated
+in a ``finally``: on success, on failure, on timeout and on Ctrl-C.
+
+:func:`flower_local_command` is what ``fedmm-secure flower local`` calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..config import RunConfig, config_from_dict
+from ..errors import AbortError, ConfigError
+
+__all__ = ["FlowerLocalDeployment", "flower_local_command", "tiny_flower_config"]
+
+_BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tool(name: str) -> str:
+    p = _BIN / name
+    if not p.exists():
+        raise ConfigError("flower", f"{name} not found next to {sys.executable}",
+                          allowed="install the 'flower' extra: pip install 'fedmm-secure[flower]'")
+    return str(p)
+
+
+_APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedmm-flower"
+version = "1.0.0"
+description = "fedmm-secure over Flower: our secure aggregation carried as Flower messages"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.40,<1.43"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedmm"
+
+[tool.flwr.app.components]
+serverapp = "fedmm_secure.runtime.flower_app:server_app"
+clientapp = "fedmm_secure.runtime.flower_app:client_app"
+
+[tool.flwr.app.config]
+config-json = "{}"
+out-dir = ""
+expected-markets = 1
+stage-timeout = 30.0
+step-timeout = 600.0
+join-timeout = 60.0
+"""
+
+
+def write_app_dir(path: Path) -> Path:
+    """The Flower app project (a FAB is built from it); the code itself is the installed package."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "pyproject.toml").write_text(_APP_PYPROJECT, encoding="utf-8")
+    (path / "fedmm_flower_app.py").write_text(
+        '"""Entry points live in fedmm_secure.runtime.flower_app (installed package)."""\n', encoding="utf-8")
+    return path
+
+
+class FlowerLocalDeployment:
+    """A throwaway Flower deployment for ``cfg``'s markets on 127.0.0.1."""
+
+    def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
+                 hang_at: dict[str, str] | None = None, poll_interval: float = 0.05) -> None:
+        from ..experiment import load_data
+
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.markets = [m.name for m in load_data(cfg)]
+        self.stage_timeout, self.step_timeout = stage_timeout, step_timeout
+        self.hang_at = dict(hang_at or {})
+        self.poll_interval = poll_interval
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
+        self.work = Path(self._tmp.name)
+        self.logs = self.out_dir / "flower_logs"
+        self.groups: dict[str, subprocess.Popen] = {}   # name -> group leader
+        self._files: list = []
+        self._killed: set[str] = set()
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, name: str, cmd: Sequence[str], *, env: dict | None = None) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        self._files.append(log)
+        # A session (hence process group) per process: its children (SuperExec, ClientApps,
+        # ServerApp) stay in the group, so killpg reaches them all.
+        return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, cwd=self.work, start_new_session=True)
+
+    def _env(self, home: str) -> dict:
+        h = self.work / home
+        h.mkdir(exist_ok=True)
+        return {"FLWR_HOME": str(h), "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(self.poll_interval),
+                # SuperLink/SuperNode start `flower-superexec` and `flwr-*` by name.
+                "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def start(self, *, ready_timeout: float = 30.0) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # Flower 1.40 serves the Fleet, Control and Runtime APIs over HTTP on one host:port.
+        self.link_port = _free_port()
+        self.groups["superlink"] = self._spawn("superlink", [
+            _tool("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.link_port)], env=self._env("superlink"))
+        ready = {}
+        for m in self.markets:
+            wport = _free_port()
+            ready[m] = self.work / f"worker-{m}.ready"
+            cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower_worker", "--market", m,
+                   "--listen", f"127.0.0.1:{wport}", "--ready-file", str(ready[m])]
+            if m in self.hang_at:
+                cmd += ["--hang-at", self.hang_at[m], "--hang-marker", str(self.hang_marker(m))]
+            self.groups[f"worker-{m}"] = self._spawn(f"worker-{m}", cmd, env=self._env(f"node-{m}"))
+            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", [
+                _tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
+                "--host", "127.0.0.1", "--port", str(_free_port()),
+                "--node-config", f"market='{m}' worker-address='127.0.0.1:{wport}'"],
+                env=self._env(f"node-{m}"))
+        deadline = time.monotonic() + ready_timeout
+        while not all(f.exists() for f in ready.values()):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AbortError("market workers did not start in time (see flower_logs/)")
+            time.sleep(0.1)
+
+    def hang_marker(self, market: str) -> Path:
+        return self.work / f"hang-{market}"
+
+    def _check_alive(self) -> None:
+        for name, p in self.groups.items():
+            if name.split("-", 1)[-1] not in self._killed and p.poll() is not None:
+                raise AbortError(f"{name} exited with code {p.returncode} (see {self.logs}/)")
+
+    def kill_market(self, market: str) -> None:
+        """SIGKILL a market's process groups (SuperNode with its SuperExec and ClientApps; worker)."""
+        self._killed.add(market)
+        for name in (f"supernode-{market}", f"worker-{market}"):
+            _killpg(self.groups[name].pid, signal.SIGKILL)
+
+    def submit(self, *, join_timeout: float = 60.0, timeout: float = 120.0) -> None:
+        home = self.work / "cli"
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedmm-local"\n\n[superlink.fedmm-local]\n'
+            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n', encoding="utf-8")
+        import tomli_w
+        overrides = self.work / "run_config.toml"
+        overrides.write_text(tomli_w.dumps({
+            "config-json": json.dumps(self.cfg.to_dict()), "out-dir": str(self.out_dir.resolve()),
+            "expected-markets": len(self.markets), "stage-timeout": float(self.stage_timeout),
+            "step-timeout": float(self.step_timeout), "join-timeout": float(join_timeout)}), encoding="utf-8")
+        app = write_app_dir(self.work / "app")
+        env = {**os.environ, **self._env("cli")}
+        env["FLWR_HOME"] = str(home)
+        deadline = time.monotonic() + timeout
+        while True:  # the Control API may need a moment after the SuperLink process starts
+            r = subprocess.run([_tool("flwr"), "run", str(app), "fedmm-local", "--run-config", str(overrides)],
+                               capture_output=True, text=True, env=env, cwd=self.work, timeout=timeout)
+            (self.logs / "flwr_run.log").write_text(r.stdout + r.stderr, encoding="utf-8")
+            if r.returncode == 0:
+                return
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AbortError(f"flwr run failed: {(r.stdout + r.stderr)[-2000:]}")
+            time.sleep(0.5)
+
+    def wait(self, *, timeout: float, on_poll: Callable[["FlowerLocalDeployment"], None] | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        res, err = self.out_dir / "results.json", self.out_dir / "error.json"
+        while True:
+            if res.exists():
+                return json.loads(res.read_text(encoding="utf-8"))
+            if err.exists():
+                raise AbortError(f"ServerApp failed: {json.loads(err.read_text(encoding='utf-8'))['error']}")
+            if on_poll is not None:
+                on_poll(self)
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AbortError(f"no result within {timeout:.0f} s (see {self.logs}/)")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        leaders = list(self.groups.values())
+        for p in leaders:
+            _killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        for p in leaders:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in leaders:  # anything left in the groups (ClientApps, SuperExecs) goes too
+            _killpg(p.pid, signal.SIGKILL)
+            try:
+                p.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "FlowerLocalDeployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> RunConfig:
+    """A small synthetic FedMM config with ``markets`` markets (CLI default for ``flower local``)."""
+    specs = [{"name": f"m{i}", "n_users": 120 if i == 0 else 80, "n_items": 60 if i == 0 else 45,
+              "impressions_per_user": 6 if i == 0 else 5} for i in range(markets)]
+    return config_from_dict({
+        "seed": seed, "rounds": rounds, "methods": ["fedmm"], "secagg": secagg,
+        "synthetic": {"markets": specs},
+        "model": {"vq_epochs": 3, "n_global": 8, "n_local": 4, "cf_dim": 8, "latent_dim": 4, "vq_hidden": 8,
+                  "ctr_dim": 8, "ctr_hidden": [8]}})
+
+
+def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, seed: int,
+                         config: RunConfig | None, timeout: float = 1800.0) -> int:
+    """``fedmm-secure flower local``: run FedMM on a loopback Flower deployment; 0 on success."""
+    if config is None:
+        if not isinstance(markets, int) or markets < 2:
+            raise ConfigError("--markets", f"got {markets!r}", allowed="an integer >= 2")
+        cfg = tiny_flower_config(markets=markets, rounds=rounds, secagg=secagg, seed=seed)
+    else:
+        raw = config.to_dict()
+        raw.update(rounds=rounds, secagg=secagg, seed=seed, methods=["fedmm"])
+        cfg = config_from_dict(raw)
+    if cfg.privacy.enabled:
+        raise ConfigError("privacy.enabled", "DP runs are not yet supported on the Flower runtime",
+                          allowed="--no-dp, or the embedded runtime (fedmm-secure run)")
+    out = Path(out)
+    if (out / "results.json").exists():
+        raise ConfigError("--out", f"{out} already holds results.json", allowed="a new directory")
+    with FlowerLocalDeployment(cfg, out_dir=out) as dep:
+        dep.start()
+        dep.submit()
+        results = dep.wait(timeout=timeout)
+    from ..reports.run_report import write_run_report
+    write_run_report(results, out)
+    return 0

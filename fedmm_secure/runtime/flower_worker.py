@@ -1,0 +1,191 @@
+"""A market's long-lived worker: its data, models, long-term keys and the round in progress.
+
+Flower 1.40 starts a fresh ClientApp *process* for every message a SuperNode receives, so
+nothing a ClientApp holds in memory survives to the next stage. A market's state (DP-trained
+models, the masking round's ephemeral secrets, which must never be serialized) therefore lives
+in this worker, a process on the market's own machine next to its SuperNode; the ClientApp is a
+thin relay that hands the worker each message over a loopback socket and returns its reply.
+
+:class:`MarketWorker` is the state machine (usable in process); :func:`serve` runs it behind a
+socket, one request per connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..config import config_from_dict
+from ..errors import ConfigError, FedMMError, ProtocolError
+from ..secagg import Roster, RoundContext, create_backend
+from .flower_market import BroadcastRequest, PublicMeta, SumRequest, fedmm_market_pipeline
+from .flower_wire import (
+    b64,
+    decode_bound,
+    encode_bound,
+    pack_frame,
+    pack_json,
+    pack_with_header,
+    recv_frame,
+    unb64,
+    unpack_json,
+    unpack_with_header,
+)
+
+__all__ = ["MarketWorker", "HangAt", "serve"]
+
+
+class HangAt:
+    """Fault injection for tests: on the given stage of the given sum, write ``marker`` and
+    stop answering (the test then kills the market's processes)."""
+
+    def __init__(self, *, label: str, round_id: int, stage: int, marker: Path) -> None:
+        self.label, self.round_id, self.stage, self.marker = label, round_id, stage, marker
+
+
+class MarketWorker:
+    def __init__(self, *, market: str, hang_at: HangAt | None = None) -> None:
+        self.market = market
+        self._hang_at = hang_at
+        self._endpoint = None
+        self._pipeline = None
+        self._pending: SumRequest | BroadcastRequest | None = None
+        self._round = None
+        self._stage = 0
+        self.result: dict | None = None
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, kind: str, payload: bytes) -> tuple[str, bytes]:
+        if kind == "hello":
+            return "hello", self._hello(unpack_json(payload))
+        if kind == "start":
+            return self._start(unpack_json(payload))
+        if kind == "secagg":
+            return self._secagg(payload)
+        if kind == "broadcast":
+            if not isinstance(self._pending, BroadcastRequest):
+                raise ProtocolError("broadcast received while not waiting for one")
+            return self._advance(payload)
+        raise ProtocolError(f"unexpected message kind {kind!r}")
+
+    def _hello(self, msg: dict) -> bytes:
+        from ..experiment import load_data  # heavy (data generators); only the worker needs it
+
+        self._cfg = config_from_dict(msg["config"])
+        self._run_id = str(msg["run_id"])
+        markets = load_data(self._cfg)
+        names = [m.name for m in markets]
+        if self.market not in names:
+            raise ConfigError("market", f"{self.market!r} is not a market of this run", allowed=", ".join(names))
+        self._index = names.index(self.market)
+        # Synthetic data is generated for all markets from the seed; keep only ours.
+        self._data = markets[self._index]
+        del markets
+        backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain")
+        self._endpoint = backend.create_market(self.market)
+        return pack_json({"market": self.market, "index": self._index, "bundle": b64(self._endpoint.public_bundle()),
+                          "n_train": len(self._data.train), "n_items": int(self._data.n_items),
+                          "n_users": int(self._data.n_users), "n_test": len(self._data.test)})
+
+    def _start(self, msg: dict) -> tuple[str, bytes]:
+        if self._endpoint is None:
+            raise ProtocolError("start before hello")
+        roster = Roster({m: unb64(b) for m, b in msg["roster"].items()})
+        self._endpoint.install_roster(roster)
+        meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
+        self._pipeline = fedmm_market_pipeline(self._data, self._cfg.model, rounds=self._cfg.rounds,
+                                               seed=self._cfg.seed, meta=meta)
+        return self._advance(None, first=True)
+
+    def _advance(self, value, *, first: bool = False) -> tuple[str, bytes]:
+        """Run the pipeline up to its next request and describe it to the coordinator."""
+        try:
+            req = next(self._pipeline) if first else self._pipeline.send(value)
+        except StopIteration as stop:
+            self._pending = None
+            self.result = stop.value
+            return "request", pack_json({"type": "done", "metrics": stop.value["metrics"]})
+        self._pending = req
+        if isinstance(req, SumRequest):
+            return "request", pack_json({"type": "sum", "label": req.label, "round_id": req.round_id,
+                                         "length": int(len(req.vector)), "max_abs": encode_bound(req.max_abs)})
+        return "request", pack_json({"type": "broadcast", "label": req.label, "payload": b64(req.payload)})
+
+    def _secagg(self, payload: bytes) -> tuple[str, bytes]:
+        header, body = unpack_with_header(payload)
+        req = self._pending
+        if not isinstance(req, SumRequest):
+            raise ProtocolError("secure-aggregation message while no sum is pending")
+        if header.get("label") != req.label or header.get("round_id") != req.round_id:
+            raise ProtocolError("secure-aggregation message for another sum")
+        if header.get("begin"):
+            ctx = RoundContext(run_id=self._run_id, round_id=req.round_id, participants=tuple(header["participants"]),
+                               length=len(req.vector), max_abs=req.max_abs, label=req.label)
+            self._round = self._endpoint.begin_round(ctx, np.asarray(req.vector, dtype=np.float64))
+            self._stage = 0
+        if self._round is None:
+            raise ProtocolError("no round in progress")
+        h = self._hang_at
+        if h is not None and (h.label, h.round_id, h.stage) == (req.label, req.round_id, self._stage):
+            h.marker.write_text(f"{os.getpid()}\n")
+            while True:  # a dead market: never answers; the test kills this process
+                time.sleep(1.0)
+        self._stage += 1
+        reply = self._round.handle(body)
+        if reply is not None:
+            return "secagg", reply
+        result = self._round.result()
+        self._round = None
+        return self._advance(result)
+
+
+def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None = None) -> None:
+    """Serve ``worker`` on ``host:port`` until killed; one request per connection."""
+    with socket.create_server((host, port), backlog=8) as srv:
+        if ready_file is not None:
+            ready_file.write_text("ready\n")
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                try:
+                    kind, payload = recv_frame(conn)
+                    out_kind, out = worker.handle(kind, payload)
+                except FedMMError as e:
+                    out_kind, out = "error", f"{type(e).__name__}: {e}".encode()
+                except Exception as e:  # keep serving; the coordinator sees the failure
+                    out_kind, out = "error", f"{type(e).__name__}: {e}".encode()
+                try:
+                    conn.sendall(pack_frame(out_kind, out))
+                except OSError:
+                    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedmm_secure.runtime.flower_worker --market M --listen 127.0.0.1:PORT``."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fedmm-secure-flower-worker")
+    p.add_argument("--market", required=True)
+    p.add_argument("--listen", required=True, help="HOST:PORT (keep it on loopback)")
+    p.add_argument("--ready-file")
+    p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
+    p.add_argument("--hang-marker")
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    host, _, port = args.listen.rpartition(":")
+    hang = None
+    if args.hang_at:
+        label, rnd, stage = args.hang_at.split(":")
+        hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
+    serve(MarketWorker(market=args.market, hang_at=hang), host=host, port=int(port),
+          ready_file=Path(args.ready_file) if args.ready_file else None)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

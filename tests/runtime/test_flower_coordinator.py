@@ -1,0 +1,68 @@
+"""The distributed pipeline (per-market coroutines + coordinator) in process, no Flower:
+it must reproduce the embedded runtime exactly, with and without a market dropping out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmm_secure.errors import ProtocolError
+from fedmm_secure.runtime.flower_coordinator import Coordinator, InProcessLinks
+from fedmm_secure.runtime.flower_wire import unpack_with_header
+from fedmm_secure.runtime.flower_worker import MarketWorker
+
+from .flower_reference import CFG, DROP, embedded_codebooks
+
+
+class _SilentFrom(InProcessLinks):
+    """A market stops answering at a given stage of a given sum (and for good)."""
+
+    def __init__(self, workers, market, label, round_id, stage):
+        super().__init__(workers)
+        self.target, self.at, self.stage = market, (label, round_id), stage
+        self.count = 0
+
+    def exchange(self, messages, *, timeout):
+        msg = messages.get(self.target)
+        if msg is not None and msg[0] == "secagg":
+            header, _ = unpack_with_header(msg[1])
+            if (header["label"], header["round_id"]) == self.at:
+                if header.get("begin"):
+                    self.count = 0
+                if self.count == self.stage:
+                    self.silent.add(self.target)
+                self.count += 1
+        return super().exchange(messages, timeout=timeout)
+
+
+def _distributed(drop):
+    torch.set_num_threads(1)
+    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    links = _SilentFrom(workers, *drop) if drop else InProcessLinks(workers)
+    res = Coordinator(cfg=CFG, run_id=f"run-{CFG.seed}", links=links, stage_timeout=1, step_timeout=60).run()
+    books = {m: w.result["run"].vq.global_codebook.numpy() for m, w in workers.items() if w.result is not None}
+    return res, books
+
+
+@pytest.mark.parametrize("drop", [None, DROP], ids=["all-survive", "m2-drops"])
+def test_distributed_pipeline_equals_embedded(drop):
+    ref, ref_out = embedded_codebooks(drop=drop)
+    res, books = _distributed(drop)
+    expected = {"m0", "m1"} if drop else {"m0", "m1", "m2"}
+    assert set(books) == expected
+    for m in expected:
+        np.testing.assert_array_equal(books[m], ref[m])
+        assert res["markets"][m]["fedmm"]["auc"] == ref_out["markets"][m]["auc"]
+    if drop:
+        assert res["dropped"] == {"m2": "codebook-l1 round 0 stage 2"}
+        cb = [r for r in res["secagg"]["rounds"] if (r["label"], r["round_id"]) == ("codebook-l1", 0)][0]
+        assert cb["participants"] == ["m0", "m1", "m2"] and cb["survivors"] == ["m0", "m1"]
+
+
+def test_worker_rejects_out_of_step_messages():
+    w = MarketWorker(market="m0")
+    with pytest.raises(ProtocolError):
+        w.handle("start", b"{}")
+    with pytest.raises(ProtocolError):
+        w.handle("broadcast", b"x")
