@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..data.market import MarketData, MarketSplit
 from ..metrics import hit_rate_at_k, ndcg_at_k
 from ..models.cf import CFModel
-from ..models.codebook import code_statistics, flatten_stats, perplexity, unflatten_stats, update_codebook, utilization
+from ..models.codebook import CodeStats, code_statistics, flatten_stats, perplexity, unflatten_stats, update_codebook, utilization
 from ..models.ctr import DeepFM
 from ..models.rqvae import RQVAE
 from .training import LocalTrainer, TrainerFactory, TrainSettings, plain_trainers
@@ -217,6 +217,9 @@ def train_rqvae(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, fe
             result = secure_sum.secure_sum(label="codebook-l1", round_id=rnd, vectors=vectors, max_abs=bound)
             for m, s in result.sums.items():
                 total = unflatten_stats(s, cfg.n_global, cfg.latent_dim)
+                # Counts are integers by construction; masking/CKKS return them up to a small
+                # numerical error, which must not flip a code between live and dead.
+                total = CodeStats(np.round(total.counts), total.sums)
                 _apply_global(runs[m], total, cfg, np.random.default_rng([seed, rnd, 1]))
         else:
             for m, r in runs.items():

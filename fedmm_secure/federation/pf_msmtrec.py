@@ -63,11 +63,14 @@ class PFSettings:
     tower_hidden: int = 16
     epochs: int = 1                  # local epochs per federated round
     batch_size: int = 256
-    lr: float = 3e-3
+    lr: float = 0.01
     update_bound: float = 0.5        # per-coordinate clip of uploaded updates (sizes the masking ring)
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    select_by: str = "auc"           # local model selection score: "auc" (mean CTR/CTCVR AUC) or "loss"
 
     def __post_init__(self) -> None:
+        if self.select_by not in ("auc", "loss"):
+            raise ConfigError("pf.select_by", f"unknown criterion {self.select_by!r}", allowed="auc, loss")
         for f in ("dim", "n_experts", "tower_hidden", "epochs", "batch_size"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -222,6 +225,7 @@ class ScenarioClient:
     model: MMoE
     plan: ParameterPlan
     weight: float
+    select_by: str = "auc"
     global_vec: np.ndarray | None = None     # the global shared model, advanced by every sum
     direction: np.ndarray | None = None      # last round's global update (for conflict coordination)
     best: tuple[float, dict] | None = None
@@ -254,12 +258,21 @@ class ScenarioClient:
 
     @torch.no_grad()
     def valid_loss(self) -> float:
+        """Validation cost, lower is better: the ESMM loss, or minus the mean of CTR and
+        CTCVR AUC (``select_by="auc"``: the metric the scenario is judged on; a calibrated but
+        non-ranking model can have the lowest loss)."""
         x, c, v = self.split("valid")
         was = self.model.training
         self.model.eval()
         a, b = self.model(x)
         self.model.train(was)
-        return float(esmm_loss(a, b, c, v).mean())
+        if self.select_by == "loss":
+            return float(esmm_loss(a, b, c, v).mean())
+        pctr = torch.sigmoid(a)
+        ctr = evaluate_ctr(c.numpy(), pctr.numpy())["auc"]
+        ctcvr = evaluate_ctr((c * v).numpy(), (pctr * torch.sigmoid(b)).numpy())["auc"]
+        scores = [s for s in (ctr, ctcvr) if not np.isnan(s)]  # NaN: a split with one class only
+        return -float(np.mean(scores)) if scores else 0.0
 
     def consider_checkpoint(self) -> float:
         """Local model selection on the client's own validation split."""
@@ -277,7 +290,7 @@ def make_client(data: MarketData, settings: PFSettings, mech: Mechanisms, *, wei
                      item_feature_cards=data.item_feature_cards, dim=settings.dim, n_experts=settings.n_experts,
                      expert_hidden=settings.expert_hidden, tower_hidden=settings.tower_hidden,
                      template=mech.template)
-    return ScenarioClient(data, generator, model, parameter_plan(model, mech), weight)
+    return ScenarioClient(data, generator, model, parameter_plan(model, mech), weight, settings.select_by)
 
 
 def client_upload(client: ScenarioClient, mech: Mechanisms, *, start: np.ndarray, trained: bool,

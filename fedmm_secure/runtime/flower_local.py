@@ -224,6 +224,11 @@ class FlowerLocalDeployment:
                 p.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 pass
+        # SIGKILLed group members (SuperExec, ClientApps) are reaped asynchronously: wait,
+        # bounded, until no process of any group is left.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and any(_group_exists(p.pid) for p in leaders):
+            time.sleep(0.1)
         for f in self._files:
             f.close()
         self._files.clear()
@@ -234,6 +239,16 @@ class FlowerLocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _killpg(pgid: int, sig: int) -> None:

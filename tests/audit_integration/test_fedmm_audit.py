@@ -130,3 +130,13 @@ def test_cli_subcommand_audits_every_market(dp_run, tmp_path, capsys):
     rep = json.loads(out.read_text())
     assert {r["market"] for r in rep["results"]} == {"big", "small"}
     assert all(r["epsilon_lower_bound"]["epsilon_lower_bound"] <= r["accountant_epsilon"] for r in rep["results"])
+
+
+def test_a_memorising_model_claimed_as_private_is_flagged(dp_run, tmp_path):
+    # Planted accounting bug: non-private CTR training reported as epsilon 0.1.
+    from fedmm_secure.audit import run_audit
+    targets = fedmm_ctr_targets(load_run(dp_run), markets=["big"], pool_size=400, canary_pool_size=0, delta=1e-5,
+                                seed=0, with_codes=False, private=False, epochs=30, lr=0.03)
+    report = run_audit(attack="loss", markets=targets, out_dir=tmp_path, quick=True, seed=0,
+                       accountant_epsilon={"big": 0.1}, delta=1e-5)
+    assert [r.market for r in report.violations] == ["big"]

@@ -3,6 +3,7 @@ aggregation, round protocol with privacy hooks, and a tiny private, masked end-t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -22,6 +23,15 @@ from fedmm_secure.federation.transport import SumResult
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum
 import fedmm_secure.pf_experiment as pf_experiment
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = (ScenarioSpec("a", 50, 25, 6), ScenarioSpec("b", 35, 20, 5), ScenarioSpec("c", 30, 15, 5))
 SMALL = PFSettings(dim=4, n_experts=2, expert_hidden=(6,), tower_hidden=4, batch_size=32, lr=0.01)
 
@@ -31,8 +41,8 @@ def scenarios():
     return generate_scenarios(ScenarioConfig(scenarios=TINY), seed=3)
 
 
-def _client(data, method="pf_msmtrec", seed=0):
-    return make_client(data, SMALL, METHODS[method], weight=0.5, generator=torch.Generator().manual_seed(seed))
+def _client(data, method="pf_msmtrec", seed=0, settings_=SMALL):
+    return make_client(data, settings_, METHODS[method], weight=0.5, generator=torch.Generator().manual_seed(seed))
 
 
 def _independent_shared_size(model, method: str) -> int:
@@ -171,7 +181,7 @@ def test_receive_mixes_experts_and_towers_as_specified(scenarios):
 
 
 def test_alpha_chosen_by_validation_loss(scenarios):
-    c = _client(scenarios[0])
+    c = _client(scenarios[0], settings_=dataclasses.replace(SMALL, select_by="loss"))
     local = c.shared_vector()
     c.global_vec = local + 5.0  # a far-off global model: mixing it in must hurt validation loss
     client_receive(c, METHODS["pf_msmtrec"], np.zeros(len(local) + 1), grid=(0.0, 1.0))
@@ -230,7 +240,7 @@ def test_federated_method_needs_a_secure_sum(scenarios):
 def test_pf_settings_errors_name_the_field():
     for raw, field in [({"dim": 0}, "pf.dim"), ({"alpha_grid": [1.5]}, "pf.alpha_grid"),
                        ({"bogus": 1}, "pf.bogus"), ({"methods": ["fedmm"]}, "pf.methods"),
-                       ({"lr": -1}, "pf.lr")]:
+                       ({"lr": -1}, "pf.lr"), ({"select_by": "x"}, "pf.select_by")]:
         with pytest.raises(ConfigError) as e:
             pf_experiment.pf_settings(raw)
         assert e.value.field == field
@@ -278,3 +288,29 @@ def test_private_masked_run_reports_every_scenario_and_task(tmp_path, monkeypatc
         for vecs in rounds:
             assert {len(v) for v in vecs.values()} == {_independent_shared_size(model, method) + 1}
     assert "pf-1-local" not in recorded  # the local baseline never aggregates
+
+
+def test_no_raw_data_step_bypasses_the_trainer_factory(scenarios):
+    """Every optimisation step on training rows goes through the TrainerFactory (the privacy
+    session in a private run): with a factory whose trainers do nothing, no parameter that only
+    local training could move (ID embeddings, scenario-specific experts, norms, gates) moves."""
+    calls = []
+
+    class Idle:
+        def train_epochs(self, epochs):
+            return 0
+
+    def idle_factory(*, market, stage, model, loss_fn, n_records, users, settings, generator):
+        calls.append((market, stage))
+        return Idle()
+
+    torch.manual_seed(0)
+    fresh = {m.name: _client(m, seed=i) for i, m in enumerate(scenarios)}
+    before = {m: {n: p.detach().clone() for n, p in c.model.named_parameters()} for m, c in fresh.items()}
+    out = run_pf_method("pf_msmtrec", scenarios, SMALL, rounds=2, seed=0, secure_sum=_RecordingSum([]),
+                        trainers=idle_factory)
+    assert sorted(calls) == sorted([(m.name, "mmoe") for m in scenarios] * 2)
+    for m, c in out["clients"].items():
+        params = dict(c.model.named_parameters())
+        for n in c.plan.local:
+            torch.testing.assert_close(params[n], before[m][n], rtol=0, atol=0)

@@ -11,6 +11,11 @@ import pytest
 
 pytest.importorskip("flwr")
 
+# Flower 1.40 starts a process per message, so this test takes several minutes on a 2-core
+# machine: it is opt-in until the runtime keeps ClientApp processes warm (see docs/flower.md).
+if os.environ.get("FEDMM_FLOWER_TESTS") != "1":
+    pytest.skip("set FEDMM_FLOWER_TESTS=1 to run the Flower deployment test", allow_module_level=True)
+
 from fedmm_secure.runtime.flower_local import FlowerLocalDeployment  # noqa: E402
 from fedmm_secure.runtime.flower_market import codebook_digest  # noqa: E402
 
