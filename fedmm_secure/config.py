@@ -75,6 +75,7 @@ class PrivacyConfig:
     epsilon_budget: float | None = None
     on_exceed: str = "skip"
     accountant: str = "pld"
+    market_noise_multiplier: float | None = None  # distributed DP on every upload (market level)
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -86,11 +87,14 @@ class PrivacyConfig:
             raise ConfigError("privacy.on_exceed", f"unknown policy {self.on_exceed!r}", allowed=", ".join(ON_EXCEED))
         if not (isinstance(self.delta, (int, float)) and 0 < self.delta < 1):
             raise ConfigError("privacy.delta", f"must be in (0, 1), got {self.delta!r}")
-        for f in ("epsilon", "noise_multiplier", "epsilon_budget"):
+        for f in ("epsilon", "noise_multiplier", "epsilon_budget", "market_noise_multiplier"):
             v = getattr(self, f)
             if v is not None:
                 _positive(f"privacy.{f}", v, integer=False)
         _positive("privacy.max_grad_norm", self.max_grad_norm, integer=False)
+        if self.market_noise_multiplier is not None and not self.enabled:
+            raise ConfigError("privacy.market_noise_multiplier", "market-level noise needs a private run",
+                              allowed="set --epsilon or --noise-multiplier too")
         if self.enabled and self.epsilon is None and self.noise_multiplier is None:
             raise ConfigError("privacy.noise_multiplier", "a private run needs --epsilon or a noise multiplier")
 

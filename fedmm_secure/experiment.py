@@ -7,6 +7,7 @@ This module does no argument parsing and reads no environment; the CLI builds a
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,7 +76,10 @@ def _privacy_session(cfg: RunConfig, markets: list[MarketData], *, method: str, 
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=p.max_grad_norm, plans=plans,
                           noise_multiplier=p.noise_multiplier, target_epsilon=p.epsilon if p.noise_multiplier is None else None,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
-                          prior_events=prior_events, noise_seed=cfg.seed * 7_919 + method_index)
+                          prior_events=prior_events, noise_seed=cfg.seed * 7_919 + method_index,
+                          market_noise_multiplier=p.market_noise_multiplier,
+                          # Upload noise must be unpredictable to the other parties: OS entropy.
+                          upload_rng=np.random.default_rng(secrets.randbits(128)))
 
 
 def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, float], None] | None = None,
@@ -143,6 +147,8 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
             results.setdefault("privacy_by_method", {})[method] = {m: v["epsilon"] for m, v in summary.items()}
             if method == "fedmm" or "privacy" not in results:
                 results["privacy"] = summary
+            if method == "fedmm" and session.market_level_summary() is not None:
+                results["privacy_market_level"] = session.market_level_summary()
         for m, metrics in out["markets"].items():
             results["markets"][m][method] = metrics
         if "code_alignment" in out:

@@ -56,6 +56,16 @@ class RoundHooks:
     def before_release(self, stage: str, rnd: int) -> None:
         return None
 
+    def upload_bounds(self, label: str, bounds: np.ndarray) -> np.ndarray:
+        """Bounds announced to the secure sum: widened when markets add noise, so that noise is
+        never clipped (clipping a share of distributed noise would void the sum's guarantee)."""
+        return bounds
+
+    def perturb_upload(self, label: str, rnd: int, market: str, vector: np.ndarray,
+                       bounds: np.ndarray) -> np.ndarray:
+        """Market-side noise on an upload (distributed DP on the sum); identity by default."""
+        return vector
+
 
 @dataclass
 class MarketRun:
@@ -101,8 +111,19 @@ def _load_flat(module: torch.nn.Module, names: Sequence[str], vec: np.ndarray) -
         pos += k
 
 
+def _upload(secure_sum: SecureSum, hooks: RoundHooks, label: str, round_id: int,
+            vectors: dict[str, np.ndarray], bounds: np.ndarray):
+    """Everything that leaves a market goes through here: clipped to the public bounds, then
+    (optionally) noised by the market itself, then securely summed."""
+    noisy = {m: hooks.perturb_upload(label, round_id, m, np.clip(v, -bounds, bounds), bounds)
+             for m, v in vectors.items()}
+    return secure_sum.secure_sum(label=label, round_id=round_id, vectors=noisy,
+                                 max_abs=hooks.upload_bounds(label, bounds))
+
+
 def _average_shared(runs: dict[str, MarketRun], module_of: Callable[[MarketRun], torch.nn.Module],
-                    names: Sequence[str], secure_sum: SecureSum, label: str, round_id: int, bound: float) -> None:
+                    names: Sequence[str], secure_sum: SecureSum, label: str, round_id: int, bound: float,
+                    hooks: RoundHooks) -> None:
     """FedAvg of the shared parameters, weighted by training rows, through one secure sum.
 
     Each market uploads ``[w * theta, w]`` with ``w = n_train / n_max`` in (0, 1]; the sum gives
@@ -117,9 +138,11 @@ def _average_shared(runs: dict[str, MarketRun], module_of: Callable[[MarketRun],
         vectors[m] = np.concatenate([w * theta, [w]])
     dim = len(next(iter(vectors.values()))) - 1
     bounds = np.concatenate([np.full(dim, bound), [1.0]])
-    result = secure_sum.secure_sum(label=label, round_id=round_id, vectors=vectors, max_abs=bounds)
+    result = _upload(secure_sum, hooks, label, round_id, vectors, bounds)
     for m, s in result.sums.items():
-        _load_flat(module_of(runs[m]), names, s[:-1] / s[-1])
+        # With market-level noise the summed weight is noisy too; it stays near the true
+        # total, but guard against a pathological draw.
+        _load_flat(module_of(runs[m]), names, s[:-1] / max(s[-1], 1e-3))
 
 
 # ----------------------------------------------------------------------------- stage 1: CF
@@ -156,7 +179,7 @@ def train_cf(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, feder
         # Average between rounds, not after the last: each market keeps the shared tables its
         # own ID embeddings were last trained with (personalised FedAvg).
         if federated and names and rnd < rounds - 1:
-            _average_shared(runs, lambda r: r.cf, names, secure_sum, "cf-shared", rnd, cfg.shared_bound)
+            _average_shared(runs, lambda r: r.cf, names, secure_sum, "cf-shared", rnd, cfg.shared_bound, hooks)
         progress(f"cf round {rnd + 1}/{rounds}")
 
 
@@ -168,7 +191,7 @@ def _item_inputs(r: MarketRun) -> torch.Tensor:
 
 
 def train_rqvae(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, federated: bool,
-                secure_sum: SecureSum | None, seed: int, progress: Callable[[str], None]) -> None:
+                secure_sum: SecureSum | None, seed: int, hooks: RoundHooks, progress: Callable[[str], None]) -> None:
     """Stage 2. Post-processing only: inputs are the DP-trained item embeddings."""
     init = torch.Generator().manual_seed(seed * 7919 + 17)  # public seed: same global init everywhere
     global_init = 0.5 * torch.randn(cfg.n_global, cfg.latent_dim, generator=init)
@@ -209,17 +232,18 @@ def train_rqvae(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, fe
             r.vq.local_codebook.copy_(torch.from_numpy(new2).float())
             r.history["vq_recon"].append(r.vq.reconstruction_error(x))
         if federated and cfg.share_autoencoder:
-            _average_shared(runs, lambda r: r.vq, ae_names, secure_sum, "rqvae-shared", rnd, cfg.shared_bound)
+            _average_shared(runs, lambda r: r.vq, ae_names, secure_sum, "rqvae-shared", rnd, cfg.shared_bound, hooks)
         if federated:
             vectors = {m: flatten_stats(s) for m, s in stats1.items()}
             # Counts are <= n_items and |z| <= 1 (tanh), so every coordinate is bounded by the
             # largest market's item count: this sizes the masking ring so the sum cannot wrap.
-            result = secure_sum.secure_sum(label="codebook-l1", round_id=rnd, vectors=vectors, max_abs=bound)
+            result = _upload(secure_sum, hooks, "codebook-l1", rnd, vectors,
+                             np.full(len(next(iter(vectors.values()))), bound))
             for m, s in result.sums.items():
                 total = unflatten_stats(s, cfg.n_global, cfg.latent_dim)
                 # Counts are integers by construction; masking/CKKS return them up to a small
                 # numerical error, which must not flip a code between live and dead.
-                total = CodeStats(np.round(total.counts), total.sums)
+                total = CodeStats(np.maximum(np.round(total.counts), 0.0), total.sums)
                 _apply_global(runs[m], total, cfg, np.random.default_rng([seed, rnd, 1]))
         else:
             for m, r in runs.items():
@@ -307,7 +331,7 @@ def train_ctr(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, with
             if m not in best or v > best[m][0]:
                 best[m] = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
         if federated and rnd < rounds - 1:
-            _average_shared(runs, lambda r: r.ctr, shared, secure_sum, "ctr-code1", rnd, cfg.shared_bound)
+            _average_shared(runs, lambda r: r.ctr, shared, secure_sum, "ctr-code1", rnd, cfg.shared_bound, hooks)
         progress(f"ctr round {rnd + 1}/{rounds}")
     for m, r in runs.items():
         r.ctr.load_state_dict(best[m][1])
@@ -361,7 +385,8 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
     if with_codes:
         train_cf(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, trainers=trainers,
                  hooks=hooks, progress=progress)
-        train_rqvae(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, seed=seed, progress=progress)
+        train_rqvae(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, seed=seed, hooks=hooks,
+                    progress=progress)
     train_ctr(runs, cfg, rounds=rounds, with_codes=with_codes, federated=federated, secure_sum=secure_sum,
               trainers=trainers, hooks=hooks, progress=progress)
     result: dict = {"markets": {}, "runs": runs}

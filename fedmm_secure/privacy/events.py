@@ -13,8 +13,8 @@ from ..errors import ConfigError
 
 __all__ = ["PrivacyUnit", "SubsampledGaussianEvent", "event_from_dict"]
 
-PrivacyUnit = str  # "record" or "user"
-_UNITS = ("record", "user")
+PrivacyUnit = str  # "record", "user" or "market"
+_UNITS = ("record", "user", "market")  # "market": a whole market's upload (distributed DP on sums)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import BudgetExceededError, ConfigError
@@ -67,7 +68,8 @@ class PrivacySession:
                  noise_multiplier: float | None, target_epsilon: float | None, accountant: str,
                  policy: BudgetPolicy | None, ledger: Ledger | None, ledger_round_offset: int = 0,
                  prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
-                 noise_seed: int, secure_mode: bool = False) -> None:
+                 noise_seed: int, secure_mode: bool = False, market_noise_multiplier: float | None = None,
+                 upload_rng: np.random.Generator | None = None) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("privacy.noise_multiplier", "give exactly one of a noise multiplier or a target epsilon")
         self.unit, self.delta, self.max_grad_norm = unit, delta, max_grad_norm
@@ -88,6 +90,18 @@ class PrivacySession:
                 accountant=accountant, unit=unit))
             for m, p in plans.items()
         }
+        # Market-level protection: each market adds a share of Gaussian noise to every upload so
+        # the *sum* is DP with respect to one market's whole contribution (sensitivity: the L2
+        # norm of the public bound vector, add/remove one market). Shares are sized so that the
+        # noise of the `t` markets the protocol needs to survive already reaches the target std.
+        if market_noise_multiplier is not None and upload_rng is None:
+            raise ConfigError("upload_rng", "market-level noise needs a random generator passed in")
+        self.market_noise_multiplier = market_noise_multiplier
+        self._upload_rng = upload_rng
+        n = len(self.plans)
+        self._honest = max(1, n - n // 3)
+        self.market_accountant = make_accountant(accountant) if market_noise_multiplier is not None else None
+        self._noised: set[tuple[str, int]] = set()
         self.epsilon_per_round: dict[str, list[float]] = defaultdict(list)
         self.skipped: dict[str, list[dict]] = defaultdict(list)
         self._pending: dict[str, int] = defaultdict(int)
@@ -164,7 +178,36 @@ class PrivacySession:
             self.ledger.commit_round(rid)
         self._round += 1
 
+    # -- market-level noise on uploads ---------------------------------------------------------------
+    def _share_std(self, bounds: np.ndarray) -> float:
+        return self.market_noise_multiplier * float(np.linalg.norm(bounds)) / math.sqrt(self._honest)
+
+    def upload_bounds(self, label: str, bounds: np.ndarray) -> np.ndarray:
+        if self.market_noise_multiplier is None:
+            return bounds
+        # 9 share-std of headroom: a coordinate's noise exceeds it with probability < 1e-18.
+        return bounds + 9.0 * self._share_std(bounds)
+
+    def perturb_upload(self, label: str, rnd: int, market: str, vector: np.ndarray,
+                       bounds: np.ndarray) -> np.ndarray:
+        if self.market_noise_multiplier is None:
+            return vector
+        key = (label, rnd)
+        if key not in self._noised:  # one Gaussian mechanism per secure sum
+            self._noised.add(key)
+            self.market_accountant.compose(
+                SubsampledGaussianEvent(1.0, float(self.market_noise_multiplier), 1, "market"))
+        return vector + self._upload_rng.normal(scale=self._share_std(bounds), size=vector.shape)
+
     # -- results --------------------------------------------------------------------------------
+    def market_level_summary(self) -> dict | None:
+        if self.market_accountant is None:
+            return None
+        return {"unit": "market", "noise_multiplier": self.market_noise_multiplier,
+                "secure_sums": len(self._noised), "assumed_surviving_markets": self._honest,
+                "sensitivity": "L2 norm of the public bound vector of each upload (add/remove one market)",
+                "epsilon": self.market_accountant.get_epsilon(self.delta), "delta": self.delta}
+
     def summary(self) -> dict:
         out = {}
         for m, acc in self.accountants.items():
