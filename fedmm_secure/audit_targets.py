@@ -145,7 +145,7 @@ def fedmm_codes(config: RunConfig, markets: list[MarketData]) -> dict[str, tuple
     train_cf(runs, config.model, rounds=config.rounds, federated=True, secure_sum=secure_sum,
              trainers=trainers, hooks=hooks, progress=quiet)
     train_rqvae(runs, config.model, rounds=config.rounds, federated=True, secure_sum=secure_sum,
-                seed=config.seed, progress=quiet)
+                seed=config.seed, hooks=hooks, progress=quiet)
     return {m: r.codes for m, r in runs.items()}
 
 

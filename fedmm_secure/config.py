@@ -173,5 +173,6 @@ def load_config(path: str | Path) -> RunConfig:
         else:
             raw = json.loads(text)
     except Exception as e:  # parse errors of either format
-        raise ConfigError("--config", f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from None
+        detail = " ".join(str(e).split())  # parsers' messages span lines; keep the error on one
+        raise ConfigError("--config", f"{p} is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'}: {detail}") from None
     return config_from_dict(raw)

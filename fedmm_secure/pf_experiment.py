@@ -84,6 +84,9 @@ def _scenario_config(overrides: dict) -> ScenarioConfig:
 
 
 def load_scenarios(cfg: RunConfig, data_overrides: dict) -> list[MarketData]:
+    if data_overrides and cfg.data != "synthetic":
+        raise ConfigError("pf.data", "scenario generator overrides apply to synthetic data only",
+                          allowed="data: synthetic, or no pf.data")
     if cfg.data == "synthetic":
         markets = generate_scenarios(_scenario_config(data_overrides), seed=cfg.seed)
     else:

@@ -21,14 +21,15 @@ privacy is on) and then, bottom-up:
    Every client then advances the same global model by it.
 5. **Personalized aggregation of experts** (:func:`mix`): each client sets its expert block to
    ``alpha * global + (1 - alpha) * local`` with ``alpha`` chosen on a grid by its own
-   validation loss (or fixed, when the grid has one value: then no data is read).
+   validation score (or fixed, when the grid has one value: then no data is read).
 6. **Personalized aggregation of towers**: the same, per task tower, after the experts'
    alpha is fixed (bottom-up).
 
 Methods (:data:`METHODS`): ``local``, ``fedavg`` (every non-ID parameter averaged, no
 personalization), ``pf_msmtrec`` and one ablation per mechanism.
 Model selection is the same for every method: each client keeps the model with the best
-validation loss among everything it held (after local training, after aggregation).
+validation score (``select_by``: mean CTR/CTCVR AUC by default, or the ESMM loss) among
+everything it held (after local training, after aggregation); alpha is chosen by the same score.
 """
 
 from __future__ import annotations
@@ -303,7 +304,7 @@ def client_upload(client: ScenarioClient, mech: Mechanisms, *, start: np.ndarray
     delta = client.shared_vector() - start
     n_conflicts = 0
     if mech.conflict and client.direction is not None:
-        for name, sl in client.plan.slices().items():
+        for sl in client.plan.slices().values():
             delta[sl], hit = project_conflict(delta[sl], client.direction[sl])
             n_conflicts += hit
     client.history["conflicts"].append(n_conflicts)
@@ -313,7 +314,8 @@ def client_upload(client: ScenarioClient, mech: Mechanisms, *, start: np.ndarray
 def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, idx: np.ndarray,
                   grid: Sequence[float]) -> tuple[float, np.ndarray]:
     """Pick alpha on ``grid`` for the coordinates ``idx`` (others stay as in ``base``) by the
-    client's validation loss; a one-value grid is used as is and reads no data."""
+    client's validation score (lower cost wins; ties keep the earlier grid value); a one-value
+    grid is used as is and reads no data."""
     best: tuple[float, float, np.ndarray] | None = None
     for a in grid:
         cand = base.copy()

@@ -18,7 +18,7 @@ from fedmm_secure.data.synthetic_scenarios import ScenarioConfig, ScenarioSpec, 
 from fedmm_secure.errors import ConfigError
 from fedmm_secure.federation.fedmm import RoundHooks
 from fedmm_secure.federation.pf_msmtrec import (METHODS, PFSettings, client_receive, client_upload, make_client,
-                                                mix, parameter_plan, project_conflict, run_pf_method)
+                                                mix, project_conflict, run_pf_method)
 from fedmm_secure.federation.transport import SumResult
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum
 import fedmm_secure.pf_experiment as pf_experiment
@@ -314,3 +314,18 @@ def test_no_raw_data_step_bypasses_the_trainer_factory(scenarios):
         params = dict(c.model.named_parameters())
         for n in c.plan.local:
             torch.testing.assert_close(params[n], before[m][n], rtol=0, atol=0)
+
+
+def test_private_run_over_ckks(tmp_path):
+    cfg = config_from_dict({
+        "seed": 0, "rounds": 1, "secagg": "ckks", "model_family": "pf-msmtrec",
+        "privacy": {"enabled": True, "epsilon": 4.0},
+        "pf": {"dim": 4, "n_experts": 2, "expert_hidden": [6], "tower_hidden": 4, "batch_size": 32,
+               "methods": ["pf_msmtrec"],
+               "data": {"scenarios": [{"name": s.name, "n_users": s.n_users, "n_items": s.n_items,
+                                       "impressions_per_user": s.impressions_per_user} for s in TINY[:2]]}}})
+    res = pf_experiment.run_pf_experiment(cfg, out_dir=tmp_path)
+    assert res["secagg"]["backend"] == "ckks" and res["secagg"]["aggregations"] == 1
+    assert res["secagg"]["max_abs_error_vs_plain"] < 1e-6
+    assert set(res["markets"]["a"]["pf_msmtrec"]) == {"ctr", "ctcvr"}
+    assert all(0 < p["epsilon"] <= 4.0 * 1.01 for p in res["privacy"].values())

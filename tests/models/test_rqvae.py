@@ -11,7 +11,7 @@ def test_reconstruction_improves_with_training():
         vq = RQVAE(in_dim=12, latent_dim=6, hidden=32, n_global=16, n_local=8, generator=g)
     before = vq.reconstruction_error(x)
     opt = torch.optim.Adam(list(vq.encoder.parameters()) + list(vq.decoder.parameters()), lr=5e-3)
-    for _ in range(200):
+    for _ in range(120):
         opt.zero_grad()
         loss, _ = vq(x, beta=0.25)
         loss.backward()
