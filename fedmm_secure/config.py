@@ -14,7 +14,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict", "METHODS"]
+__all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict",
+           "dataclass_from_overrides", "METHODS"]
 
 METHODS = ("local", "local_codes", "fedmm", "centralized")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
@@ -154,6 +155,30 @@ def _build(cls, raw: Any, prefix: str):
         return cls(**kwargs)
     except TypeError as e:  # wrong types that dataclass construction itself rejects
         raise ConfigError(prefix or "config", str(e)) from None
+
+
+def dataclass_from_overrides(cls, overrides: dict, *, prefix: str, nested: dict[str, type] | None = None):
+    """Build ``cls`` from a mapping of field overrides; a list under a key of ``nested`` becomes a
+    tuple of that dataclass. Unknown keys and wrong types raise ConfigError naming the field."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(prefix, f"must be a mapping, got {type(overrides).__name__}")
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for k, v in overrides.items():
+        if k not in known:
+            raise ConfigError(f"{prefix}.{k}", "unknown setting", allowed=", ".join(sorted(known)))
+        if nested and k in nested:
+            item = nested[k]
+            try:
+                v = tuple(item(**x) for x in v)
+            except TypeError as e:
+                names = ", ".join(f.name for f in fields(item))
+                raise ConfigError(f"{prefix}.{k}", str(e), allowed=f"list of {{{names}}}") from None
+        kwargs[k] = v
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(prefix, str(e)) from None
 
 
 def config_from_dict(raw: dict) -> RunConfig:

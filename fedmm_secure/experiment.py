@@ -6,7 +6,6 @@ This module does no argument parsing and reads no environment; the CLI builds a
 
 from __future__ import annotations
 
-import dataclasses
 import secrets
 import time
 from collections.abc import Callable
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import RunConfig
+from .config import RunConfig, dataclass_from_overrides
 from .data.market import MarketData
 from .data.synthetic import MarketSpec, SyntheticConfig, generate_markets
 from .errors import ConfigError
@@ -26,22 +25,7 @@ __all__ = ["load_data", "run_experiment"]
 
 
 def _synthetic_config(overrides: dict) -> SyntheticConfig:
-    known = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    kwargs = {}
-    for k, v in overrides.items():
-        if k not in known:
-            raise ConfigError(f"synthetic.{k}", "unknown setting", allowed=", ".join(sorted(known)))
-        if k == "markets":
-            try:
-                v = tuple(MarketSpec(**m) for m in v)
-            except TypeError as e:
-                raise ConfigError("synthetic.markets", str(e),
-                                  allowed="list of {name, n_users, n_items, impressions_per_user}") from None
-        kwargs[k] = v
-    try:
-        return SyntheticConfig(**kwargs)
-    except TypeError as e:
-        raise ConfigError("synthetic", str(e)) from None
+    return dataclass_from_overrides(SyntheticConfig, overrides, prefix="synthetic", nested={"markets": MarketSpec})
 
 
 def load_data(cfg: RunConfig) -> list[MarketData]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import METHODS as FEDMM_METHODS
-from .config import RunConfig
+from .config import RunConfig, dataclass_from_overrides
 from .data.market import MarketData
 from .data.synthetic_scenarios import ScenarioConfig, ScenarioSpec, generate_scenarios
 from .errors import ConfigError
@@ -65,22 +65,7 @@ def pf_settings(raw: dict) -> tuple[PFSettings, tuple[str, ...] | None, dict]:
 
 
 def _scenario_config(overrides: dict) -> ScenarioConfig:
-    known = {f.name for f in dataclasses.fields(ScenarioConfig)}
-    kwargs = {}
-    for k, v in overrides.items():
-        if k not in known:
-            raise ConfigError(f"pf.data.{k}", "unknown setting", allowed=", ".join(sorted(known)))
-        if k == "scenarios":
-            try:
-                v = tuple(ScenarioSpec(**s) for s in v)
-            except TypeError as e:
-                raise ConfigError("pf.data.scenarios", str(e),
-                                  allowed="list of {name, n_users, n_items, impressions_per_user}") from None
-        kwargs[k] = v
-    try:
-        return ScenarioConfig(**kwargs)
-    except TypeError as e:
-        raise ConfigError("pf.data", str(e)) from None
+    return dataclass_from_overrides(ScenarioConfig, overrides, prefix="pf.data", nested={"scenarios": ScenarioSpec})
 
 
 def load_scenarios(cfg: RunConfig, data_overrides: dict) -> list[MarketData]:

@@ -123,14 +123,19 @@ class ClientRound(ABC):
         final (result) message. Invalid messages raise :class:`ProtocolError` (or its
         :class:`IntegrityError`) and leave the round's state unchanged."""
 
+    # Backends store the decoded sum here when the result message arrives.
+    _result: np.ndarray | None = None
+
     @property
-    @abstractmethod
     def done(self) -> bool:
         """True once the result has been received."""
+        return self._result is not None
 
-    @abstractmethod
     def result(self) -> np.ndarray:
         """The float64 sum over the round's survivors (valid once ``done``)."""
+        if self._result is None:
+            raise ProtocolError("round not finished")
+        return self._result.copy()
 
     def report(self) -> dict:
         """Backend facts for results.json (clipping, quantization error bound, ...)."""

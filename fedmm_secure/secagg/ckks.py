@@ -305,15 +305,6 @@ class _CkksClient(ClientRound):
         self._key = None  # the round no longer needs the secret key
         return None
 
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    def result(self) -> np.ndarray:
-        if self._result is None:
-            raise ProtocolError("round not finished")
-        return self._result.copy()
-
     def report(self) -> dict:
         n = len(self._survivors) or len(self._ctx.participants)
         bound = error_bound(self._opts.params, summands=n, scale_bits=self._scale_bits)

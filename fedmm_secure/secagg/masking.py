@@ -466,15 +466,6 @@ class _MaskingClient(ClientRound):
         self._held = {}
         return None
 
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    def result(self) -> np.ndarray:
-        if self._result is None:
-            raise ProtocolError("round not finished")
-        return self._result.copy()
-
     def report(self) -> dict:
         return {"clipped_coordinates": self._clipped,
                 "max_abs_error_bound": self._q.max_abs_error_bound(),

@@ -55,15 +55,6 @@ class _PlainClient(ClientRound):
         self._stage = -1
         return None
 
-    @property
-    def done(self) -> bool:
-        return self._result is not None
-
-    def result(self) -> np.ndarray:
-        if self._result is None:
-            raise ProtocolError("round not finished")
-        return self._result.copy()
-
     def report(self) -> dict:
         return {"clipped_coordinates": self._clipped, "max_abs_error_bound": 0.0}
 
