@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write a self-contained privacy report (Markdown + PNG) for a run")
     rep.add_argument("dir")
 
+    fl = sub.add_parser("flower", help="distributed runtime on Flower (Deployment Engine)")
+    flsub = fl.add_subparsers(dest="flower_command", required=True, parser_class=_Parser)
+    fll = flsub.add_parser("local", help="SuperLink + one SuperNode per market on loopback; FedMM with our secure sum")
+    fll.add_argument("--markets", type=int, default=3)
+    fll.add_argument("--rounds", type=int, default=2)
+    fll.add_argument("--secagg", default="masking")
+    fll.add_argument("--seed", type=int, default=0)
+    fll.add_argument("--config", help="run config (default: a tiny synthetic config)")
+    fll.add_argument("--out", required=True)
+
     aud = sub.add_parser("audit", help="membership-inference audit of a run's models")
     aud.add_argument("dir", nargs="?", help="run directory (omit with --quick for the self-contained demo)")
     aud.add_argument("--attack", required=True, choices=("loss", "lira", "canary"))
@@ -223,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "audit":
             return _cmd_audit(args)
+        if args.command == "flower":
+            from .runtime.flower_local import flower_local_command
+            return flower_local_command(markets=args.markets, rounds=args.rounds, secagg=args.secagg,
+                                        out=Path(args.out), seed=args.seed,
+                                        config=load_config(args.config) if args.config else None)
         parser.error(f"unknown command {args.command!r}")
     except ConfigError as e:
         print(f"fedmm-secure: error: {e}", file=sys.stderr)
