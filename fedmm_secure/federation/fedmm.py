@@ -323,15 +323,20 @@ def train_ctr(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, with
                      users=torch.from_numpy(r.data.train.users), settings=settings,
                      generator=r.generator).train_epochs(settings.epochs)
         hooks.before_release("ctr", rnd)
-        # Model selection on the market's own validation split (a local decision), on the model
-        # as locally trained: the shared part is a starting point, each market keeps its own fit.
-        for m, r in runs.items():
-            v = evaluate_ctr(r.data.valid.click, _predict(r.ctr, _ctr_inputs(r, r.data.valid, with_codes)))["auc"]
-            r.history["valid_auc"].append(v)
-            if m not in best or v > best[m][0]:
-                best[m] = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
-        if federated and rnd < rounds - 1:
+        # Model selection on the market's own validation split (a local decision that changes no
+        # upload): each market keeps whichever it validates best of its locally trained model and
+        # the model right after averaging, so personalisation is used only where it helps.
+        def select() -> None:
+            for m, r in runs.items():
+                v = evaluate_ctr(r.data.valid.click, _predict(r.ctr, _ctr_inputs(r, r.data.valid, with_codes)))["auc"]
+                r.history["valid_auc"].append(v)
+                if m not in best or v > best[m][0]:
+                    best[m] = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
+
+        select()
+        if federated:
             _average_shared(runs, lambda r: r.ctr, shared, secure_sum, "ctr-code1", rnd, cfg.shared_bound, hooks)
+            select()
         progress(f"ctr round {rnd + 1}/{rounds}")
     for m, r in runs.items():
         r.ctr.load_state_dict(best[m][1])
