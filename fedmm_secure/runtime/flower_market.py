@@ -207,12 +207,15 @@ def fedmm_market_pipeline(data: MarketData, cfg: ModelConfig, *, rounds: int, se
                      users=torch.from_numpy(data.train.users), settings=settings,
                      generator=r.generator).train_epochs(settings.epochs)
         hooks.before_release("ctr", rnd)
-        v = evaluate_ctr(data.valid.click, _predict(r.ctr, _ctr_inputs(r, data.valid, True)))["auc"]
-        r.history["valid_auc"].append(v)
-        if best is None or v > best[0]:
-            best = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
-        if rnd < rounds - 1:
-            yield from _average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound)
+        # Same selection rule as federation/fedmm.py: the locally trained and the just-averaged
+        # model both compete on the market's own validation split.
+        for phase in ("local", "averaged"):
+            if phase == "averaged":
+                yield from _average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound)
+            v = evaluate_ctr(data.valid.click, _predict(r.ctr, _ctr_inputs(r, data.valid, True)))["auc"]
+            r.history["valid_auc"].append(v)
+            if best is None or v > best[0]:
+                best = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
     r.ctr.load_state_dict(best[1])
 
     metrics = evaluate_ctr(data.test.click, _predict(r.ctr, _ctr_inputs(r, data.test, True)))
