@@ -94,3 +94,12 @@ def test_market_noise_requires_an_rng(markets):
     from fedmm_secure.errors import ConfigError
     with pytest.raises(ConfigError):
         _session(markets, market_noise_multiplier=1.0)
+
+
+def test_calibrated_run_never_reports_more_than_the_target(markets):
+    session, _ = _session(markets, noise_multiplier=None, target_epsilon=2.0)
+    fedmm.run_method("local_codes", markets, MODEL, rounds=2, seed=0, secure_sum=None, trainers=session,
+                     hooks=session)
+    for m in markets:
+        eps = session.accountants[m.name].get_epsilon(1e-5)
+        assert 1.9 < eps <= 2.0
