@@ -155,6 +155,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     priv = results.get("privacy")
     if priv:
+        print("epsilon after each ledger round (fedmm: CF rounds, then CTR rounds):")
+        for m, v in priv.items():
+            print(f"  {m}: " + " ".join(f"{e:.2f}" for e in v["epsilon_per_round"]))
         print("epsilon per market (" + next(iter(priv.values()))["unit"] + "-level, delta="
               + f"{next(iter(priv.values()))['delta']:g}): "
               + ", ".join(f"{m} {v['epsilon']:.3f}" for m, v in priv.items()))
