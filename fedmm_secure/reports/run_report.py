@@ -94,6 +94,8 @@ def write_run_report(results: dict, out_dir: Path) -> Path:
             f"{m}: eps={v['epsilon']:.3g} ({v['unit']}-level, delta={v['delta']:g})" for m, v in priv.items()))
     else:
         lines.append("- privacy: **no DP** (epsilon = infinity)")
+    if "centralized" in results.get("methods", []):
+        lines.append("- `centralized` pools every market's raw data: a non-private upper bound, never a deployment")
     lines += ["", "## Test AUC and LogLoss", "", markdown_table(results), "", f"![AUC per market]({plot.name})", ""]
     code_rows = []
     for market, per in results["markets"].items():
