@@ -23,8 +23,11 @@ class CFModel(nn.Module):
         self.user_bias = nn.Embedding(n_users, 1)
         self.item_bias = nn.Embedding(n_items, 1)
         self.attrs = nn.ModuleList(nn.Embedding(c, dim) for c in item_feature_cards)
-        for emb in (self.user, self.item, *self.attrs):
+        for emb in (self.user, *self.attrs):
             nn.init.normal_(emb.weight, std=0.1)
+        # Item ID embeddings start at zero: an item seen rarely (or never) is then represented
+        # by its side features alone, instead of by random noise that would also scramble its code.
+        nn.init.zeros_(self.item.weight)
         nn.init.zeros_(self.user_bias.weight)
         nn.init.zeros_(self.item_bias.weight)
         self.register_buffer("item_features", item_features.long(), persistent=False)
