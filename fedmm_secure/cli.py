@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--unit", help="unit of privacy: record (default) or user")
     run.add_argument("--market-noise", dest="market_noise_multiplier", type=float,
                      help="market-level protection: noise multiplier of the Gaussian each market adds to its uploads")
+    run.add_argument("--secure-mode", dest="secure_mode", action="store_true", default=None,
+                     help="draw DP-SGD noise from a cryptographic generator (slower)")
     run.add_argument("--resume", metavar="DIR", help="continue the private run in DIR from its ledger")
     run.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -93,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PRIVACY_FLAGS = (("epsilon", "epsilon"), ("noise_multiplier", "noise_multiplier"),
                   ("max_grad_norm", "max_grad_norm"), ("delta", "delta"), ("epsilon_budget", "epsilon_budget"),
                   ("on_exceed", "on_exceed"), ("unit", "unit"),
-                  ("market_noise_multiplier", "market_noise_multiplier"))
+                  ("market_noise_multiplier", "market_noise_multiplier"), ("secure_mode", "secure_mode"))
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:

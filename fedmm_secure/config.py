@@ -77,6 +77,7 @@ class PrivacyConfig:
     on_exceed: str = "skip"
     accountant: str = "pld"
     market_noise_multiplier: float | None = None  # distributed DP on every upload (market level)
+    secure_mode: bool = False    # DP-SGD noise from a cryptographic generator (AES-CTR), slower
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:

@@ -61,7 +61,7 @@ def _privacy_session(cfg: RunConfig, markets: list[MarketData], *, method: str, 
                           noise_multiplier=p.noise_multiplier, target_epsilon=p.epsilon if p.noise_multiplier is None else None,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, noise_seed=cfg.seed * 7_919 + method_index,
-                          market_noise_multiplier=p.market_noise_multiplier,
+                          market_noise_multiplier=p.market_noise_multiplier, secure_mode=p.secure_mode,
                           # Upload noise must be unpredictable to the other parties: OS entropy.
                           upload_rng=np.random.default_rng(secrets.randbits(128)))
 

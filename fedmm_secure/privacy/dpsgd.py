@@ -36,6 +36,7 @@ from ..errors import ConfigError, FedMMError
 from .events import SubsampledGaussianEvent
 from .fast_clipping import AddBias, GhostClipper, check_supported
 from .sampling import PoissonDraw, PoissonRecordSampler, PoissonUserSampler
+from .secure_noise import CsprngNormal
 
 __all__ = ["AccountingBypassError", "DPTrainer", "LossFn", "MODES", "dp_train_epoch"]
 
@@ -49,29 +50,18 @@ class AccountingBypassError(FedMMError, RuntimeError):
     """An optimizer step on a DP-trained model was attempted without a privacy event."""
 
 
-def _secure_generator() -> torch.Generator:
-    try:
-        import torchcsprng  # type: ignore[import-not-found]
-    except ImportError as e:
-        raise ConfigError(
-            "secure_mode", "needs the torchcsprng package (cryptographic RNG for the noise, as "
-            "Opacus's secure_mode does), which is not installed; it has no release for this "
-            "torch version", allowed="secure_mode=False") from e
-    return torchcsprng.create_random_device_generator("/dev/urandom")
-
-
-def _fill_noise(buf: torch.Tensor, std: float, generator: torch.Generator,
+def _fill_noise(buf: torch.Tensor, std: float, generator: torch.Generator | CsprngNormal,
                 secure: bool) -> torch.Tensor:
-    """Gaussian noise into ``buf``; same stream as Opacus's ``_generate_noise``."""
+    """Gaussian noise into ``buf``; same stream as Opacus's ``_generate_noise`` when not secure."""
     if std == 0:
         return buf.zero_()
     if not secure:
         return buf.normal_(0.0, std, generator=generator)
-    # Opacus's defence against floating-point attacks (Holohan et al.): sum of 4 draws / 2.
-    torch.normal(mean=0, std=std, size=(1, 1), generator=generator)
+    # Cryptographic source, plus Opacus's defence against floating-point attacks (Holohan et
+    # al.): the sum of 4 draws of std sigma, halved, has std sigma.
     buf.zero_()
     for _ in range(4):
-        buf.add_(torch.normal(mean=0, std=std, size=buf.shape, generator=generator))
+        buf.add_(generator.normal(buf.shape, std, dtype=buf.dtype))
     return buf.div_(2)
 
 
@@ -128,6 +118,9 @@ class DPTrainer:
                               allowed="PoissonRecordSampler, PoissonUserSampler")
         if mode not in MODES:
             raise ConfigError("mode", f"unknown mode {mode!r}", allowed=", ".join(MODES))
+        if mode != "fast" and secure_mode:
+            raise ConfigError("secure_mode", f"{mode} would need torchcsprng (Opacus's secure RNG), which has "
+                              "no release for this torch", allowed="mode='fast' (cryptographic noise built in)")
         if mode != "fast" and sampler.unit != "record":
             raise ConfigError("mode", f"{mode} supports record-level DP only", allowed="fast")
         if not isinstance(generator, torch.Generator):
@@ -147,7 +140,7 @@ class DPTrainer:
         self.sampler = sampler
         self.mode = mode
         self.secure_mode = bool(secure_mode)
-        self.generator = _secure_generator() if secure_mode else generator
+        self.generator = CsprngNormal() if secure_mode else generator
         self.steps_taken = 0
         self._prepaid = 0
         self._on_event = on_event

@@ -150,16 +150,40 @@ def test_required_arguments_and_validation():
                   mode="opacus_hooks")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torchcsprng") is not None,
-                    reason="torchcsprng installed: secure mode is available")
-def test_secure_mode_without_csprng_is_a_clear_error():
+def test_secure_mode_needs_the_fast_mode():
     model = TinyCTR()
     with pytest.raises(ConfigError, match="torchcsprng"):
         DPTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=bce_loss,
                   noise_multiplier=1.0, max_grad_norm=1.0,
                   sampler=PoissonRecordSampler(num_records=N, sample_rate=0.1,
                                                generator=torch.Generator()),
-                  on_event=print, generator=torch.Generator(), secure_mode=True)
+                  on_event=print, generator=torch.Generator(), secure_mode=True, mode="opacus_hooks")
+
+
+def test_secure_mode_draws_cryptographic_noise_of_the_right_scale():
+    model = TinyCTR()
+    events = []
+    trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn=bce_loss,
+                        noise_multiplier=2.0, max_grad_norm=0.5,
+                        sampler=PoissonRecordSampler(num_records=N, sample_rate=0.1,
+                                                     generator=torch.Generator().manual_seed(0)),
+                        on_event=events.append, generator=torch.Generator(), secure_mode=True)
+    noise = trainer._noise_into_grads()
+    flat = torch.cat([v.flatten() for v in noise.values()]).double()
+    expected = 2.0 * 0.5 / trainer.sampler.expected_batch_size
+    assert abs(flat.std().item() / expected - 1) < 0.1 and abs(flat.mean().item()) < 0.1 * expected
+    again = torch.cat([v.flatten() for v in trainer._noise_into_grads().values()])
+    assert not torch.equal(again.to(flat.dtype), flat)  # fresh sub-key per draw
+
+
+def test_csprng_normal_is_standard_normal():
+    from scipy import stats
+
+    from fedmm_secure.privacy.secure_noise import CsprngNormal
+    z = CsprngNormal().normal((20_000,), 1.0, dtype=torch.float64).numpy()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    fixed = CsprngNormal(entropy=lambda n: bytes(n)).normal((8,), 1.0, dtype=torch.float64)
+    assert torch.equal(fixed, CsprngNormal(entropy=lambda n: bytes(n)).normal((8,), 1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("mode", ["opacus_hooks", "opacus_ghost"])
