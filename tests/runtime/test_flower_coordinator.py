@@ -52,8 +52,9 @@ def test_distributed_pipeline_equals_embedded(drop):
     expected = {"m0", "m1"} if drop else {"m0", "m1", "m2"}
     assert set(books) == expected
     for m in expected:
-        np.testing.assert_array_equal(books[m], ref[m])
-        assert res["markets"][m]["fedmm"]["auc"] == ref_out["markets"][m]["auc"]
+        # Equal up to float32 rounding: the statistics are summed in another order.
+        np.testing.assert_array_max_ulp(books[m], ref[m], maxulp=4)
+        assert abs(res["markets"][m]["fedmm"]["auc"] - ref_out["markets"][m]["auc"]) < 1e-6
     if drop:
         assert res["dropped"] == {"m2": "codebook-l1 round 0 stage 2"}
         cb = [r for r in res["secagg"]["rounds"] if (r["label"], r["round_id"]) == ("codebook-l1", 0)][0]
