@@ -28,9 +28,12 @@ def _synthetic_config(overrides: dict) -> SyntheticConfig:
     return dataclass_from_overrides(SyntheticConfig, overrides, prefix="synthetic", nested={"markets": MarketSpec})
 
 
-def load_data(cfg: RunConfig) -> list[MarketData]:
+def load_data(cfg: RunConfig, *, synthetic: Callable[[], list[MarketData]] | None = None) -> list[MarketData]:
+    """The run's markets: generated (``synthetic`` overrides the default generator) or loaded
+    from ``cfg.data``, restricted to ``cfg.markets``."""
     if cfg.data == "synthetic":
-        markets = generate_markets(_synthetic_config(cfg.synthetic), seed=cfg.seed)
+        markets = (synthetic() if synthetic is not None
+                   else generate_markets(_synthetic_config(cfg.synthetic), seed=cfg.seed))
     else:
         from .data.loaders import load_markets
         markets = load_markets(cfg.data, seed=cfg.seed, markets=list(cfg.markets) if cfg.markets else None)

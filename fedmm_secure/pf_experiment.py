@@ -72,18 +72,8 @@ def load_scenarios(cfg: RunConfig, data_overrides: dict) -> list[MarketData]:
     if data_overrides and cfg.data != "synthetic":
         raise ConfigError("pf.data", "scenario generator overrides apply to synthetic data only",
                           allowed="data: synthetic, or no pf.data")
-    if cfg.data == "synthetic":
-        markets = generate_scenarios(_scenario_config(data_overrides), seed=cfg.seed)
-    else:
-        from .data.loaders import load_markets
-        markets = load_markets(cfg.data, seed=cfg.seed, markets=list(cfg.markets) if cfg.markets else None)
-    if cfg.markets and cfg.data == "synthetic":
-        names = {m.name for m in markets}
-        missing = [m for m in cfg.markets if m not in names]
-        if missing:
-            raise ConfigError("markets", f"unknown scenario(s) {missing}", allowed=", ".join(sorted(names)))
-        markets = [m for m in markets if m.name in cfg.markets]
-    return markets
+    from .experiment import load_data
+    return load_data(cfg, synthetic=lambda: generate_scenarios(_scenario_config(data_overrides), seed=cfg.seed))
 
 
 def _methods(cfg: RunConfig, from_pf: tuple[str, ...] | None) -> tuple[str, ...]:
