@@ -37,7 +37,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .implicit import market_rng
 from .market import MarketData, MarketSplit
-from .textio import parse_column, read_lines, split_fixed, where
+from .textio import parse_column, read_lines, select_markets, split_fixed, where
 
 __all__ = ["CATEGORICAL", "NUMERICAL", "aliexpress_layout", "read_aliexpress_csv", "load_aliexpress"]
 
@@ -204,12 +204,7 @@ def load_aliexpress(
     root = Path(root)
     layout = aliexpress_layout(root)
     available = sorted(layout)
-    names = available if markets is None else list(markets)
-    if not names:
-        raise DataError(f"{root}: no markets selected")
-    for name in names:
-        if name not in layout:
-            raise DataError(f"{root}: no market {name!r} (available: {', '.join(available)})")
+    names = select_markets(available, markets, root=root, missing=lambda name: f"{root}: no market {name!r}")
     item_j = CATEGORICAL.index(item_column)
     feat_js = [j for j in range(len(CATEGORICAL)) if j != item_j]
     out = []

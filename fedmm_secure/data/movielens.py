@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import DataError
 from .implicit import ImplicitProtocol, build_implicit_market, market_rng
 from .market import MarketData
-from .textio import parse_column, read_lines, split_fixed, where
+from .textio import parse_column, read_lines, select_markets, split_fixed, where
 
 __all__ = ["AGE_BUCKETS", "market_of_zip", "movielens_variant", "load_movielens"]
 
@@ -178,12 +178,8 @@ def load_movielens(
         raise DataError(f"{where(rpath, int(r.line[i]))}: user {r.user[i]} is not in the users file")
     row_market = users.market[pos_c]
     available = sorted(set(row_market.tolist()))
-    names = available if markets is None else list(markets)
-    if not names:
-        raise DataError(f"{root}: no markets selected")
-    for name in names:
-        if name not in available:
-            raise DataError(f"{root}: no ratings for market {name!r} (available: {', '.join(available)})")
+    names = select_markets(available, markets, root=root,
+                           missing=lambda name: f"{root}: no ratings for market {name!r}")
     click = r.rating >= 4
     out = []
     for name in names:

@@ -110,3 +110,18 @@ def parse_column(
                 f"{where(path, int(line_numbers[i]))}: column {column!r}: {str(values[i])!r} is not {expected}"
             )
     return out
+
+
+def select_markets(available: list[str], requested: list[str] | None, *, root: Path,
+                   missing: Callable[[str], str]) -> list[str]:
+    """The markets to load: all of ``available`` or ``requested``, each checked to exist.
+
+    ``missing(name)`` words the error for an absent market (loaders name a file, a folder or a
+    region)."""
+    names = list(available) if requested is None else list(requested)
+    if not names:
+        raise DataError(f"{root}: no markets selected")
+    for name in names:
+        if name not in available:
+            raise DataError(f"{missing(name)} (available: {', '.join(available)})")
+    return names

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import DataError
 from .implicit import ImplicitProtocol, build_implicit_market, market_rng
 from .market import MarketData
-from .textio import parse_column, read_lines, where
+from .textio import parse_column, read_lines, select_markets, where
 
 __all__ = ["XMRecRows", "read_xmrec_file", "xmrec_market_names", "load_xmrec"]
 
@@ -108,13 +108,8 @@ def load_xmrec(
     """Load the markets in ``root`` (all ``*.txt`` files, sorted by name, unless ``markets``)."""
     root = Path(root)
     available = xmrec_market_names(root)
-    names = available if markets is None else list(markets)
-    if not names:
-        raise DataError(f"{root}: no markets selected")
-    for name in names:
-        if name not in available:
-            raise DataError(f"{root / (name + '.txt')}: no such market file "
-                            f"(available: {', '.join(available)})")
+    names = select_markets(available, markets, root=root,
+                           missing=lambda name: f"{root / (name + '.txt')}: no such market file")
     out = []
     for name in names:
         path = root / f"{name}.txt"

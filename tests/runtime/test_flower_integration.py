@@ -16,20 +16,10 @@ pytest.importorskip("flwr")
 if os.environ.get("FEDMM_FLOWER_TESTS") != "1":
     pytest.skip("set FEDMM_FLOWER_TESTS=1 to run the Flower deployment test", allow_module_level=True)
 
-from fedmm_secure.runtime.flower_local import FlowerLocalDeployment  # noqa: E402
+from fedmm_secure.runtime.flower_local import FlowerLocalDeployment, _group_exists  # noqa: E402
 from fedmm_secure.runtime.flower_market import codebook_digest  # noqa: E402
 
 from .flower_reference import CFG, DROP, embedded_codebooks  # noqa: E402
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @pytest.mark.slow
@@ -55,7 +45,7 @@ def test_flower_fedmm_with_killed_supernode(tmp_path):
     elapsed = time.monotonic() - t0
     print(f"flower integration: {elapsed:.1f} s")
 
-    assert not [g for g in groups if _group_alive(g)], "processes left behind"
+    assert not [g for g in groups if _group_exists(g)], "processes left behind"
     assert res["runtime"] == "flower"
     assert res["dropped"] == {market: f"{label} round {rnd} stage {stage}"}
     cb = [r for r in res["secagg"]["rounds"] if (r["label"], r["round_id"]) == (label, rnd)][0]
