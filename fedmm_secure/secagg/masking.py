@@ -118,6 +118,17 @@ def _pack_items(items: Sequence[tuple[str, bytes]]) -> bytes:
     return b"".join(parts)
 
 
+def _read_sized(data: bytes, pos: int) -> tuple[bytes, int]:
+    """One u32-length-prefixed field at ``pos``; returns it and the position after it."""
+    if pos + 4 > len(data):
+        raise ProtocolError("payload truncated")
+    (n,) = struct.unpack_from(">I", data, pos)
+    pos += 4
+    if pos + n > len(data):
+        raise ProtocolError("payload truncated")
+    return data[pos:pos + n], pos + n
+
+
 def _unpack_items(data: bytes) -> dict[str, bytes]:
     if len(data) < 2:
         raise ProtocolError("payload truncated")
@@ -126,15 +137,8 @@ def _unpack_items(data: bytes) -> dict[str, bytes]:
     order = []
     for _ in range(count):
         m, pos = _read_id(data, pos)
-        if pos + 4 > len(data):
-            raise ProtocolError("payload truncated")
-        (n,) = struct.unpack_from(">I", data, pos)
-        pos += 4
-        if pos + n > len(data):
-            raise ProtocolError("payload truncated")
         order.append(m)
-        out[m] = data[pos:pos + n]
-        pos += n
+        out[m], pos = _read_sized(data, pos)
     if pos != len(data):
         raise ProtocolError("trailing bytes in payload")
     _sorted_unique(order)
@@ -151,14 +155,8 @@ def _pack_sections(*sections: bytes | memoryview) -> bytes:
 def _unpack_sections(data: bytes, count: int) -> list[bytes]:
     pos, out = 0, []
     for _ in range(count):
-        if pos + 4 > len(data):
-            raise ProtocolError("payload truncated")
-        (n,) = struct.unpack_from(">I", data, pos)
-        pos += 4
-        if pos + n > len(data):
-            raise ProtocolError("payload truncated")
-        out.append(data[pos:pos + n])
-        pos += n
+        item, pos = _read_sized(data, pos)
+        out.append(item)
     if pos != len(data):
         raise ProtocolError("trailing bytes in payload")
     return out
