@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch is pinned (constraints.txt) to the local CPU wheel; an unpinned torch pulls CUDA builds.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[ckks,test]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[ckks,test,flower]"
 	@touch $(STAMP)
 
 install: $(STAMP)

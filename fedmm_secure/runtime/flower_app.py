@@ -18,19 +18,21 @@ ServerApp writes ``results.json``), ``expected-markets``, ``stage-timeout``, ``s
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from ..errors import ProtocolError
 from .flower_wire import RECORD_KEY, pack_frame, recv_frame
 
-__all__ = ["client_app", "server_app", "FlowerLinks"]
+__all__ = ["client_app", "server_app", "FlowerLinks", "reply_for"]
 
 _MESSAGE_TYPE = "query.fedmm"
 
@@ -48,23 +50,39 @@ def _unrecord(msg: Message) -> tuple[str, bytes]:
 client_app = ClientApp()
 
 
+def reply_for(msg: Message, handle: Callable[[str, bytes], tuple[str, bytes]]) -> Message:
+    """The reply to one of our messages, computed by the market worker's ``handle``."""
+    if msg.metadata.message_type != _MESSAGE_TYPE:
+        raise ProtocolError(f"unexpected Flower message type {msg.metadata.message_type!r}")
+    kind, payload = _unrecord(msg)
+    out_kind, out = handle(kind, payload)
+    return Message(_record(out_kind, out), reply_to=msg)
+
+
 @client_app.query("fedmm")
 def _relay(msg: Message, context: Context) -> Message:
+    # Stock isolation (a ClientApp process per message): hand the message to the market
+    # worker over loopback. With --isolation process the worker runs the task itself
+    # (flower_executor) and this function is not used.
     host, _, port = str(context.node_config["worker-address"]).rpartition(":")
     timeout = float(context.node_config.get("worker-timeout", 600.0))
-    kind, payload = _unrecord(msg)
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
-        s.sendall(pack_frame(kind, payload))
-        out_kind, out = recv_frame(s)
-    return Message(_record(out_kind, out), reply_to=msg)
+
+    def over_socket(kind: str, payload: bytes) -> tuple[str, bytes]:
+        with socket.create_connection((host, int(port)), timeout=timeout) as s:
+            s.sendall(pack_frame(kind, payload))
+            return recv_frame(s)
+
+    return reply_for(msg, over_socket)
 
 
 # ---------------------------------------------------------------------------- ServerApp
 class FlowerLinks:
     """:class:`~.flower_coordinator.MarketLinks` over a Flower :class:`Grid`."""
 
-    def __init__(self, grid: Grid, *, expected: int, join_timeout: float, log=lambda s: None) -> None:
+    def __init__(self, grid: Grid, *, expected: int, join_timeout: float, poll_interval: float = 0.02,
+                 log=lambda s: None) -> None:
         self.grid = grid
+        self.poll_interval = poll_interval
         self.log = log
         self.expected = expected
         self.join_timeout = join_timeout
@@ -73,12 +91,24 @@ class FlowerLinks:
     def _send(self, messages: Mapping[int, tuple[str, bytes]], timeout: float) -> dict[int, tuple[str, bytes]]:
         out = [Message(_record(k, p), dst_node_id=n, message_type=_MESSAGE_TYPE, ttl=max(timeout * 2, 60.0))
                for n, (k, p) in messages.items()]
-        replies = {}
-        for r in self.grid.send_and_receive(out, timeout=timeout):
-            if r.has_error():
-                self.log(f"node {r.metadata.src_node_id}: Flower error {r.error.code}: {r.error.reason}")
-                continue  # Flower-level failure of that node: the coordinator sees a dropout
-            replies[r.metadata.src_node_id] = _unrecord(r)
+        # Grid.send_and_receive polls every 3 s; a secure sum is 4-5 stages, so poll ourselves.
+        t0 = time.time()
+        pending = {i for i in self.grid.push_messages(out) if i}
+        t1 = time.time()
+        replies: dict[int, tuple[str, bytes]] = {}
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            got = list(self.grid.pull_messages(pending))
+            for r in got:
+                pending.discard(r.metadata.reply_to_message_id)
+                if r.has_error():
+                    self.log(f"node {r.metadata.src_node_id}: Flower error {r.error.code}: {r.error.reason}")
+                    continue  # Flower-level failure of that node: the coordinator sees a dropout
+                replies[r.metadata.src_node_id] = _unrecord(r)
+            if pending and not got:
+                time.sleep(self.poll_interval)
+        if os.environ.get("FEDMM_FLOWER_TRACE"):
+            self.log(f"exchange push {t0:.3f}-{t1:.3f} all replies {time.time():.3f}")
         return replies
 
     def hello(self, payload: bytes, *, timeout: float) -> dict[str, tuple[str, bytes]]:
@@ -112,6 +142,11 @@ def _main(grid: Grid, context: Context) -> None:
     from ..reports.run_report import write_json_atomic
     from .flower_coordinator import Coordinator
 
+    import flwr.superlink.grid.http_grid as http_grid
+
+    from .flower_tuning import fast_object_pulls
+
+    fast_object_pulls(http_grid)  # reply objects may trail the reply by a few ms
     rc = context.run_config
     out_dir = Path(str(rc["out-dir"]))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,9 +158,11 @@ def _main(grid: Grid, context: Context) -> None:
 
     try:
         cfg = config_from_dict(json.loads(str(rc["config-json"])))
-        links = FlowerLinks(grid, expected=int(rc["expected-markets"]), join_timeout=float(rc["join-timeout"]), log=log)
+        links = FlowerLinks(grid, expected=int(rc["expected-markets"]), join_timeout=float(rc["join-timeout"]),
+                            poll_interval=float(rc.get("poll-interval", 0.02)), log=log)
         co = Coordinator(cfg=cfg, run_id=f"run-{cfg.seed}", links=links, stage_timeout=float(rc["stage-timeout"]),
-                         step_timeout=float(rc["step-timeout"]), log=log)
+                         step_timeout=float(rc["step-timeout"]),
+                         workload=json.loads(str(rc.get("workload-json", '{"name": "fedmm"}'))), log=log)
         results = co.run()
         write_json_atomic(out_dir / "results.json", results)
         log("done")

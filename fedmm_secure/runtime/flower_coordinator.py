@@ -58,8 +58,11 @@ class InProcessLinks:
 
 class Coordinator:
     def __init__(self, *, cfg: RunConfig, run_id: str, links: MarketLinks, stage_timeout: float,
-                 step_timeout: float, log=lambda s: None) -> None:
+                 step_timeout: float, workload: dict | None = None, log=lambda s: None) -> None:
         self.cfg, self.run_id, self.links = cfg, run_id, links
+        self.workload = dict(workload or {"name": "fedmm"})
+        if self.workload["name"] not in ("fedmm", "secure-sum"):
+            raise ProtocolError(f"unknown workload {self.workload['name']!r}")
         self.stage_timeout, self.step_timeout = stage_timeout, step_timeout
         self.log = log
         self.sums: list[dict] = []
@@ -109,7 +112,8 @@ class Coordinator:
         self.alive = set(self.order)
         start = pack_json({"roster": {m: info[m]["bundle"] for m in self.order},
                            "n_train_max": max(i["n_train"] for i in info.values()),
-                           "n_items_max": max(i["n_items"] for i in info.values())})
+                           "n_items_max": max(i["n_items"] for i in info.values()),
+                           "n_markets": len(self.order), "workload": self.workload})
         replies = self._check(self.links.exchange({m: ("start", start) for m in self.order},
                                                   timeout=self.step_timeout), "request")
         self._drop(self.alive - set(replies), "start")
@@ -131,6 +135,10 @@ class Coordinator:
                 headers = self._sum(aggregator, headers)
             else:
                 raise ProtocolError(f"unknown request {kind!r}")
+        if self.workload["name"] != "fedmm":
+            return {"runtime": "flower", "workload": self.workload, "markets": metrics,
+                    "dropped": dict(self.dropped), "timing_s": round(time.perf_counter() - t_start, 2),
+                    "secagg": {"backend": backend.name, "secure": backend.secure, "rounds": self.sums}}
         return self._results(info, metrics, time.perf_counter() - t_start, backend)
 
     def _broadcast(self, headers: dict[str, dict]) -> dict[str, dict]:
@@ -160,6 +168,7 @@ class Coordinator:
         outbox = server.start()
         stage = 0
         up = {m: 0 for m in participants}
+        stage_s: list[float] = []
         while True:
             base = {"label": ctx.label, "round_id": ctx.round_id}
             if stage == 0:
@@ -168,7 +177,9 @@ class Coordinator:
             final = server.done
             # The reply to the result message is the market's next request, so it includes
             # the local training that comes before it.
+            ts = time.perf_counter()
             raw = self.links.exchange(msgs, timeout=self.step_timeout if final else self.stage_timeout)
+            stage_s.append(time.perf_counter() - ts)
             replies = self._check(raw, "request" if final else "secagg")
             self._drop(set(msgs) - set(replies), f"{ctx.label} round {ctx.round_id} stage {stage}")
             if final:
@@ -178,13 +189,18 @@ class Coordinator:
             outbox = server.handle(replies)
             stage += 1
         latency = time.perf_counter() - t0
+        # Up to the result's delivery: the last exchange's reply waits for the next local step.
+        protocol = latency - stage_s[-1]
         survivors = tuple(server.survivors)
         self._drop(self.alive - set(survivors), f"{ctx.label} round {ctx.round_id} (not a survivor)")
         for m, b in up.items():
             self.bytes_up.setdefault(m, []).append(b)
         self.sums.append({"label": ctx.label, "round_id": ctx.round_id, "participants": list(participants),
-                          "survivors": list(survivors), "stages": stage + 1, "latency_s": latency})
-        self.log(f"{ctx.label} round {ctx.round_id}: {len(survivors)}/{len(participants)} markets, {latency:.2f} s")
+                          "survivors": list(survivors), "stages": stage + 1, "latency_s": latency,
+                          "protocol_s": protocol, "stage_s": [round(x, 4) for x in stage_s]})
+        self.log(f"{ctx.label} round {ctx.round_id}: {len(survivors)}/{len(participants)} markets, "
+                 f"protocol {protocol:.2f} s, with next local step {latency:.2f} s "
+                 f"(stages {', '.join(f'{x:.2f}' for x in stage_s)})")
         return {m: unpack_json(p) for m, p in replies.items() if m in self.alive}
 
     def _results(self, info: dict, metrics: dict, elapsed: float, backend) -> dict:

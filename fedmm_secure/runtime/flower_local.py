@@ -74,6 +74,8 @@ expected-markets = 1
 stage-timeout = 30.0
 step-timeout = 600.0
 join-timeout = 60.0
+poll-interval = 0.02
+workload-json = '{"name": "fedmm"}'
 """
 
 
@@ -90,7 +92,8 @@ class FlowerLocalDeployment:
     """A throwaway Flower deployment for ``cfg``'s markets on 127.0.0.1."""
 
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
-                 hang_at: dict[str, str] | None = None, poll_interval: float = 0.05) -> None:
+                 hang_at: dict[str, str] | None = None, poll_interval: float = 0.02, stock: bool = False,
+                 workload: dict | None = None) -> None:
         from ..experiment import load_data
 
         self.cfg = cfg
@@ -99,6 +102,11 @@ class FlowerLocalDeployment:
         self.stage_timeout, self.step_timeout = stage_timeout, step_timeout
         self.hang_at = dict(hang_at or {})
         self.poll_interval = poll_interval
+        self.stock = stock
+        # The SuperNode's idle poll hits the SuperLink (one process for every market): 0.1 s
+        # keeps it off the critical path's CPU on a small machine; see bench/RESULTS_flower.md.
+        self.node_poll = 0.1
+        self.workload = dict(workload or {"name": "fedmm"})
         self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
         self.work = Path(self._tmp.name)
         self.logs = self.out_dir / "flower_logs"
@@ -120,6 +128,7 @@ class FlowerLocalDeployment:
         h.mkdir(exist_ok=True)
         return {"FLWR_HOME": str(h), "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(self.poll_interval),
+                "FEDMM_SUPERNODE_POLL": os.environ.get("FEDMM_SUPERNODE_POLL", str(self.node_poll)),
                 # SuperLink/SuperNode start `flower-superexec` and `flwr-*` by name.
                 "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -133,18 +142,29 @@ class FlowerLocalDeployment:
             "--host", "127.0.0.1", "--port", str(self.link_port)], env=self._env("superlink"))
         ready = {}
         for m in self.markets:
-            wport = _free_port()
+            rport = _free_port()
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower_worker", "--market", m,
-                   "--listen", f"127.0.0.1:{wport}", "--ready-file", str(ready[m])]
+                   "--ready-file", str(ready[m])]
+            node = ["--insecure", "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
+                    "--port", str(rport)]
+            if self.stock:
+                # Stock Flower: SuperExec starts a ClientApp process per message, which relays
+                # the message to the worker's socket.
+                wport = _free_port()
+                cmd += ["--listen", f"127.0.0.1:{wport}"]
+                node = [_tool("flower-supernode"), *node, "--node-config",
+                        f"market='{m}' worker-address='127.0.0.1:{wport}'"]
+            else:
+                # The worker executes the SuperNode's ClientApp tasks itself (no process per
+                # message), and the SuperNode's idle poll is capped (flower_supernode).
+                cmd += ["--superexec", f"127.0.0.1:{rport}", "--poll-interval", str(self.poll_interval)]
+                node = [sys.executable, "-m", "fedmm_secure.runtime.flower_supernode", *node,
+                        "--isolation", "process", "--node-config", f"market='{m}'"]
             if m in self.hang_at:
                 cmd += ["--hang-at", self.hang_at[m], "--hang-marker", str(self.hang_marker(m))]
+            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", node, env=self._env(f"node-{m}"))
             self.groups[f"worker-{m}"] = self._spawn(f"worker-{m}", cmd, env=self._env(f"node-{m}"))
-            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", [
-                _tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link_port}",
-                "--host", "127.0.0.1", "--port", str(_free_port()),
-                "--node-config", f"market='{m}' worker-address='127.0.0.1:{wport}'"],
-                env=self._env(f"node-{m}"))
         deadline = time.monotonic() + ready_timeout
         while not all(f.exists() for f in ready.values()):
             self._check_alive()
@@ -177,7 +197,9 @@ class FlowerLocalDeployment:
         overrides.write_text(tomli_w.dumps({
             "config-json": json.dumps(self.cfg.to_dict()), "out-dir": str(self.out_dir.resolve()),
             "expected-markets": len(self.markets), "stage-timeout": float(self.stage_timeout),
-            "step-timeout": float(self.step_timeout), "join-timeout": float(join_timeout)}), encoding="utf-8")
+            "step-timeout": float(self.step_timeout), "join-timeout": float(join_timeout),
+            "poll-interval": float(self.poll_interval),
+            "workload-json": json.dumps(self.workload)}), encoding="utf-8")
         app = write_app_dir(self.work / "app")
         env = {**os.environ, **self._env("cli")}
         env["FLWR_HOME"] = str(home)

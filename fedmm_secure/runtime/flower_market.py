@@ -56,7 +56,7 @@ from ..models.ctr import DeepFM
 from ..models.rqvae import RQVAE
 
 __all__ = ["codebook_digest", "PublicMeta", "SumRequest", "BroadcastRequest", "fedmm_market_pipeline",
-           "state_to_bytes", "state_from_bytes"]
+           "secure_sum_pipeline", "workload_vector", "state_to_bytes", "state_from_bytes"]
 
 
 @dataclass(frozen=True)
@@ -231,3 +231,23 @@ def fedmm_market_pipeline(data: MarketData, cfg: ModelConfig, *, rounds: int, se
     # shipping it (it is the same in every market by construction of the secure sum).
     metrics["global_codebook_sha256"] = codebook_digest(r.vq.global_codebook.numpy())
     return {"metrics": metrics, "run": r}
+
+
+def workload_vector(*, seed: int, index: int, round_id: int, length: int) -> np.ndarray:
+    """Market ``index``'s input to round ``round_id`` of the secure-sum workload (public seed)."""
+    return np.random.default_rng([seed, index, round_id]).uniform(-1.0, 1.0, length)
+
+
+def secure_sum_pipeline(*, length: int, rounds: int, seed: int, meta: PublicMeta, n_markets: int) -> Pipeline:
+    """Benchmark workload: ``rounds`` secure sums of ``length`` values in [-1, 1], nothing else.
+
+    Inputs come from a public seed, so each market can check the sum it receives against the
+    sum of every market's input (valid when no market drops out).
+    """
+    worst = 0.0
+    for rnd in range(rounds):
+        s = yield SumRequest("secure-sum", rnd, workload_vector(seed=seed, index=meta.index, round_id=rnd,
+                                                                  length=length), 1.0)
+        expected = sum(workload_vector(seed=seed, index=i, round_id=rnd, length=length) for i in range(n_markets))
+        worst = max(worst, float(np.max(np.abs(np.asarray(s) - expected))))
+    return {"metrics": {"rounds": rounds, "length": length, "max_abs_error": worst}}

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from ..config import config_from_dict
-from ..errors import ConfigError, FedMMError, ProtocolError
+from ..errors import ConfigError, ProtocolError
 from ..secagg import Roster, RoundContext, create_backend
-from .flower_market import BroadcastRequest, PublicMeta, SumRequest, fedmm_market_pipeline
+from .flower_market import BroadcastRequest, PublicMeta, SumRequest, fedmm_market_pipeline, secure_sum_pipeline
 from .flower_wire import (
     b64,
     decode_bound,
@@ -97,8 +97,15 @@ class MarketWorker:
         roster = Roster({m: unb64(b) for m, b in msg["roster"].items()})
         self._endpoint.install_roster(roster)
         meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
-        self._pipeline = fedmm_market_pipeline(self._data, self._cfg.model, rounds=self._cfg.rounds,
-                                               seed=self._cfg.seed, meta=meta)
+        workload = msg.get("workload", {"name": "fedmm"})
+        if workload.get("name") == "fedmm":
+            self._pipeline = fedmm_market_pipeline(self._data, self._cfg.model, rounds=self._cfg.rounds,
+                                                   seed=self._cfg.seed, meta=meta)
+        elif workload.get("name") == "secure-sum":
+            self._pipeline = secure_sum_pipeline(length=int(workload["length"]), rounds=int(workload["rounds"]),
+                                                 seed=self._cfg.seed, meta=meta, n_markets=int(msg["n_markets"]))
+        else:
+            raise ProtocolError(f"unknown workload {workload.get('name')!r}")
         return self._advance(None, first=True)
 
     def _advance(self, value, *, first: bool = False) -> tuple[str, bytes]:
@@ -145,6 +152,7 @@ class MarketWorker:
 
 def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None = None) -> None:
     """Serve ``worker`` on ``host:port`` until killed; one request per connection."""
+    handle = _guarded(worker)
     with socket.create_server((host, port), backlog=8) as srv:
         if ready_file is not None:
             ready_file.write_text("ready\n")
@@ -153,11 +161,10 @@ def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None
             with conn:
                 try:
                     kind, payload = recv_frame(conn)
-                    out_kind, out = worker.handle(kind, payload)
-                except FedMMError as e:
-                    out_kind, out = "error", f"{type(e).__name__}: {e}".encode()
                 except Exception as e:  # keep serving; the coordinator sees the failure
                     out_kind, out = "error", f"{type(e).__name__}: {e}".encode()
+                else:
+                    out_kind, out = handle(kind, payload)
                 try:
                     conn.sendall(pack_frame(out_kind, out))
                 except OSError:
@@ -165,26 +172,61 @@ def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fedmm_secure.runtime.flower_worker --market M --listen 127.0.0.1:PORT``."""
+    """``python -m fedmm_secure.runtime.flower_worker --market M (--superexec ADDR | --listen ADDR)``.
+
+    ``--superexec HOST:PORT``: run the SuperNode's ClientApp tasks in this process (SuperNode
+    started with ``--isolation process --host HOST --port PORT``). ``--listen HOST:PORT``: serve
+    the relay ClientApp of a SuperNode with stock isolation (a process per message; slower).
+    """
     import argparse
 
     p = argparse.ArgumentParser(prog="fedmm-secure-flower-worker")
     p.add_argument("--market", required=True)
-    p.add_argument("--listen", required=True, help="HOST:PORT (keep it on loopback)")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--superexec", metavar="HOST:PORT", help="the SuperNode's Runtime API (keep it on loopback)")
+    mode.add_argument("--listen", metavar="HOST:PORT", help="relay mode: serve the ClientApp here (loopback)")
+    p.add_argument("--root-certificates", help="CA of the SuperNode's Runtime API TLS certificate (default: plain HTTP on loopback)")
+    p.add_argument("--poll-interval", type=float, default=0.02)
     p.add_argument("--ready-file")
     p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
     p.add_argument("--hang-marker")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
-    host, _, port = args.listen.rpartition(":")
     hang = None
     if args.hang_at:
         label, rnd, stage = args.hang_at.split(":")
         hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
-    serve(MarketWorker(market=args.market, hang_at=hang), host=host, port=int(port),
-          ready_file=Path(args.ready_file) if args.ready_file else None)
+    worker = MarketWorker(market=args.market, hang_at=hang)
+    ready = Path(args.ready_file) if args.ready_file else None
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        serve(worker, host=host, port=int(port), ready_file=ready)
+        return 0
+    from .flower_executor import InProcessTaskExecutor, wait_for_runtime_api
+
+    wait_for_runtime_api(args.superexec, timeout=60.0)
+    certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
+    executor = InProcessTaskExecutor(runtime_api_address=args.superexec, handle=_guarded(worker),
+                                     insecure=certs is None, root_certificates=certs,
+                                     poll_interval=args.poll_interval,
+                                     log=lambda line: print(f"[{args.market}] {line}", flush=True))
+    if ready is not None:
+        ready.write_text("ready\n")
+    executor.run_forever()
     return 0
+
+
+def _guarded(worker: MarketWorker):
+    """``worker.handle`` with failures turned into an ``error`` reply the coordinator reports."""
+
+    def handle(kind: str, payload: bytes) -> tuple[str, bytes]:
+        try:
+            return worker.handle(kind, payload)
+        except Exception as e:
+            return "error", f"{type(e).__name__}: {e}".encode()
+
+    return handle
 
 
 if __name__ == "__main__":
