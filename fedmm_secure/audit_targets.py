@@ -126,7 +126,7 @@ def fedmm_codes(config: RunConfig, markets: list[MarketData]) -> dict[str, tuple
     seed and DP settings. The secure sum is the exact ``plain`` backend (this is an offline
     recomputation inside one process), so codes equal the run's up to the masking backend's
     fixed-point rounding."""
-    from .experiment import _privacy_session
+    from .experiment import privacy_session
     from .federation.fedmm import RoundHooks
     from .federation.training import plain_trainers
     from .runtime.embedded import EmbeddedSecureSum
@@ -137,7 +137,7 @@ def fedmm_codes(config: RunConfig, markets: list[MarketData]) -> dict[str, tuple
     trainers, hooks = plain_trainers, RoundHooks()
     if config.privacy.enabled:
         index = config.methods.index("fedmm") if "fedmm" in config.methods else 0
-        session = _privacy_session(config, markets, method="fedmm", ledger=None, method_index=index)
+        session = privacy_session(config, markets, method="fedmm", ledger=None, method_index=index)
         trainers, hooks = session, session
     runs = {m.name: MarketRun(m, torch.Generator().manual_seed(config.seed * 1_000_003 + i))
             for i, m in enumerate(markets)}

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     fll.add_argument("--secagg", default="masking")
     fll.add_argument("--seed", type=int, default=0)
     fll.add_argument("--config", help="run config (default: a tiny synthetic config)")
+    fll.add_argument("--epsilon", type=float, help="DP-SGD in every market, sigma calibrated to this epsilon "
+                     "(each market's ledger: OUT/ledgers/MARKET)")
+    fll.add_argument("--epsilon-budget", type=float, help="per-market budget enforced before every round")
     fll.add_argument("--out", required=True)
 
     aud = sub.add_parser("audit", help="membership-inference audit of a run's models")
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             from .runtime.flower_local import flower_local_command
             return flower_local_command(markets=args.markets, rounds=args.rounds, secagg=args.secagg,
                                         out=Path(args.out), seed=args.seed,
-                                        config=load_config(args.config) if args.config else None)
+                                        config=load_config(args.config) if args.config else None,
+                                        epsilon=args.epsilon, epsilon_budget=args.epsilon_budget)
         parser.error(f"unknown command {args.command!r}")
     except ConfigError as e:
         print(f"fedmm-secure: error: {e}", file=sys.stderr)

@@ -46,8 +46,13 @@ def load_data(cfg: RunConfig, *, synthetic: Callable[[], list[MarketData]] | Non
     return markets
 
 
-def _privacy_session(cfg: RunConfig, markets: list[MarketData], *, method: str, ledger, resume_offset: int = 0,
-                     prior_events=None, method_index: int):
+def privacy_session(cfg: RunConfig, markets: list[MarketData], *, method: str, ledger, resume_offset: int = 0,
+                    prior_events=None, method_index: int, federation_size: int | None = None):
+    """The DP session (trainer factory + round hooks) for ``markets`` under ``cfg.privacy``.
+
+    ``federation_size``: how many markets take part in the secure sums, when this process holds
+    only some of them (a market worker on the Flower runtime); it sizes market-level noise.
+    """
     from .privacy.budget import BudgetPolicy
     from .privacy.session import PrivacySession, plan_markets
 
@@ -65,6 +70,7 @@ def _privacy_session(cfg: RunConfig, markets: list[MarketData], *, method: str, 
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, noise_seed=cfg.seed * 7_919 + method_index,
                           market_noise_multiplier=p.market_noise_multiplier, secure_mode=p.secure_mode,
+                          federation_size=federation_size,
                           # Upload noise must be unpredictable to the other parties: OS entropy.
                           upload_rng=np.random.default_rng(secrets.randbits(128)))
 
@@ -123,7 +129,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
         if cfg.privacy.enabled and method != "centralized":
             # The federated method's spend is the one on the ledger (its outputs cross the market
             # boundary); baselines are trained with the same DP settings for comparison.
-            session = _privacy_session(cfg, markets, method=method, ledger=ledger if method == "fedmm" else None,
+            session = privacy_session(cfg, markets, method=method, ledger=ledger if method == "fedmm" else None,
                                        resume_offset=resume_offset if method == "fedmm" else 0,
                                        prior_events=prior if method == "fedmm" else None, method_index=i)
             kwargs = {"trainers": session, "hooks": session}

@@ -69,7 +69,7 @@ class PrivacySession:
                  policy: BudgetPolicy | None, ledger: Ledger | None, ledger_round_offset: int = 0,
                  prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
                  noise_seed: int, secure_mode: bool = False, market_noise_multiplier: float | None = None,
-                 upload_rng: np.random.Generator | None = None) -> None:
+                 upload_rng: np.random.Generator | None = None, federation_size: int | None = None) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("privacy.noise_multiplier", "give exactly one of a noise multiplier or a target epsilon")
         self.unit, self.delta, self.max_grad_norm = unit, delta, max_grad_norm
@@ -101,7 +101,9 @@ class PrivacySession:
             raise ConfigError("upload_rng", "market-level noise needs a random generator passed in")
         self.market_noise_multiplier = market_noise_multiplier
         self._upload_rng = upload_rng
-        n = len(self.plans)
+        n = len(self.plans) if federation_size is None else int(federation_size)
+        if n < len(self.plans):
+            raise ConfigError("federation_size", f"{n} is fewer than the {len(self.plans)} markets of this session")
         self._honest = max(1, n - n // 3)
         self.market_accountant = make_accountant(accountant) if market_noise_multiplier is not None else None
         self._noised: set[tuple[str, int]] = set()

@@ -27,20 +27,43 @@ POST_PROCESSING_STEPS = (
 )
 
 
-def _open_ledger(run_dir: Path):
+def _ledger_dirs(run_dir: Path) -> list[Path]:
+    """The run's ledger directories: ``run_dir`` itself (embedded runtime: one ledger for every
+    market) or ``run_dir/ledgers/<market>`` (Flower runtime: each market keeps its own)."""
+    if (run_dir / "ledger.sqlite").exists():
+        return [run_dir]
+    found = sorted(p.parent for p in (run_dir / "ledgers").glob("*/ledger.sqlite"))
+    if not found:
+        raise LedgerError(f"{run_dir} has no ledger.sqlite (nor ledgers/*/ledger.sqlite): "
+                          "the run was not private (epsilon = inf)")
+    return found
+
+
+def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
+    """Spend, epsilon history, rounds, skips and decisions over all of the run's ledgers."""
     from ..privacy.ledger import Ledger
-    if not (run_dir / "ledger.sqlite").exists():
-        raise LedgerError(f"{run_dir} has no ledger.sqlite: the run was not private (epsilon = inf)")
-    return Ledger.open(run_dir)
+
+    out: dict = {"spent": {}, "records": [], "rounds": [], "skips": [], "decisions": []}
+    for d in _ledger_dirs(run_dir):
+        with Ledger.open(d) as ledger:
+            spent = ledger.spent(delta=delta)
+            clash = set(spent) & set(out["spent"])
+            if clash:
+                raise LedgerError(f"market(s) {sorted(clash)} appear in more than one ledger under {run_dir}")
+            out["spent"].update(spent)
+            out["records"] += ledger.epsilons()
+            out["rounds"] += ledger.rounds()
+            out["skips"] += ledger.skips()
+            out["decisions"] += ledger.decisions()
+    return out
 
 
 def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> tuple[str, bool]:
     if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
         raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
-    with _open_ledger(run_dir) as ledger:
-        spent = ledger.spent(delta=delta)
+    spent = _read_ledgers(run_dir, delta=delta)["spent"]
     if not spent:
-        raise LedgerError(f"{run_dir}/ledger.sqlite records no DP event")
+        raise LedgerError(f"the ledger(s) of {run_dir} record no DP event")
     lines = ["| market | epsilon | delta | accountant | certified | max | status |", "|---|---|---|---|---|---|---|"]
     ok = True
     for m, rep in spent.items():
@@ -76,12 +99,9 @@ def write_privacy_report(run_dir: Path) -> Path:
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     priv = results.get("privacy", {})
-    with _open_ledger(run_dir) as ledger:
-        spent = ledger.spent()
-        records = ledger.epsilons()
-        rounds = ledger.rounds()
-        skips = ledger.skips()
-        decisions = ledger.decisions()
+    read = _read_ledgers(run_dir)
+    spent, records, rounds = read["spent"], read["records"], read["rounds"]
+    skips, decisions = read["skips"], read["decisions"]
     per_market: dict[str, list[tuple[int, float]]] = {}
     for r in records:
         per_market.setdefault(r.market, []).append((r.round, r.epsilon))
@@ -92,8 +112,10 @@ def write_privacy_report(run_dir: Path) -> Path:
     lines = [
         "# Privacy report",
         "",
-        f"Run directory: `{run_dir}`. Source of truth: `ledger.sqlite` (append-only; epsilon below is recomputed "
-        "from its DP events, including any round cut short by a crash).",
+        f"Run directory: `{run_dir}`. Source of truth: "
+        + ", ".join(f"`{(d / 'ledger.sqlite').relative_to(run_dir)}`" for d in _ledger_dirs(run_dir))
+        + " (append-only; epsilon below is recomputed from the DP events, including any round cut short by a "
+        "crash).",
         "",
         f"- unit of privacy: **{anyp.get('unit', 'record')}**-level",
         f"- delta: {next(iter(spent.values())).delta:g}" if spent else "- delta: n/a",
@@ -113,7 +135,7 @@ def write_privacy_report(run_dir: Path) -> Path:
                      f"{p.get('max_grad_norm', float('nan')):g} | {p.get('sample_rate', float('nan')):.4g} | "
                      f"{rep.steps} | {status} |")
     lines += ["", f"![epsilon per round]({plot.name})", "", "## Rounds", "",
-              f"{len(rounds)} ledger rounds; "
+              f"{len(rounds)} ledger rounds (summed over the ledgers); "
               f"{sum(r.status == 'committed' for r in rounds)} committed, "
               f"{sum(r.status == 'started' for r in rounds)} started but not committed (counted as spent), "
               f"{sum(r.status == 'skipped' for r in rounds)} skipped.", ""]

@@ -4,15 +4,16 @@
   sends each SuperNode, stage by stage, the bytes our secure-aggregation backend emits and
   collects the replies. Flower's SecAgg+ is not used: every masking / CKKS message is our
   backend's own byte string inside a ConfigRecord.
-* :data:`client_app` relays each message to the market's worker (:mod:`.flower_worker`) at
-  ``node_config["worker-address"]`` (loopback, on the market's machine) and returns its reply.
-  Flower 1.40 runs each ClientApp message in a fresh process, so the relay holds no state and
-  imports no torch.
+* The market side is the market worker (:mod:`.flower_worker`). With SuperNode
+  ``--isolation process`` the worker executes the ClientApp tasks itself
+  (:mod:`.flower_executor`, calling :func:`reply_for`); with stock isolation Flower runs
+  :data:`client_app` in a fresh process per message, which relays the message to the worker at
+  ``node_config["worker-address"]`` (loopback) and so holds no state and imports no torch.
 
 Run configuration keys (``[tool.flwr.app.config]``, overridable with ``flwr run --run-config``):
 ``config-json`` (the :class:`~fedmm_secure.config.RunConfig` as JSON), ``out-dir`` (where the
 ServerApp writes ``results.json``), ``expected-markets``, ``stage-timeout``, ``step-timeout``,
-``join-timeout``.
+``join-timeout``, ``poll-interval`` (reply poll, s), ``workload-json``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def _relay(msg: Message, context: Context) -> Message:
 class FlowerLinks:
     """:class:`~.flower_coordinator.MarketLinks` over a Flower :class:`Grid`."""
 
-    def __init__(self, grid: Grid, *, expected: int, join_timeout: float, poll_interval: float = 0.02,
+    def __init__(self, grid: Grid, *, expected: int, join_timeout: float, poll_interval: float = 0.05,
                  log=lambda s: None) -> None:
         self.grid = grid
         self.poll_interval = poll_interval
@@ -159,7 +160,7 @@ def _main(grid: Grid, context: Context) -> None:
     try:
         cfg = config_from_dict(json.loads(str(rc["config-json"])))
         links = FlowerLinks(grid, expected=int(rc["expected-markets"]), join_timeout=float(rc["join-timeout"]),
-                            poll_interval=float(rc.get("poll-interval", 0.02)), log=log)
+                            poll_interval=float(rc.get("poll-interval", 0.05)), log=log)
         co = Coordinator(cfg=cfg, run_id=f"run-{cfg.seed}", links=links, stage_timeout=float(rc["stage-timeout"]),
                          step_timeout=float(rc["step-timeout"]),
                          workload=json.loads(str(rc.get("workload-json", '{"name": "fedmm"}'))), log=log)

@@ -128,6 +128,9 @@ class Coordinator:
             kind = kinds.pop()
             if kind == "done":
                 metrics = {m: h["metrics"] for m, h in headers.items()}
+                privacy = {m: h["privacy"] for m, h in headers.items() if "privacy" in h}
+                market_level = {m: h["privacy_market_level"] for m, h in headers.items()
+                                if "privacy_market_level" in h}
                 break
             if kind == "broadcast":
                 headers = self._broadcast(headers)
@@ -139,7 +142,14 @@ class Coordinator:
             return {"runtime": "flower", "workload": self.workload, "markets": metrics,
                     "dropped": dict(self.dropped), "timing_s": round(time.perf_counter() - t_start, 2),
                     "secagg": {"backend": backend.name, "secure": backend.secure, "rounds": self.sums}}
-        return self._results(info, metrics, time.perf_counter() - t_start, backend)
+        results = self._results(info, metrics, time.perf_counter() - t_start, backend)
+        if privacy:
+            # Each market's own accounting, from its own ledger (ledger-dir on its machine).
+            results["privacy"] = privacy
+            results["privacy_by_method"] = {"fedmm": {m: v["epsilon"] for m, v in privacy.items()}}
+        if market_level:
+            results["privacy_market_level"] = next(iter(market_level.values()))
+        return results
 
     def _broadcast(self, headers: dict[str, dict]) -> dict[str, dict]:
         labels = {h["label"] for h in headers.values()}

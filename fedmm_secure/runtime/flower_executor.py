@@ -54,7 +54,7 @@ class InProcessTaskExecutor:
     """
 
     def __init__(self, *, runtime_api_address: str, handle: Callable[[str, bytes], tuple[str, bytes]],
-                 insecure: bool, root_certificates: bytes | None = None, poll_interval: float = 0.02,
+                 insecure: bool, root_certificates: bytes | None = None, poll_interval: float = 0.05,
                  log: Callable[[str], None] = lambda s: None) -> None:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker

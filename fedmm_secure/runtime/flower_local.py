@@ -74,7 +74,7 @@ expected-markets = 1
 stage-timeout = 30.0
 step-timeout = 600.0
 join-timeout = 60.0
-poll-interval = 0.02
+poll-interval = 0.05
 workload-json = '{"name": "fedmm"}'
 """
 
@@ -92,7 +92,7 @@ class FlowerLocalDeployment:
     """A throwaway Flower deployment for ``cfg``'s markets on 127.0.0.1."""
 
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
-                 hang_at: dict[str, str] | None = None, poll_interval: float = 0.02, stock: bool = False,
+                 hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
                  workload: dict | None = None) -> None:
         from ..experiment import load_data
 
@@ -145,7 +145,7 @@ class FlowerLocalDeployment:
             rport = _free_port()
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower_worker", "--market", m,
-                   "--ready-file", str(ready[m])]
+                   "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m))]
             node = ["--insecure", "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
                     "--port", str(rport)]
             if self.stock:
@@ -171,6 +171,10 @@ class FlowerLocalDeployment:
             if time.monotonic() > deadline:
                 raise AbortError("market workers did not start in time (see flower_logs/)")
             time.sleep(0.1)
+
+    def ledger_dir(self, market: str) -> Path:
+        """Where ``market``'s worker keeps its privacy ledger (DP runs)."""
+        return self.out_dir.resolve() / "ledgers" / market
 
     def hang_marker(self, market: str) -> Path:
         return self.work / f"hang-{market}"
@@ -292,7 +296,8 @@ def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> 
 
 
 def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, seed: int,
-                         config: RunConfig | None, timeout: float = 1800.0) -> int:
+                         config: RunConfig | None, timeout: float = 1800.0, epsilon: float | None = None,
+                         epsilon_budget: float | None = None) -> int:
     """``fedmm-secure flower local``: run FedMM on a loopback Flower deployment; 0 on success."""
     if config is None:
         if not isinstance(markets, int) or markets < 2:
@@ -302,12 +307,15 @@ def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, s
         raw = config.to_dict()
         raw.update(rounds=rounds, secagg=secagg, seed=seed, methods=["fedmm"])
         cfg = config_from_dict(raw)
-    if cfg.privacy.enabled:
-        raise ConfigError("privacy.enabled", "DP runs are not yet supported on the Flower runtime",
-                          allowed="--no-dp, or the embedded runtime (fedmm-secure run)")
+    if epsilon is not None or epsilon_budget is not None:
+        raw = cfg.to_dict()
+        raw["privacy"] = {**raw["privacy"], "enabled": True,
+                          **({"epsilon": epsilon, "noise_multiplier": None} if epsilon is not None else {}),
+                          **({"epsilon_budget": epsilon_budget} if epsilon_budget is not None else {})}
+        cfg = config_from_dict(raw)
     out = Path(out)
-    if (out / "results.json").exists():
-        raise ConfigError("--out", f"{out} already holds results.json", allowed="a new directory")
+    if (out / "results.json").exists() or (out / "ledgers").exists():
+        raise ConfigError("--out", f"{out} already holds a run", allowed="a new directory")
     with FlowerLocalDeployment(cfg, out_dir=out) as dep:
         dep.start()
         dep.submit()

@@ -38,6 +38,7 @@ from ..data.market import MarketData
 from ..federation.fedmm import (
     MarketRun,
     RoundHooks,
+    _apply_global,
     _code_metrics,
     _ctr_fields,
     _ctr_inputs,
@@ -51,7 +52,7 @@ from ..federation.fedmm import (
 )
 from ..federation.training import TrainerFactory, TrainSettings, plain_trainers
 from ..models.cf import CFModel
-from ..models.codebook import code_statistics, flatten_stats, unflatten_stats, update_codebook
+from ..models.codebook import CodeStats, code_statistics, flatten_stats, unflatten_stats, update_codebook
 from ..models.ctr import DeepFM
 from ..models.rqvae import RQVAE
 
@@ -100,16 +101,24 @@ def state_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
 Pipeline = Generator["SumRequest | BroadcastRequest", "np.ndarray | bytes | None", dict]
 
 
+def _request(hooks: RoundHooks, m: str, label: str, rnd: int, vec: np.ndarray, bounds: np.ndarray) -> SumRequest:
+    # What fedmm._upload does for every market: clip to the public bounds, then (optionally)
+    # the market's own share of market-level noise; the ring is sized for the noisy bounds.
+    noisy = hooks.perturb_upload(label, rnd, m, np.clip(vec, -bounds, bounds), bounds)
+    return SumRequest(label, rnd, noisy, hooks.upload_bounds(label, bounds))
+
+
 def _average_shared(r: MarketRun, module: torch.nn.Module, names, meta: PublicMeta, label: str,
-                    rnd: int, bound: float) -> Pipeline:
+                    rnd: int, bound: float, hooks: RoundHooks) -> Pipeline:
     # Same vector as fedmm._average_shared builds for this market: [w * theta, w].
     w = len(r.data.train) / meta.n_train_max
     theta = np.clip(_flat_params(module, names), -bound, bound)
     vec = np.concatenate([w * theta, [w]])
     bounds = np.concatenate([np.full(len(vec) - 1, bound), [1.0]])
-    s = yield SumRequest(label, rnd, vec, bounds)
+    s = yield _request(hooks, r.data.name, label, rnd, vec, bounds)
     if s is not None:
-        _load_flat(module, names, s[:-1] / s[-1])
+        # As fedmm._average_shared: with market-level noise the summed weight is noisy too.
+        _load_flat(module, names, s[:-1] / max(s[-1], 1e-3))
 
 
 def fedmm_market_pipeline(data: MarketData, cfg: ModelConfig, *, rounds: int, seed: int, meta: PublicMeta,
@@ -141,7 +150,7 @@ def fedmm_market_pipeline(data: MarketData, cfg: ModelConfig, *, rounds: int, se
                      settings=settings, generator=r.generator).train_epochs(settings.epochs)
         hooks.before_release("cf", rnd)
         if names and rnd < rounds - 1:
-            yield from _average_shared(r, r.cf, names, meta, "cf-shared", rnd, cfg.shared_bound)
+            yield from _average_shared(r, r.cf, names, meta, "cf-shared", rnd, cfg.shared_bound, hooks)
 
     # ---------------------------------------------------------------- stage 2: RQ-VAE
     init = torch.Generator().manual_seed(seed * 7919 + 17)
@@ -173,14 +182,14 @@ def fedmm_market_pipeline(data: MarketData, cfg: ModelConfig, *, rounds: int, se
         r.vq.local_codebook.copy_(torch.from_numpy(new2).float())
         r.history["vq_recon"].append(r.vq.reconstruction_error(x))
         if cfg.share_autoencoder:
-            yield from _average_shared(r, r.vq, ae_names, meta, "rqvae-shared", rnd, cfg.shared_bound)
-        s = yield SumRequest("codebook-l1", rnd, flatten_stats(stats1), bound)
+            yield from _average_shared(r, r.vq, ae_names, meta, "rqvae-shared", rnd, cfg.shared_bound, hooks)
+        flat = flatten_stats(stats1)
+        s = yield _request(hooks, m, "codebook-l1", rnd, flat, np.full(len(flat), bound))
         if s is not None:
             total = unflatten_stats(s, cfg.n_global, cfg.latent_dim)
-            new, _ = update_codebook(r.vq.global_codebook.numpy().astype(np.float64), total,
-                                     decay=cfg.codebook_decay, dead_threshold=1.0,
-                                     rng=np.random.default_rng([seed, rnd, 1]))
-            r.vq.global_codebook.copy_(torch.from_numpy(new).float())
+            # As fedmm.train_rqvae: summed counts are integers up to the backend's error.
+            total = CodeStats(np.maximum(np.round(total.counts), 0.0), total.sums)
+            _apply_global(r, total, cfg, np.random.default_rng([seed, rnd, 1]))
     c1, c2, _, _ = r.vq.codes(x)
     r.codes = (c1, c2)
 
@@ -211,7 +220,7 @@ def fedmm_market_pipeline(data: MarketData, cfg: ModelConfig, *, rounds: int, se
         # model both compete on the market's own validation split.
         for phase in ("local", "averaged"):
             if phase == "averaged":
-                yield from _average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound)
+                yield from _average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound, hooks)
             v = evaluate_ctr(data.valid.click, _predict(r.ctr, _ctr_inputs(r, data.valid, True)))["auc"]
             r.history["valid_auc"].append(v)
             if best is None or v > best[0]:

@@ -1,13 +1,17 @@
 """A market's long-lived worker: its data, models, long-term keys and the round in progress.
 
-Flower 1.40 starts a fresh ClientApp *process* for every message a SuperNode receives, so
-nothing a ClientApp holds in memory survives to the next stage. A market's state (DP-trained
-models, the masking round's ephemeral secrets, which must never be serialized) therefore lives
-in this worker, a process on the market's own machine next to its SuperNode; the ClientApp is a
-thin relay that hands the worker each message over a loopback socket and returns its reply.
+A market's state (models, the masking round's ephemeral secrets, which must never be
+serialized) lives in this worker, a process on the market's own machine next to its SuperNode.
+Flower 1.40 would otherwise start a fresh ClientApp *process* for every message, in which nothing
+survives to the next stage. Two ways to connect it to the SuperNode:
 
-:class:`MarketWorker` is the state machine (usable in process); :func:`serve` runs it behind a
-socket, one request per connection.
+* ``--superexec HOST:PORT`` (default of ``fedmm-secure flower local``): the SuperNode runs with
+  ``--isolation process`` and this worker executes its ClientApp tasks in process
+  (:mod:`.flower_executor`);
+* ``--listen HOST:PORT``: stock isolation; the ClientApp process Flower starts per message
+  relays the message to this socket (one request per connection, :func:`serve`).
+
+:class:`MarketWorker` is the state machine (also used in process by the tests).
 """
 
 from __future__ import annotations
@@ -48,8 +52,13 @@ class HangAt:
 
 
 class MarketWorker:
-    def __init__(self, *, market: str, hang_at: HangAt | None = None) -> None:
+    def __init__(self, *, market: str, hang_at: HangAt | None = None, ledger_dir: Path | None = None) -> None:
         self.market = market
+        # This market's privacy ledger (DP runs): on the market's own machine, written before
+        # any upload that depends on the round's DP-trained parameters leaves the worker.
+        self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
+        self._ledger = None
+        self._session = None
         self._hang_at = hang_at
         self._endpoint = None
         self._pipeline = None
@@ -99,14 +108,37 @@ class MarketWorker:
         meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
         workload = msg.get("workload", {"name": "fedmm"})
         if workload.get("name") == "fedmm":
+            trainers, hooks = self._privacy(int(msg["n_markets"]))
             self._pipeline = fedmm_market_pipeline(self._data, self._cfg.model, rounds=self._cfg.rounds,
-                                                   seed=self._cfg.seed, meta=meta)
+                                                   seed=self._cfg.seed, meta=meta, trainers=trainers, hooks=hooks)
         elif workload.get("name") == "secure-sum":
             self._pipeline = secure_sum_pipeline(length=int(workload["length"]), rounds=int(workload["rounds"]),
                                                  seed=self._cfg.seed, meta=meta, n_markets=int(msg["n_markets"]))
         else:
             raise ProtocolError(f"unknown workload {workload.get('name')!r}")
         return self._advance(None, first=True)
+
+    def _privacy(self, n_markets: int):
+        """DP-SGD trainers and round hooks for this market (plain ones for a non-private run)."""
+        from ..federation.training import plain_trainers
+
+        if not self._cfg.privacy.enabled:
+            return plain_trainers, None
+        if self.ledger_dir is None:
+            raise ConfigError("ledger-dir", "a private run needs this market's ledger directory",
+                              allowed="--ledger-dir DIR on the market worker")
+        from ..experiment import privacy_session
+        from ..privacy.ledger import Ledger
+
+        if (self.ledger_dir / "ledger.sqlite").exists():
+            raise ConfigError("ledger-dir", f"{self.ledger_dir} already holds a privacy ledger",
+                              allowed="a new directory per run")
+        self.ledger_dir.mkdir(parents=True, exist_ok=True)
+        self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True)
+        method_index = self._cfg.methods.index("fedmm") if "fedmm" in self._cfg.methods else 0
+        self._session = privacy_session(self._cfg, [self._data], method="fedmm", ledger=self._ledger,
+                                        method_index=method_index, federation_size=n_markets)
+        return self._session, self._session
 
     def _advance(self, value, *, first: bool = False) -> tuple[str, bytes]:
         """Run the pipeline up to its next request and describe it to the coordinator."""
@@ -115,7 +147,13 @@ class MarketWorker:
         except StopIteration as stop:
             self._pending = None
             self.result = stop.value
-            return "request", pack_json({"type": "done", "metrics": stop.value["metrics"]})
+            done = {"type": "done", "metrics": stop.value["metrics"]}
+            if self._session is not None:
+                done["privacy"] = self._session.summary()[self.market]
+                if self._session.market_level_summary() is not None:
+                    done["privacy_market_level"] = self._session.market_level_summary()
+                self._ledger.close()
+            return "request", pack_json(done)
         self._pending = req
         if isinstance(req, SumRequest):
             return "request", pack_json({"type": "sum", "label": req.label, "round_id": req.round_id,
@@ -186,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--superexec", metavar="HOST:PORT", help="the SuperNode's Runtime API (keep it on loopback)")
     mode.add_argument("--listen", metavar="HOST:PORT", help="relay mode: serve the ClientApp here (loopback)")
     p.add_argument("--root-certificates", help="CA of the SuperNode's Runtime API TLS certificate (default: plain HTTP on loopback)")
-    p.add_argument("--poll-interval", type=float, default=0.02)
+    p.add_argument("--poll-interval", type=float, default=0.05)
+    p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
     p.add_argument("--ready-file")
     p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
     p.add_argument("--hang-marker")
@@ -197,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.hang_at:
         label, rnd, stage = args.hang_at.split(":")
         hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
-    worker = MarketWorker(market=args.market, hang_at=hang)
+    worker = MarketWorker(market=args.market, hang_at=hang,
+                          ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None)
     ready = Path(args.ready_file) if args.ready_file else None
     if args.listen:
         host, _, port = args.listen.rpartition(":")
