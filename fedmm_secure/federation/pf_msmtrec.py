@@ -68,8 +68,12 @@ class PFSettings:
     update_bound: float = 0.5        # per-coordinate clip of uploaded updates (sizes the masking ring)
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     select_by: str = "auc"           # local model selection score: "auc" (mean CTR/CTCVR AUC) or "loss"
+    train_from: str = "personal"     # shared parameters local training starts from: "personal" or "global"
+    alpha_memory: float = 0.0        # decay of the per-alpha validation cost accumulated over rounds
 
     def __post_init__(self) -> None:
+        if self.train_from not in ("personal", "global"):
+            raise ConfigError("pf.train_from", f"unknown start {self.train_from!r}", allowed="personal, global")
         if self.select_by not in ("auc", "loss"):
             raise ConfigError("pf.select_by", f"unknown criterion {self.select_by!r}", allowed="auc, loss")
         for f in ("dim", "n_experts", "tower_hidden", "epochs", "batch_size"):
@@ -79,6 +83,9 @@ class PFSettings:
         if (not isinstance(self.expert_hidden, tuple) or not self.expert_hidden
                 or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.expert_hidden)):
             raise ConfigError("pf.expert_hidden", "must be a non-empty list of positive integers")
+        if (isinstance(self.alpha_memory, bool) or not isinstance(self.alpha_memory, (int, float))
+                or not 0 <= self.alpha_memory < 1):
+            raise ConfigError("pf.alpha_memory", f"must be in [0, 1), got {self.alpha_memory!r}")
         for f in ("lr", "update_bound"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not np.isfinite(v):
@@ -230,6 +237,7 @@ class ScenarioClient:
     global_vec: np.ndarray | None = None     # the global shared model, advanced by every sum
     direction: np.ndarray | None = None      # last round's global update (for conflict coordination)
     best: tuple[float, dict] | None = None
+    alpha_costs: dict = field(default_factory=dict)   # accumulated validation cost per grid value
     history: dict = field(default_factory=lambda: {"valid_loss": [], "alpha_expert": [], "alpha_tower": [],
                                                    "conflicts": []})
     _tensors: dict = field(default_factory=dict)
@@ -312,24 +320,34 @@ def client_upload(client: ScenarioClient, mech: Mechanisms, *, start: np.ndarray
 
 
 def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, idx: np.ndarray,
-                  grid: Sequence[float]) -> tuple[float, np.ndarray]:
+                  grid: Sequence[float], *, key: str = "", memory: float = 0.0) -> tuple[float, np.ndarray]:
     """Pick alpha on ``grid`` for the coordinates ``idx`` (others stay as in ``base``) by the
     client's validation score (lower cost wins; ties keep the earlier grid value); a one-value
-    grid is used as is and reads no data."""
-    best: tuple[float, float, np.ndarray] | None = None
+    grid is used as is and reads no data. With ``memory > 0`` the choice uses each grid value's
+    validation cost accumulated over rounds (``acc = memory * acc + cost``, kept per ``key``), so
+    one noisy round does not flip the choice."""
+    if len(grid) == 1:
+        cand = base.copy()
+        cand[idx] = mix(target[idx], base[idx], float(grid[0]))
+        return float(grid[0]), cand
+    costs, cands = [], []
     for a in grid:
         cand = base.copy()
         cand[idx] = mix(target[idx], base[idx], float(a))
-        if len(grid) == 1:
-            return float(a), cand
         client.load_shared(cand)
-        loss = client.valid_loss()
-        if best is None or loss < best[0]:
-            best = (loss, float(a), cand)
-    return best[1], best[2]
+        costs.append(client.valid_loss())
+        cands.append(cand)
+    costs = np.asarray(costs)
+    if memory > 0:
+        prev = client.alpha_costs.get(key)
+        costs = costs if prev is None or len(prev) != len(costs) else memory * prev + costs
+        client.alpha_costs[key] = costs
+    i = int(np.argmin(costs))
+    return float(grid[i]), cands[i]
 
 
-def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, grid: Sequence[float]) -> None:
+def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, grid: Sequence[float], *,
+                   memory: float = 0.0) -> None:
     """Advance the global model by the average update, then personalize bottom-up: experts
     first, then each task tower."""
     w = float(total[-1])
@@ -341,7 +359,7 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
     cur = local.copy()
     idx = plan.group_index("expert")
     if mech.personal:
-        a_e, cur = _choose_alpha(client, cur, client.global_vec, idx, grid)
+        a_e, cur = _choose_alpha(client, cur, client.global_vec, idx, grid, key="expert", memory=memory)
     else:
         a_e = 1.0
         cur[idx] = client.global_vec[idx]
@@ -353,7 +371,8 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
             continue
         t_idx = np.arange(sl[b.name].start, sl[b.name].stop)
         if mech.tower_personal:
-            alphas[b.name], cur = _choose_alpha(client, cur, client.global_vec, t_idx, grid)
+            alphas[b.name], cur = _choose_alpha(client, cur, client.global_vec, t_idx, grid, key=b.name,
+                                                memory=memory)
         else:
             alphas[b.name] = 1.0
             cur[t_idx] = client.global_vec[t_idx]
@@ -399,6 +418,8 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
         allowed = hooks.before_round(STAGE, rnd, list(clients))
         starts = {}
         for m, c in clients.items():
+            if mech.federated and settings.train_from == "global" and c.global_vec is not None:
+                c.load_shared(c.global_vec)
             starts[m] = c.shared_vector()
             if m not in allowed:
                 continue
@@ -419,7 +440,7 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
                        for m, c in clients.items()}
             result = secure_sum.secure_sum(label="pf-mmoe", round_id=rnd, vectors=vectors, max_abs=bounds)
             for m, total in result.sums.items():
-                client_receive(clients[m], mech, total, settings.alpha_grid)
+                client_receive(clients[m], mech, total, settings.alpha_grid, memory=settings.alpha_memory)
                 clients[m].consider_checkpoint()
         progress(f"round {rnd + 1}/{rounds}")
     out: dict = {"markets": {}, "clients": clients}

@@ -171,7 +171,12 @@ def test_secure_mode_draws_cryptographic_noise_of_the_right_scale():
     noise = trainer._noise_into_grads()
     flat = torch.cat([v.flatten() for v in noise.values()]).double()
     expected = 2.0 * 0.5 / trainer.sampler.expected_batch_size
-    assert abs(flat.std().item() / expected - 1) < 0.1 and abs(flat.mean().item()) < 0.1 * expected
+    # OS-keyed noise cannot be seeded, so the bounds are statistical: 5 standard errors
+    # (false alarm < 1e-6 per run; a wrong scale or a constant offset still fails).
+    n = flat.numel()
+    assert n >= 100
+    assert abs(flat.std().item() / expected - 1) < 5 * (0.5 / n) ** 0.5
+    assert abs(flat.mean().item()) < 5 * expected / n ** 0.5
     again = torch.cat([v.flatten() for v in trainer._noise_into_grads().values()])
     assert not torch.equal(again.to(flat.dtype), flat)  # fresh sub-key per draw
 
