@@ -38,9 +38,9 @@ TARGET_FLOWER_S = 5.0
 TARGET_EMBEDDED_S = 1.0
 
 
-def _embedded_rounds(rounds: int, seed: int = 0) -> list[float]:
+def _embedded_rounds(rounds: int, seed: int = 0, secagg: str = "masking") -> list[float]:
     names = [f"m{i}" for i in range(MARKETS)]
-    ss = EmbeddedSecureSum(backend="masking", markets=names, run_id="bench", allow_insecure=False)
+    ss = EmbeddedSecureSum(backend=secagg, markets=names, run_id="bench", allow_insecure=False)
     out = []
     for r in range(rounds):
         vecs = {m: workload_vector(seed=seed, index=i, round_id=r, length=LENGTH) for i, m in enumerate(names)}
@@ -51,8 +51,8 @@ def _embedded_rounds(rounds: int, seed: int = 0) -> list[float]:
     return out
 
 
-def _flower_rounds(tmp_path, *, stock: bool, rounds: int) -> tuple[list[dict], float]:
-    cfg = tiny_flower_config(markets=MARKETS, rounds=1, secagg="masking", seed=0)
+def _flower_rounds(tmp_path, *, stock: bool, rounds: int, secagg: str = "masking") -> tuple[list[dict], float]:
+    cfg = tiny_flower_config(markets=MARKETS, rounds=1, secagg=secagg, seed=0)
     t0 = time.perf_counter()
     with FlowerLocalDeployment(cfg, out_dir=tmp_path, stock=stock, stage_timeout=120.0,
                                workload={"name": "secure-sum", "length": LENGTH, "rounds": rounds}) as dep:
@@ -69,9 +69,10 @@ def _flower_rounds(tmp_path, *, stock: bool, rounds: int) -> tuple[list[dict], f
 def _report(benchmark, name: str, rounds: list[dict], embedded: list[float], wall: float) -> dict:
     # Round 0 includes the workers' first use of each code path; report it apart.
     proto = [r["protocol_s"] for r in rounds[1:]]
+    n_stages = len(rounds[0]["stage_s"]) - 1
     emb = embedded[1:]
     info = {
-        "mode": name, "markets": MARKETS, "values": LENGTH, "rounds_measured": len(proto),
+        "mode": name, "markets": MARKETS, "values": LENGTH, "rounds_measured": len(proto), "stages": n_stages,
         "flower_round_s_median": statistics.median(proto), "flower_round_s_max": max(proto),
         "flower_round0_s": rounds[0]["protocol_s"],
         "flower_stage_s_median": statistics.median(s for r in rounds[1:] for s in r["stage_s"][:-1]),
@@ -87,17 +88,20 @@ def _report(benchmark, name: str, rounds: list[dict], embedded: list[float], wal
     return info
 
 
-def test_secure_round_latency_flower_vs_embedded(benchmark, tmp_path):
+@pytest.mark.parametrize("secagg", ["masking", "ckks"])
+def test_secure_round_latency_flower_vs_embedded(benchmark, tmp_path, secagg):
+    if secagg == "ckks":
+        pytest.importorskip("tenseal")
     box: dict = {}
 
     def run() -> None:
-        before = _embedded_rounds(ROUNDS)
-        box["rounds"], box["wall"] = _flower_rounds(tmp_path / "fast", stock=False, rounds=ROUNDS)
-        after = _embedded_rounds(ROUNDS)
+        before = _embedded_rounds(ROUNDS, secagg=secagg)
+        box["rounds"], box["wall"] = _flower_rounds(tmp_path / "fast", stock=False, rounds=ROUNDS, secagg=secagg)
+        after = _embedded_rounds(ROUNDS, secagg=secagg)
         box["embedded"] = [min(a, b) for a, b in zip(before, after)]
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    _report(benchmark, "worker-executor", box["rounds"], box["embedded"], box["wall"])
+    _report(benchmark, f"worker-executor/{secagg}", box["rounds"], box["embedded"], box["wall"])
 
 
 @pytest.mark.skipif(not os.environ.get("FEDMM_BENCH_FLOWER_STOCK"), reason="set FEDMM_BENCH_FLOWER_STOCK=1")

@@ -179,11 +179,19 @@ class Coordinator:
         stage = 0
         up = {m: 0 for m in participants}
         stage_s: list[float] = []
+        begun: set[str] = set()
         while True:
-            base = {"label": ctx.label, "round_id": ctx.round_id}
-            if stage == 0:
-                base.update(begin=True, participants=list(participants))
-            msgs = {m: ("secagg", pack_with_header(base, body)) for m, body in outbox.items() if m in self.alive}
+            msgs = {}
+            for m, body in outbox.items():
+                if m not in self.alive:
+                    continue
+                header = {"label": ctx.label, "round_id": ctx.round_id}
+                # A market's first message of the sum opens its round; with CKKS only the key
+                # holder hears from the aggregator at stage 0, the others first at stage 1.
+                if m not in begun:
+                    header.update(begin=True, participants=list(participants))
+                    begun.add(m)
+                msgs[m] = ("secagg", pack_with_header(header, body))
             final = server.done
             # The reply to the result message is the market's next request, so it includes
             # the local training that comes before it.

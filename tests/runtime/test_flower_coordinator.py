@@ -127,3 +127,23 @@ def test_private_run_needs_a_ledger_directory():
         Coordinator(cfg=_private(CFG, 4.0), run_id="dp", links=InProcessLinks(workers), stage_timeout=1,
                     step_timeout=60).run()
     assert all(w.result is None for w in workers.values())
+
+
+def test_ckks_markets_that_first_hear_at_stage_one_still_take_part():
+    # With CKKS only the key holder gets a stage-0 message; every market must still be in the sum.
+    pytest.importorskip("tenseal")
+    from fedmm_secure.config import config_from_dict
+
+    torch.set_num_threads(1)
+    raw = CFG.to_dict()
+    raw["secagg"] = "ckks"
+    cfg = config_from_dict(raw)
+    ref, _ = embedded_codebooks(cfg=cfg, drop=None)
+    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    res = Coordinator(cfg=cfg, run_id=f"run-{cfg.seed}", links=InProcessLinks(workers), stage_timeout=1,
+                      step_timeout=60).run()
+    assert res["dropped"] == {} and res["secagg"]["backend"] == "ckks"
+    assert all(r["survivors"] == ["m0", "m1", "m2"] for r in res["secagg"]["rounds"])
+    for m, w in workers.items():
+        # CKKS is approximate (and rounds counts): equal to the embedded run up to its error.
+        np.testing.assert_allclose(w.result["run"].vq.global_codebook.numpy(), ref[m], atol=1e-4)
