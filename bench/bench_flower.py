@@ -29,7 +29,7 @@ pytest.importorskip("flwr")
 
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum  # noqa: E402
 from fedmm_secure.runtime.flower_local import FlowerLocalDeployment, tiny_flower_config  # noqa: E402
-from fedmm_secure.runtime.flower_market import workload_vector  # noqa: E402
+from fedmm_secure.runtime.workloads import workload_vector  # noqa: E402
 
 MARKETS = 5
 LENGTH = 256 * 64 + 256

@@ -48,7 +48,7 @@ from .audit import MarketAuditTarget, ScoreFn, phi_from_binary_logits
 from .config import RunConfig, config_from_dict
 from .data.market import MarketData
 from .errors import ConfigError, DataError
-from .federation.fedmm import MarketRun, train_cf, train_rqvae
+from .federation.fedmm import run_pipelines
 from .federation.training import PlainTrainer, TrainSettings, sample_rate_for
 from .models.ctr import DeepFM
 from .privacy.accountant import make_accountant
@@ -139,13 +139,9 @@ def fedmm_codes(config: RunConfig, markets: list[MarketData]) -> dict[str, tuple
         index = config.methods.index("fedmm") if "fedmm" in config.methods else 0
         session = privacy_session(config, markets, method="fedmm", ledger=None, method_index=index)
         trainers, hooks = session, session
-    runs = {m.name: MarketRun(m, torch.Generator().manual_seed(config.seed * 1_000_003 + i))
-            for i, m in enumerate(markets)}
-    quiet = lambda s: None  # noqa: E731
-    train_cf(runs, config.model, rounds=config.rounds, federated=True, secure_sum=secure_sum,
-             trainers=trainers, hooks=hooks, progress=quiet)
-    train_rqvae(runs, config.model, rounds=config.rounds, federated=True, secure_sum=secure_sum,
-                seed=config.seed, hooks=hooks, progress=quiet)
+    outs = run_pipelines("fedmm", markets, config.model, rounds=config.rounds, seed=config.seed,
+                         secure_sum=secure_sum, trainers=trainers, hooks=hooks, codes_only=True)
+    runs = {m: out["run"] for m, out in outs.items()}
     return {m: r.codes for m, r in runs.items()}
 
 

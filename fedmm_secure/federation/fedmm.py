@@ -16,6 +16,10 @@ Three stages run one after another, each for ``rounds`` federated rounds:
 
 Methods: ``local`` (stage 3 on IDs only), ``local_codes`` (all stages, nothing federated),
 ``fedmm``, ``centralized`` (all markets pooled into one market: no privacy, an upper bound).
+
+The stages are written once, per market, in :mod:`.market_pipeline`; :func:`run_method` drives
+every market's pipeline in this process (:func:`drive_in_process`), the Flower runtime drives
+each one in its own market's worker. This module holds the shared helpers and the drivers.
 """
 
 from __future__ import annotations
@@ -26,20 +30,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import normalized_mutual_info_score, roc_auc_score
 
 from ..config import ModelConfig
 from ..data.market import MarketData, MarketSplit
+from ..errors import ConfigError
 from ..metrics import hit_rate_at_k, ndcg_at_k
 from ..models.cf import CFModel
-from ..models.codebook import CodeStats, code_statistics, flatten_stats, perplexity, unflatten_stats, update_codebook, utilization
+from ..models.codebook import perplexity, update_codebook, utilization
 from ..models.ctr import DeepFM
 from ..models.rqvae import RQVAE
-from .training import LocalTrainer, TrainerFactory, TrainSettings, plain_trainers
+from .training import TrainerFactory, plain_trainers
 from .transport import SecureSum
 
-__all__ = ["RoundHooks", "MarketRun", "run_method", "pool_markets", "evaluate_ctr"]
+__all__ = ["RoundHooks", "MarketRun", "run_method", "run_pipelines", "drive_in_process", "pool_markets", "evaluate_ctr"]
 
 class RoundHooks:
     """Called around every raw-data federated round; the privacy session overrides both.
@@ -111,147 +115,11 @@ def _load_flat(module: torch.nn.Module, names: Sequence[str], vec: np.ndarray) -
         pos += k
 
 
-def _upload(secure_sum: SecureSum, hooks: RoundHooks, label: str, round_id: int,
-            vectors: dict[str, np.ndarray], bounds: np.ndarray):
-    """Everything that leaves a market goes through here: clipped to the public bounds, then
-    (optionally) noised by the market itself, then securely summed."""
-    noisy = {m: hooks.perturb_upload(label, round_id, m, np.clip(v, -bounds, bounds), bounds)
-             for m, v in vectors.items()}
-    return secure_sum.secure_sum(label=label, round_id=round_id, vectors=noisy,
-                                 max_abs=hooks.upload_bounds(label, bounds))
-
-
-def _average_shared(runs: dict[str, MarketRun], module_of: Callable[[MarketRun], torch.nn.Module],
-                    names: Sequence[str], secure_sum: SecureSum, label: str, round_id: int, bound: float,
-                    hooks: RoundHooks) -> None:
-    """FedAvg of the shared parameters, weighted by training rows, through one secure sum.
-
-    Each market uploads ``[w * theta, w]`` with ``w = n_train / n_max`` in (0, 1]; the sum gives
-    the weighted average without revealing any market's parameters or weight. Market sizes are
-    treated as public metadata, as DP-SGD already does when it sets the sample rate from them.
-    """
-    n_max = max(len(r.data.train) for r in runs.values())
-    vectors = {}
-    for m, r in runs.items():
-        w = len(r.data.train) / n_max
-        theta = np.clip(_flat_params(module_of(r), names), -bound, bound)
-        vectors[m] = np.concatenate([w * theta, [w]])
-    dim = len(next(iter(vectors.values()))) - 1
-    bounds = np.concatenate([np.full(dim, bound), [1.0]])
-    result = _upload(secure_sum, hooks, label, round_id, vectors, bounds)
-    for m, s in result.sums.items():
-        # With market-level noise the summed weight is noisy too; it stays near the true
-        # total, but guard against a pathological draw.
-        _load_flat(module_of(runs[m]), names, s[:-1] / max(s[-1], 1e-3))
-
-
-# ----------------------------------------------------------------------------- stage 1: CF
-def train_cf(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, federated: bool,
-             secure_sum: SecureSum | None, trainers: TrainerFactory, hooks: RoundHooks,
-             progress: Callable[[str], None]) -> None:
-    settings = TrainSettings(cfg.cf_epochs, cfg.batch_size, cfg.cf_lr)
-    for m, r in runs.items():
-        d = r.data
-        feats = torch.from_numpy(d.item_features if d.item_features is not None
-                                 else np.zeros((d.n_items, 0), dtype=np.int64))
-        with _seeded(r.generator):
-            r.cf = CFModel(n_users=d.n_users, n_items=d.n_items, dim=cfg.cf_dim,
-                           item_feature_cards=tuple(d.item_feature_cards), item_features=feats)
-    if federated:
-        # Shared tables start identical in every market (a public seed), as in FedAvg.
-        first = next(iter(runs.values())).cf
-        for r in runs.values():
-            r.cf.load_state_dict({k: v for k, v in first.state_dict().items() if k.startswith("attrs.")}, strict=False)
-    names = next(iter(runs.values())).cf.shared_parameter_names()
-    for rnd in range(rounds):
-        allowed = hooks.before_round("cf", rnd, list(runs))
-        for m, r in runs.items():
-            if m not in allowed:
-                continue
-            users, items, click = _split_tensors(r.data.train)
-
-            def loss(model, idx, users=users, items=items, click=click):
-                return F.binary_cross_entropy_with_logits(model(users[idx], items[idx]), click[idx], reduction="none")
-
-            trainers(market=m, stage="cf", model=r.cf, loss_fn=loss, n_records=len(users), users=users,
-                     settings=settings, generator=r.generator).train_epochs(settings.epochs)
-        hooks.before_release("cf", rnd)
-        # Average between rounds, not after the last: each market keeps the shared tables its
-        # own ID embeddings were last trained with (personalised FedAvg).
-        if federated and names and rnd < rounds - 1:
-            _average_shared(runs, lambda r: r.cf, names, secure_sum, "cf-shared", rnd, cfg.shared_bound, hooks)
-        progress(f"cf round {rnd + 1}/{rounds}")
-
-
 # ----------------------------------------------------------------------------- stage 2: RQ-VAE
 def _item_inputs(r: MarketRun) -> torch.Tensor:
     # Post-processing of the (DP-trained) CF model: no raw interaction is read here.
     emb = r.cf.all_item_embeddings().float()
     return (emb - emb.mean(0)) / (emb.std(0) + 1e-6)
-
-
-def train_rqvae(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, federated: bool,
-                secure_sum: SecureSum | None, seed: int, hooks: RoundHooks, progress: Callable[[str], None]) -> None:
-    """Stage 2. Post-processing only: inputs are the DP-trained item embeddings."""
-    init = torch.Generator().manual_seed(seed * 7919 + 17)  # public seed: same global init everywhere
-    global_init = 0.5 * torch.randn(cfg.n_global, cfg.latent_dim, generator=init)
-    bound = float(max(r.data.n_items for r in runs.values()))
-    for m, r in runs.items():
-        with _seeded(r.generator):
-            r.vq = RQVAE(in_dim=cfg.cf_dim, latent_dim=cfg.latent_dim, hidden=cfg.vq_hidden,
-                         n_global=cfg.n_global, n_local=cfg.n_local, generator=r.generator)
-        r.vq.global_codebook.copy_(global_init)
-        r.history["vq_recon"] = []
-    ae_names = [n for n, _ in next(iter(runs.values())).vq.named_parameters()]
-    if federated:
-        # Encoder and decoder start identical (public seed) and are averaged after every round,
-        # so the map from the (aligned) CF space to the global codebook is the same everywhere.
-        first = next(iter(runs.values())).vq
-        for r in runs.values():
-            r.vq.load_state_dict(first.state_dict())
-    inputs = {m: _item_inputs(r) for m, r in runs.items()}
-    for rnd in range(rounds):
-        stats1 = {}
-        for m, r in runs.items():
-            x = inputs[m]
-            opt = torch.optim.Adam(list(r.vq.encoder.parameters()) + list(r.vq.decoder.parameters()), lr=cfg.vq_lr)
-            for _ in range(cfg.vq_epochs):
-                perm = torch.randperm(len(x), generator=r.generator)
-                for i in range(0, len(x), cfg.batch_size):
-                    opt.zero_grad()
-                    loss, _ = r.vq(x[perm[i:i + cfg.batch_size]], beta=cfg.beta)
-                    loss.backward()
-                    opt.step()
-            c1, c2, z, r1 = r.vq.codes(x)
-            stats1[m] = code_statistics(z, c1, cfg.n_global)
-            # Level 2 is local: updated from this market's residual statistics only.
-            local_rng = np.random.default_rng([seed, rnd, 2])
-            new2, _ = update_codebook(r.vq.local_codebook.numpy().astype(np.float64),
-                                      code_statistics(r1, c2, cfg.n_local), decay=cfg.codebook_decay,
-                                      dead_threshold=1.0, rng=local_rng)
-            r.vq.local_codebook.copy_(torch.from_numpy(new2).float())
-            r.history["vq_recon"].append(r.vq.reconstruction_error(x))
-        if federated and cfg.share_autoencoder:
-            _average_shared(runs, lambda r: r.vq, ae_names, secure_sum, "rqvae-shared", rnd, cfg.shared_bound, hooks)
-        if federated:
-            vectors = {m: flatten_stats(s) for m, s in stats1.items()}
-            # Counts are <= n_items and |z| <= 1 (tanh), so every coordinate is bounded by the
-            # largest market's item count: this sizes the masking ring so the sum cannot wrap.
-            result = _upload(secure_sum, hooks, "codebook-l1", rnd, vectors,
-                             np.full(len(next(iter(vectors.values()))), bound))
-            for m, s in result.sums.items():
-                total = unflatten_stats(s, cfg.n_global, cfg.latent_dim)
-                # Counts are integers by construction; masking/CKKS return them up to a small
-                # numerical error, which must not flip a code between live and dead.
-                total = CodeStats(np.maximum(np.round(total.counts), 0.0), total.sums)
-                _apply_global(runs[m], total, cfg, np.random.default_rng([seed, rnd, 1]))
-        else:
-            for m, r in runs.items():
-                _apply_global(r, stats1[m], cfg, np.random.default_rng([seed, rnd, 1]))
-        progress(f"rq-vae round {rnd + 1}/{rounds}")
-    for m, r in runs.items():
-        c1, c2, _, _ = r.vq.codes(inputs[m])
-        r.codes = (c1, c2)
 
 
 def _apply_global(r: MarketRun, stats, cfg: ModelConfig, rng: np.random.Generator) -> None:
@@ -290,58 +158,6 @@ def evaluate_ctr(y: np.ndarray, p: np.ndarray) -> dict:
     return {"auc": auc, "logloss": logloss}
 
 
-def train_ctr(runs: dict[str, MarketRun], cfg: ModelConfig, *, rounds: int, with_codes: bool, federated: bool,
-              secure_sum: SecureSum | None, trainers: TrainerFactory, hooks: RoundHooks,
-              progress: Callable[[str], None]) -> None:
-    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
-    for m, r in runs.items():
-        with _seeded(r.generator):
-            r.ctr = DeepFM(fields=_ctr_fields(r, cfg, with_codes), dim=cfg.ctr_dim, hidden=tuple(cfg.ctr_hidden))
-        r.history["valid_auc"] = []
-    first = next(iter(runs.values())).ctr
-    # Shared in FedMM: what has the same meaning in every market (level-1 code embeddings and,
-    # optionally, the interaction network on top of the field embeddings); never ID embeddings.
-    shared = [n for n, _ in first.named_parameters()
-              if "code1" in n or (cfg.share_ctr_mlp and n.startswith("mlp."))]
-    if federated:
-        init = {k: v.clone() for k, v in first.state_dict().items() if k in shared}
-        for r in runs.values():
-            r.ctr.load_state_dict(init, strict=False)
-    best: dict[str, tuple[float, dict]] = {}
-    for rnd in range(rounds):
-        allowed = hooks.before_round("ctr", rnd, list(runs))
-        for m, r in runs.items():
-            if m not in allowed:
-                continue
-            x = _ctr_inputs(r, r.data.train, with_codes)
-            y = torch.from_numpy(r.data.train.click)
-
-            def loss(model, idx, x=x, y=y):
-                return F.binary_cross_entropy_with_logits(model(x[idx]), y[idx], reduction="none")
-
-            trainers(market=m, stage="ctr", model=r.ctr, loss_fn=loss, n_records=len(x),
-                     users=torch.from_numpy(r.data.train.users), settings=settings,
-                     generator=r.generator).train_epochs(settings.epochs)
-        hooks.before_release("ctr", rnd)
-        # Model selection on the market's own validation split (a local decision that changes no
-        # upload): each market keeps whichever it validates best of its locally trained model and
-        # the model right after averaging, so personalisation is used only where it helps.
-        def select() -> None:
-            for m, r in runs.items():
-                v = evaluate_ctr(r.data.valid.click, _predict(r.ctr, _ctr_inputs(r, r.data.valid, with_codes)))["auc"]
-                r.history["valid_auc"].append(v)
-                if m not in best or v > best[m][0]:
-                    best[m] = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
-
-        select()
-        if federated:
-            _average_shared(runs, lambda r: r.ctr, shared, secure_sum, "ctr-code1", rnd, cfg.shared_bound, hooks)
-            select()
-        progress(f"ctr round {rnd + 1}/{rounds}")
-    for m, r in runs.items():
-        r.ctr.load_state_dict(best[m][1])
-
-
 # ----------------------------------------------------------------------------- methods
 def pool_markets(markets: Sequence[MarketData]) -> MarketData:
     """All markets as one (for the non-private ``centralized`` upper bound): IDs are offset so
@@ -372,41 +188,124 @@ def _code_metrics(codes: np.ndarray, n_codes: int) -> dict:
     return {"utilization": utilization(codes, n_codes), "perplexity": perplexity(codes, n_codes)}
 
 
+class _SharedHooks(RoundHooks):
+    """One :class:`RoundHooks` serving several in-process markets' pipelines.
+
+    Each market's pipeline calls ``before_round`` / ``before_release`` for itself; the wrapped
+    hooks (the privacy session, which keeps one ledger round per stage round) see one call per
+    round for all markets: ``before_round`` at the first market's call, before any of them
+    trains, and ``before_release`` at the last market's, after all of them trained and before
+    the driver releases anything (the pipelines wait at a :class:`Barrier` or a sum request).
+    """
+
+    def __init__(self, inner: RoundHooks, markets: Sequence[str]) -> None:
+        self.inner, self.markets = inner, list(markets)
+        self._allowed: dict[tuple[str, int], set[str]] = {}
+        self._released: dict[tuple[str, int], int] = {}
+
+    def before_round(self, stage: str, rnd: int, markets: Sequence[str]) -> set[str]:
+        key = (stage, rnd)
+        if key not in self._allowed:
+            self._allowed[key] = set(self.inner.before_round(stage, rnd, self.markets))
+        return self._allowed[key] & set(markets)
+
+    def before_release(self, stage: str, rnd: int) -> None:
+        key = (stage, rnd)
+        self._released[key] = self._released.get(key, 0) + 1
+        if self._released[key] == len(self.markets):
+            self.inner.before_release(stage, rnd)
+
+    def upload_bounds(self, label: str, bounds: np.ndarray) -> np.ndarray:
+        return self.inner.upload_bounds(label, bounds)
+
+    def perturb_upload(self, label: str, rnd: int, market: str, vector: np.ndarray,
+                       bounds: np.ndarray) -> np.ndarray:
+        return self.inner.perturb_upload(label, rnd, market, vector, bounds)
+
+
+def drive_in_process(pipelines: dict, secure_sum: SecureSum | None) -> dict[str, dict]:
+    """Run every market's pipeline in this process, in lockstep; returns each one's result.
+
+    Requests are answered as a distributed deployment answers them: a broadcast relays the
+    first market's payload, a sum request goes to ``secure_sum`` with every market's vector,
+    a barrier resumes everyone once all markets reached it.
+    """
+    from .market_pipeline import Barrier, BroadcastRequest, SumRequest
+
+    results: dict[str, dict] = {}
+    requests: dict[str, object] = {}
+    replies: dict[str, object] = {m: None for m in pipelines}
+    first = True
+    while len(results) < len(pipelines):
+        for m, pipe in pipelines.items():
+            if m in results:
+                continue
+            try:
+                requests[m] = next(pipe) if first else pipe.send(replies[m])
+            except StopIteration as stop:
+                results[m] = stop.value
+                requests.pop(m, None)
+        first = False
+        if not requests:
+            break
+        kinds = {type(r) for r in requests.values()}
+        if len(results) or len(kinds) != 1:
+            raise RuntimeError(f"market pipelines out of step: {sorted(k.__name__ for k in kinds)}, "
+                               f"{len(results)} finished")
+        reqs = list(requests.values())
+        if isinstance(reqs[0], Barrier):
+            replies = {m: None for m in requests}
+        elif isinstance(reqs[0], BroadcastRequest):
+            replies = {m: reqs[0].payload for m in requests}
+        elif isinstance(reqs[0], SumRequest):
+            if secure_sum is None:
+                raise ConfigError("secure_sum", "a federated method needs a secure sum")
+            if len({(r.label, r.round_id) for r in reqs}) != 1:
+                raise RuntimeError("market pipelines asked for different sums")
+            out = secure_sum.secure_sum(label=reqs[0].label, round_id=reqs[0].round_id,
+                                        vectors={m: r.vector for m, r in requests.items()},
+                                        max_abs=reqs[0].max_abs)
+            replies = {m: out.sums.get(m) for m in requests}
+        else:
+            raise RuntimeError(f"unknown pipeline request {type(reqs[0]).__name__}")
+    return results
+
+
+def run_pipelines(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
+                  secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
+                  hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None,
+                  codes_only: bool = False) -> dict[str, dict]:
+    """Every market's :func:`~.market_pipeline.market_pipeline` for ``method``, driven in process."""
+    from .market_pipeline import PublicMeta, market_pipeline
+
+    names = [m.name for m in markets]
+    shared = _SharedHooks(hooks or RoundHooks(), names)
+    n_train_max = max(len(m.train) for m in markets)
+    n_items_max = max(m.n_items for m in markets)
+    pipes = {m.name: market_pipeline(m, cfg, method=method, rounds=rounds, seed=seed,
+                                     meta=PublicMeta(index=i, n_train_max=n_train_max, n_items_max=n_items_max),
+                                     trainers=trainers, hooks=shared, codes_only=codes_only,
+                                     # one progress line per round, not one per market
+                                     progress=progress if i == 0 else (lambda s: None))
+             for i, m in enumerate(markets)}
+    return drive_in_process(pipes, secure_sum)
+
+
 def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
                secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
                hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
-    """Run one method; returns ``{"markets": {m: metrics}, "codes": {...}}``."""
+    """Run one method; returns ``{"markets": {m: metrics}, "runs": {m: MarketRun}, ...}``."""
     if method == "centralized":
         pooled = pool_markets(markets)
         # Non-private by definition (it pools raw data): plain trainers whatever was asked.
         out = run_method("local_codes", [pooled], cfg, rounds=rounds, seed=seed, secure_sum=None,
                          progress=progress)
         return _split_pooled(out, pooled, markets)
-    federated = method == "fedmm"
-    hooks = hooks or RoundHooks()
-    runs = {m.name: MarketRun(m, torch.Generator().manual_seed(seed * 1_000_003 + i))
-            for i, m in enumerate(markets)}
+    outs = run_pipelines(method, markets, cfg, rounds=rounds, seed=seed, secure_sum=secure_sum,
+                         trainers=trainers, hooks=hooks, progress=progress)
+    runs = {m.name: outs[m.name]["run"] for m in markets}
+    result: dict = {"markets": {m: outs[m]["metrics"] for m in runs}, "runs": runs}
     with_codes = method != "local"
-    if with_codes:
-        train_cf(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, trainers=trainers,
-                 hooks=hooks, progress=progress)
-        train_rqvae(runs, cfg, rounds=rounds, federated=federated, secure_sum=secure_sum, seed=seed, hooks=hooks,
-                    progress=progress)
-    train_ctr(runs, cfg, rounds=rounds, with_codes=with_codes, federated=federated, secure_sum=secure_sum,
-              trainers=trainers, hooks=hooks, progress=progress)
-    result: dict = {"markets": {}, "runs": runs}
-    for m, r in runs.items():
-        p = _predict(r.ctr, _ctr_inputs(r, r.data.test, with_codes))
-        metrics = evaluate_ctr(r.data.test.click, p)
-        if r.data.ranking is not None:
-            metrics.update(_ranking_metrics(r, r.data.ranking, with_codes))
-        if with_codes:
-            metrics["codebook"] = {"level1": _code_metrics(r.codes[0], cfg.n_global),
-                                   "level2": _code_metrics(r.codes[1], cfg.n_local)}
-            if r.data.item_cluster is not None:
-                metrics["nmi_level1"] = float(normalized_mutual_info_score(r.data.item_cluster, r.codes[0]))
-            metrics["rqvae_recon"] = r.history["vq_recon"][-1] if r.history.get("vq_recon") else None
-        result["markets"][m] = metrics
     if with_codes and all(r.data.item_keys is not None for r in runs.values()) and len(runs) > 1:
         result["code_alignment"] = code_alignment({m: r.data for m, r in runs.items()},
                                                   {m: r.codes[0] for m, r in runs.items()})

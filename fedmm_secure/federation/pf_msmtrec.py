@@ -68,8 +68,10 @@ class PFSettings:
     update_bound: float = 0.5        # per-coordinate clip of uploaded updates (sizes the masking ring)
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     select_by: str = "auc"           # local model selection score: "auc" (mean CTR/CTCVR AUC) or "loss"
-    train_from: str = "personal"     # shared parameters local training starts from: "personal" or "global"
-    alpha_memory: float = 0.0        # decay of the per-alpha validation cost accumulated over rounds
+    # Shared parameters each round's local training starts from: "global" (the federation's model;
+    # the personalized mix is what the client keeps and serves) or "personal" (the mix itself).
+    train_from: str = "global"
+    alpha_memory: float = 0.7        # decay of the per-alpha validation cost accumulated over rounds (0: off)
 
     def __post_init__(self) -> None:
         if self.train_from not in ("personal", "global"):

@@ -2,7 +2,7 @@
 
 The coordinator hosts the backend's :class:`~fedmm_secure.secagg.base.AggregatorEndpoint`
 (public material only) and drives the run in lockstep: every live market runs its own pipeline
-(:mod:`.flower_market`) up to its next request; when all of them ask for the same secure sum,
+(:mod:`fedmm_secure.federation.market_pipeline`) up to its next request; when all of them ask for the same secure sum,
 the coordinator runs that round stage by stage, sending each market the aggregator's bytes and
 collecting the replies. A market that does not answer a stage within ``stage_timeout`` has
 dropped out: the backend's dropout path finishes the round without it, and it takes no further

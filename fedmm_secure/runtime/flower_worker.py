@@ -25,20 +25,19 @@ import numpy as np
 
 from ..config import config_from_dict
 from ..errors import ConfigError, ProtocolError
+from ..federation.market_pipeline import Barrier, BroadcastRequest, PublicMeta, SumRequest, market_pipeline
 from ..secagg import Roster, RoundContext, create_backend
-from .flower_market import BroadcastRequest, PublicMeta, SumRequest, fedmm_market_pipeline, secure_sum_pipeline
 from .flower_wire import (
     b64,
-    decode_bound,
     encode_bound,
     pack_frame,
     pack_json,
-    pack_with_header,
     recv_frame,
     unb64,
     unpack_json,
     unpack_with_header,
 )
+from .workloads import secure_sum_pipeline
 
 __all__ = ["MarketWorker", "HangAt", "serve"]
 
@@ -109,8 +108,8 @@ class MarketWorker:
         workload = msg.get("workload", {"name": "fedmm"})
         if workload.get("name") == "fedmm":
             trainers, hooks = self._privacy(int(msg["n_markets"]))
-            self._pipeline = fedmm_market_pipeline(self._data, self._cfg.model, rounds=self._cfg.rounds,
-                                                   seed=self._cfg.seed, meta=meta, trainers=trainers, hooks=hooks)
+            self._pipeline = market_pipeline(self._data, self._cfg.model, method="fedmm", rounds=self._cfg.rounds,
+                                             seed=self._cfg.seed, meta=meta, trainers=trainers, hooks=hooks)
         elif workload.get("name") == "secure-sum":
             self._pipeline = secure_sum_pipeline(length=int(workload["length"]), rounds=int(workload["rounds"]),
                                                  seed=self._cfg.seed, meta=meta, n_markets=int(msg["n_markets"]))
@@ -144,6 +143,8 @@ class MarketWorker:
         """Run the pipeline up to its next request and describe it to the coordinator."""
         try:
             req = next(self._pipeline) if first else self._pipeline.send(value)
+            while isinstance(req, Barrier):  # round boundaries are local: this market is alone here
+                req = self._pipeline.send(None)
         except StopIteration as stop:
             self._pending = None
             self.result = stop.value

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from fedmm_secure.runtime.flower_local import FlowerLocalDeployment, _group_exists  # noqa: E402
-from fedmm_secure.runtime.flower_market import codebook_digest  # noqa: E402
+from fedmm_secure.federation.market_pipeline import codebook_digest  # noqa: E402
 
 from .flower_reference import CFG, DROP, embedded_codebooks  # noqa: E402
 
