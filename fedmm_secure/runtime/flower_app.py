@@ -19,7 +19,6 @@ ServerApp writes ``results.json``), ``expected-markets``, ``stage-timeout``, ``s
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 import traceback
@@ -93,9 +92,7 @@ class FlowerLinks:
         out = [Message(_record(k, p), dst_node_id=n, message_type=_MESSAGE_TYPE, ttl=max(timeout * 2, 60.0))
                for n, (k, p) in messages.items()]
         # Grid.send_and_receive polls every 3 s; a secure sum is 4-5 stages, so poll ourselves.
-        t0 = time.time()
         pending = {i for i in self.grid.push_messages(out) if i}
-        t1 = time.time()
         replies: dict[int, tuple[str, bytes]] = {}
         deadline = time.monotonic() + timeout
         while pending and time.monotonic() < deadline:
@@ -108,8 +105,6 @@ class FlowerLinks:
                 replies[r.metadata.src_node_id] = _unrecord(r)
             if pending and not got:
                 time.sleep(self.poll_interval)
-        if os.environ.get("FEDMM_FLOWER_TRACE"):
-            self.log(f"exchange push {t0:.3f}-{t1:.3f} all replies {time.time():.3f}")
         return replies
 
     def hello(self, payload: bytes, *, timeout: float) -> dict[str, tuple[str, bytes]]:

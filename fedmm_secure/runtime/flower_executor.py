@@ -18,7 +18,6 @@ machine.
 from __future__ import annotations
 
 import io
-import os
 import threading
 import time
 import tomllib
@@ -70,7 +69,6 @@ class InProcessTaskExecutor:
             retry_invoker=make_simple_http_retry_invoker())
         self._fab_ok: dict[str, bool] = {}
         self.tasks_run = 0
-        self.trace = bool(os.environ.get("FEDMM_FLOWER_TRACE"))
 
     # ------------------------------------------------------------------ loop
     def run_forever(self, stop: threading.Event | None = None) -> None:
@@ -88,7 +86,6 @@ class InProcessTaskExecutor:
         res = self._client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if not (res.HasField("task") and res.token):
             return False
-        t0 = time.time()
         client = self._task_client(res.token)
         beat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(client, beat_stop), daemon=True)
@@ -102,8 +99,6 @@ class InProcessTaskExecutor:
             self._push_output(client, context, status, details)
             client.close()
             self.tasks_run += 1
-            if self.trace:
-                self._log(f"task acquired {t0:.3f} done {time.time():.3f}")
         return True
 
     # ------------------------------------------------------------------ one task

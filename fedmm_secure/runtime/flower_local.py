@@ -93,7 +93,7 @@ class FlowerLocalDeployment:
 
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
                  hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
-                 workload: dict | None = None) -> None:
+                 workload: dict | None = None, node_poll: float = 0.1) -> None:
         from ..experiment import load_data
 
         self.cfg = cfg
@@ -105,7 +105,7 @@ class FlowerLocalDeployment:
         self.stock = stock
         # The SuperNode's idle poll hits the SuperLink (one process for every market): 0.1 s
         # keeps it off the critical path's CPU on a small machine; see bench/RESULTS_flower.md.
-        self.node_poll = 0.1
+        self.node_poll = node_poll
         self.workload = dict(workload or {"name": "fedmm"})
         self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
         self.work = Path(self._tmp.name)
@@ -128,7 +128,7 @@ class FlowerLocalDeployment:
         h.mkdir(exist_ok=True)
         return {"FLWR_HOME": str(h), "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(self.poll_interval),
-                "FEDMM_SUPERNODE_POLL": os.environ.get("FEDMM_SUPERNODE_POLL", str(self.node_poll)),
+                "FEDMM_SUPERNODE_POLL": str(self.node_poll),
                 # SuperLink/SuperNode start `flower-superexec` and `flwr-*` by name.
                 "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

@@ -6,10 +6,10 @@ objects after 1 s, 2 s, ... when it sees the message before its objects. Our sec
 sequence of 4-5 message stages, each sent only after every market answered the previous one, so
 every stage meets a market that has just found nothing to do: the 3 s sleep alone would put a
 12-15 s floor under each secure sum. This launcher runs Flower's own SuperNode entry point with
-those sleeps capped at ``FEDMM_SUPERNODE_POLL`` seconds (default 0.05) and the object retry at
+those sleeps capped at ``FEDMM_SUPERNODE_POLL`` seconds (default 0.1) and the object retry at
 20 ms (see :mod:`.flower_tuning`); nothing else changes (same arguments, same protocol, same TLS
 and authentication options). The cost is more
-``PullMessages`` requests to the SuperLink while idle (20 per second per market at 0.05 s).
+``PullMessages`` requests to the SuperLink while idle (10 per second per market at 0.1 s).
 The stock ``flower-supernode`` works with the same app, only slower.
 
     python -m fedmm_secure.runtime.flower_supernode [flower-supernode arguments]
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    raw = os.environ.get("FEDMM_SUPERNODE_POLL", "0.05")
+    raw = os.environ.get("FEDMM_SUPERNODE_POLL", "0.1")
     try:
         cap = float(raw)
     except ValueError:
