@@ -30,7 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from ..errors import ProtocolError
-from .flower_wire import RECORD_KEY, pack_frame, recv_frame
+from .flower_wire import RECORD_KEY, pack_frame, recv_frame, with_node_config
 
 __all__ = ["client_app", "server_app", "FlowerLinks", "reply_for"]
 
@@ -50,12 +50,17 @@ def _unrecord(msg: Message) -> tuple[str, bytes]:
 client_app = ClientApp()
 
 
-def reply_for(msg: Message, handle: Callable[[str, bytes], tuple[str, bytes]]) -> Message:
-    """The reply to one of our messages, computed by the market worker's ``handle``."""
+def reply_for(msg: Message, handle: Callable[[str, bytes], tuple[str, bytes]], *,
+              node_config: Mapping | None = None) -> Message:
+    """The reply to one of our messages, computed by the market worker's ``handle``.
+
+    ``hello`` carries the SuperNode's node config (``market``, ``data``) to the worker: where a
+    market's data lives is the market's setting, not the aggregator's.
+    """
     if msg.metadata.message_type != _MESSAGE_TYPE:
         raise ProtocolError(f"unexpected Flower message type {msg.metadata.message_type!r}")
     kind, payload = _unrecord(msg)
-    out_kind, out = handle(kind, payload)
+    out_kind, out = handle(kind, with_node_config(kind, payload, node_config))
     return Message(_record(out_kind, out), reply_to=msg)
 
 
@@ -72,7 +77,7 @@ def _relay(msg: Message, context: Context) -> Message:
             s.sendall(pack_frame(kind, payload))
             return recv_frame(s)
 
-    return reply_for(msg, over_socket)
+    return reply_for(msg, over_socket, node_config=context.node_config)
 
 
 # ---------------------------------------------------------------------------- ServerApp

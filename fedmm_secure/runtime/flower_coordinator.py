@@ -21,7 +21,7 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import AbortError, ProtocolError
 from ..secagg import Roster, RoundContext, create_backend
-from .flower_wire import pack_json, pack_with_header, unb64, unpack_json
+from .flower_wire import pack_json, pack_with_header, unb64, unpack_json, with_node_config
 
 __all__ = ["MarketLinks", "Coordinator", "InProcessLinks"]
 
@@ -39,13 +39,14 @@ class MarketLinks(Protocol):
 class InProcessLinks:
     """Calls :class:`~.flower_worker.MarketWorker` objects directly (tests, reference runs)."""
 
-    def __init__(self, workers: Mapping) -> None:
+    def __init__(self, workers: Mapping, *, node_configs: Mapping[str, Mapping] | None = None) -> None:
         self._workers = dict(workers)
+        self._nodes = dict(node_configs or {})   # market -> its SuperNode's node config
         self.silent: set[str] = set()
 
     def _call(self, m: str, kind: str, payload: bytes) -> Reply:
         try:
-            return self._workers[m].handle(kind, payload)
+            return self._workers[m].handle(kind, with_node_config(kind, payload, self._nodes.get(m)))
         except Exception as e:
             return "error", f"{type(e).__name__}: {e}".encode()
 

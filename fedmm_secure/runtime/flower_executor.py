@@ -129,7 +129,7 @@ class InProcessTaskExecutor:
             self._log(f"refused run {run.run_id}: its FAB names another ClientApp")
             return SubStatus.FAILED, reason, context
         try:
-            reply = reply_for(message, self._handle)
+            reply = reply_for(message, self._handle, node_config=context.node_config)
             status, details = SubStatus.COMPLETED, ""
         except Exception as e:  # the ServerApp sees a Flower error reply (a dropout), not a hang
             reason = f"{type(e).__name__}: {e}"

@@ -96,9 +96,13 @@ class FlowerLocalDeployment:
                  workload: dict | None = None, node_poll: float = 0.1) -> None:
         from ..experiment import load_data
 
-        self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.markets = [m.name for m in load_data(cfg)]
+        if cfg.data != "synthetic" and not cfg.markets:
+            # Each market loads only its own data (node config), so the run config must give
+            # the market order.
+            cfg = config_from_dict({**cfg.to_dict(), "markets": self.markets})
+        self.cfg = cfg
         self.stage_timeout, self.step_timeout = stage_timeout, step_timeout
         self.hang_at = dict(hang_at or {})
         self.poll_interval = poll_interval
@@ -154,13 +158,13 @@ class FlowerLocalDeployment:
                 wport = _free_port()
                 cmd += ["--listen", f"127.0.0.1:{wport}"]
                 node = [_tool("flower-supernode"), *node, "--node-config",
-                        f"market='{m}' worker-address='127.0.0.1:{wport}'"]
+                        f"{self._node_config(m)} worker-address='127.0.0.1:{wport}'"]
             else:
                 # The worker executes the SuperNode's ClientApp tasks itself (no process per
                 # message), and the SuperNode's idle poll is capped (flower_supernode).
                 cmd += ["--superexec", f"127.0.0.1:{rport}", "--poll-interval", str(self.poll_interval)]
                 node = [sys.executable, "-m", "fedmm_secure.runtime.flower_supernode", *node,
-                        "--isolation", "process", "--node-config", f"market='{m}'"]
+                        "--isolation", "process", "--node-config", self._node_config(m)]
             if m in self.hang_at:
                 cmd += ["--hang-at", self.hang_at[m], "--hang-marker", str(self.hang_marker(m))]
             self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", node, env=self._env(f"node-{m}"))
@@ -171,6 +175,16 @@ class FlowerLocalDeployment:
             if time.monotonic() > deadline:
                 raise AbortError("market workers did not start in time (see flower_logs/)")
             time.sleep(0.1)
+
+    def _node_config(self, market: str) -> str:
+        # Real data: each market's SuperNode names its own data source (here all markets share
+        # one machine, so it is the run's); synthetic data is generated from the run's seed.
+        cfg = f"market='{market}'"
+        if self.cfg.data != "synthetic":
+            if "'" in self.cfg.data or '"' in self.cfg.data:
+                raise ConfigError("data", "a data path with quotes cannot go into a Flower node config")
+            cfg += f" data='{self.cfg.data}'"
+        return cfg
 
     def ledger_dir(self, market: str) -> Path:
         """Where ``market``'s worker keeps its privacy ledger (DP runs)."""

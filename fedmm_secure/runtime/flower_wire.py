@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import ProtocolError
 
 __all__ = ["KINDS", "pack_frame", "recv_frame", "pack_json", "unpack_json", "pack_with_header",
-           "unpack_with_header", "encode_bound", "decode_bound", "b64", "unb64", "RECORD_KEY"]
+           "unpack_with_header", "encode_bound", "decode_bound", "b64", "unb64", "RECORD_KEY", "with_node_config"]
 
 RECORD_KEY = "fedmm"
 KINDS = ("hello", "start", "secagg", "broadcast", "request", "error")
@@ -101,3 +101,13 @@ def unb64(s: str) -> bytes:
         return base64.b64decode(s.encode(), validate=True)
     except ValueError:
         raise ProtocolError("malformed base64 field") from None
+
+
+def with_node_config(kind: str, payload: bytes, node_config) -> bytes:
+    """``hello`` with the SuperNode's node config (``market``, ``data``) added on the market's
+    side: where a market's data lives is the market's setting, not the aggregator's."""
+    if kind != "hello" or not node_config:
+        return payload
+    hello = unpack_json(payload)
+    hello["node"] = {k: str(node_config[k]) for k in ("market", "data") if k in node_config}
+    return pack_json(hello)

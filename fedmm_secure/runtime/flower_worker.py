@@ -85,14 +85,32 @@ class MarketWorker:
 
         self._cfg = config_from_dict(msg["config"])
         self._run_id = str(msg["run_id"])
-        markets = load_data(self._cfg)
-        names = [m.name for m in markets]
-        if self.market not in names:
-            raise ConfigError("market", f"{self.market!r} is not a market of this run", allowed=", ".join(names))
-        self._index = names.index(self.market)
-        # Synthetic data is generated for all markets from the seed; keep only ours.
-        self._data = markets[self._index]
-        del markets
+        # The SuperNode's node config (``market``, optionally ``data``) is the market's own say:
+        # the aggregator's run config cannot point a market at another market's data.
+        node = msg.get("node") or {}
+        if node.get("market") not in (None, self.market):
+            raise ConfigError("node-config market", f"this worker serves {self.market!r}, the SuperNode says "
+                              f"{node['market']!r}")
+        if node.get("data"):
+            # Real data on the market's machine: load this market only; its position in the run's
+            # market order comes from the run config's market list.
+            order = list(self._cfg.markets)
+            if self.market not in order:
+                raise ConfigError("markets", f"{self.market!r} is not in the run config's market list",
+                                  allowed=", ".join(order) or "a run config that lists its markets in order")
+            raw = self._cfg.to_dict()
+            raw.update(data=str(node["data"]), markets=[self.market])
+            self._data = load_data(config_from_dict(raw))[0]
+            self._index = order.index(self.market)
+        else:
+            markets = load_data(self._cfg)
+            names = [m.name for m in markets]
+            if self.market not in names:
+                raise ConfigError("market", f"{self.market!r} is not a market of this run", allowed=", ".join(names))
+            self._index = names.index(self.market)
+            # Synthetic data is generated for all markets from the seed; keep only ours.
+            self._data = markets[self._index]
+            del markets
         backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain")
         self._endpoint = backend.create_market(self.market)
         return pack_json({"market": self.market, "index": self._index, "bundle": b64(self._endpoint.public_bundle()),

@@ -147,3 +147,53 @@ def test_ckks_markets_that_first_hear_at_stage_one_still_take_part():
     for m, w in workers.items():
         # CKKS is approximate (and rounds counts): equal to the embedded run up to its error.
         np.testing.assert_allclose(w.result["run"].vq.global_codebook.numpy(), ref[m], atol=1e-4)
+
+
+def _xmrec_dir(root):
+    # Two XMRec-format markets, big enough for 99 ranking negatives per user.
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    for name in ("aa", "bb"):
+        lines = ["userId itemId rate date"]
+        for u in range(60):
+            for i in rng.choice(180, size=8, replace=False):
+                lines.append(f"U{name}{u} I{name}{i} {rng.integers(1, 6)} 2020-01-{rng.integers(1, 28):02d}")
+        (root / f"{name}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_market_data_comes_from_the_supernode_node_config(tmp_path):
+    from fedmm_secure.config import config_from_dict
+    from fedmm_secure.errors import AbortError
+    from fedmm_secure.experiment import load_data
+    from fedmm_secure.federation.fedmm import run_method
+    from fedmm_secure.runtime.embedded import EmbeddedSecureSum
+
+    torch.set_num_threads(1)
+    fix = _xmrec_dir(tmp_path / "xmrec")
+    raw = CFG.to_dict()
+    raw.update(data=f"xmrec:{fix}", markets=["aa", "bb"])
+    cfg = config_from_dict(raw)
+    markets = load_data(cfg)
+    ss = EmbeddedSecureSum(backend="masking", markets=["aa", "bb"], run_id="real", allow_insecure=False)
+    ref = run_method("fedmm", markets, cfg.model, rounds=cfg.rounds, seed=cfg.seed, secure_sum=ss)
+    # The aggregator's run config points nowhere; each market's SuperNode names its own data.
+    raw["data"] = "xmrec:/nonexistent/aggregator/path"
+    nodes = {m: {"market": m, "data": f"xmrec:{fix}"} for m in ("aa", "bb")}
+    workers = {m: MarketWorker(market=m) for m in ("aa", "bb")}
+    res = Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(workers, node_configs=nodes),
+                      stage_timeout=1, step_timeout=60).run()
+    assert res["dropped"] == {}
+    for m in ("aa", "bb"):
+        assert res["markets"][m]["fedmm"]["auc"] == pytest.approx(ref["markets"][m]["auc"], abs=1e-6)
+        np.testing.assert_array_max_ulp(workers[m].result["run"].vq.global_codebook.numpy(),
+                                        ref["runs"][m].vq.global_codebook.numpy(), maxulp=4)
+    # A SuperNode that names another market than its worker serves is refused.
+    wrong = {"aa": {"market": "bb", "data": f"xmrec:{fix}"}, "bb": {"market": "bb", "data": f"xmrec:{fix}"}}
+    workers = {m: MarketWorker(market=m) for m in ("aa", "bb")}
+    res = Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(workers, node_configs=wrong),
+                      stage_timeout=1, step_timeout=60).run()
+    assert "aa" not in res["markets"] or not res["markets"]["aa"]
+    with pytest.raises(AbortError):
+        Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(
+            {m: MarketWorker(market=m) for m in ("aa", "bb")}), stage_timeout=1, step_timeout=60).run()
