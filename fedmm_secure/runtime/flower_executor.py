@@ -74,7 +74,12 @@ class InProcessTaskExecutor:
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
         while not stop.is_set():
-            if not self.run_one():
+            try:
+                ran = self.run_one()
+            except Exception as e:  # a failed task or a SuperNode hiccup must not end the market
+                self._log(f"executor: {type(e).__name__}: {e}")
+                ran = False
+            if not ran:
                 stop.wait(self._poll)
 
     def run_one(self) -> bool:
