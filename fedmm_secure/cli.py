@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     fll.add_argument("--epsilon", type=float, help="DP-SGD in every market, sigma calibrated to this epsilon "
                      "(each market's ledger: OUT/ledgers/MARKET)")
     fll.add_argument("--epsilon-budget", type=float, help="per-market budget enforced before every round")
+    fll.add_argument("--quiet", action="store_true", help="no progress lines")
     fll.add_argument("--out", required=True)
 
     aud = sub.add_parser("audit", help="membership-inference audit of a run's models")
@@ -99,6 +100,11 @@ _PRIVACY_FLAGS = (("epsilon", "epsilon"), ("noise_multiplier", "noise_multiplier
                   ("max_grad_norm", "max_grad_norm"), ("delta", "delta"), ("epsilon_budget", "epsilon_budget"),
                   ("on_exceed", "on_exceed"), ("unit", "unit"),
                   ("market_noise_multiplier", "market_noise_multiplier"), ("secure_mode", "secure_mode"))
+
+
+def _stderr_line(line: str) -> None:
+    from rich.console import Console
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[dim]flower[/dim] {line}")
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -246,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             return flower_local_command(markets=args.markets, rounds=args.rounds, secagg=args.secagg,
                                         out=Path(args.out), seed=args.seed,
                                         config=load_config(args.config) if args.config else None,
-                                        epsilon=args.epsilon, epsilon_budget=args.epsilon_budget)
+                                        epsilon=args.epsilon, epsilon_budget=args.epsilon_budget,
+                                        progress=None if args.quiet else _stderr_line)
         parser.error(f"unknown command {args.command!r}")
     except ConfigError as e:
         print(f"fedmm-secure: error: {e}", file=sys.stderr)

@@ -311,7 +311,8 @@ def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> 
 
 def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, seed: int,
                          config: RunConfig | None, timeout: float = 1800.0, epsilon: float | None = None,
-                         epsilon_budget: float | None = None) -> int:
+                         epsilon_budget: float | None = None,
+                         progress: Callable[[str], None] | None = None) -> int:
     """``fedmm-secure flower local``: run FedMM on a loopback Flower deployment; 0 on success."""
     if config is None:
         if not isinstance(markets, int) or markets < 2:
@@ -330,10 +331,31 @@ def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, s
     out = Path(out)
     if (out / "results.json").exists() or (out / "ledgers").exists():
         raise ConfigError("--out", f"{out} already holds a run", allowed="a new directory")
+    log = out / "flower_server.log"
+    seen = 0
+
+    def show_progress(dep: FlowerLocalDeployment) -> None:
+        # The ServerApp writes one line per secure sum; echo new ones as they come.
+        nonlocal seen
+        if progress is None or not log.exists():
+            return
+        lines = log.read_text(encoding="utf-8").splitlines()
+        for line in lines[seen:]:
+            progress(line)
+        seen = len(lines)
+
     with FlowerLocalDeployment(cfg, out_dir=out) as dep:
+        if progress is not None:
+            progress(f"starting SuperLink and {len(dep.markets)} SuperNodes + market workers on 127.0.0.1")
         dep.start()
         dep.submit()
-        results = dep.wait(timeout=timeout)
+        results = dep.wait(timeout=timeout, on_poll=show_progress)
+        show_progress(dep)
     from ..reports.run_report import write_run_report
     write_run_report(results, out)
+    if progress is not None:
+        auc = results.get("summary", {}).get("fedmm", {}).get("mean_auc")
+        progress(f"results: {out / 'results.json'}, report: {out / 'report.md'}"
+                 + (f"; mean test AUC {auc:.4f}" if auc is not None else "")
+                 + (f"; dropped: {results['dropped']}" if results.get("dropped") else ""))
     return 0
