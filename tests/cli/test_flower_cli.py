@@ -1,0 +1,31 @@
+"""``fedmm-secure flower local`` refuses bad input before starting any process."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedmm_secure.cli import main  # noqa: E402
+
+
+@pytest.mark.parametrize("args,field", [
+    (["--markets", "1"], "--markets"),
+    (["--markets", "2", "--epsilon", "-1"], "privacy.epsilon"),
+    (["--markets", "2", "--secagg", "nope"], "secagg"),
+    (["--markets", "2", "--epsilon-budget", "5"], "privacy"),      # a budget needs a mechanism
+])
+def test_bad_flower_flags_exit_2_with_one_line(args, field, tmp_path, capsys, monkeypatch):
+    started = []
+    import fedmm_secure.runtime.flower_local as fl
+    monkeypatch.setattr(fl.FlowerLocalDeployment, "start", lambda self, **kw: started.append(1))
+    assert main(["flower", "local", *args, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and field in err[0]
+    assert not started
+
+
+def test_flower_local_refuses_a_directory_that_holds_a_run(tmp_path, capsys):
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["flower", "local", "--markets", "2", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "--out" in capsys.readouterr().err
