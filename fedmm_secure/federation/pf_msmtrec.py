@@ -25,6 +25,14 @@ privacy is on) and then, bottom-up:
 6. **Personalized aggregation of towers**: the same, per task tower, after the experts'
    alpha is fixed (bottom-up).
 
+Alpha is chosen on the validation cost accumulated over rounds (``alpha_memory``), so one
+noisy round does not flip it. By default (``train_from="global"``) the next round's local
+training starts from the global shared model, as in FedAvg, and the personalized mix is the
+model the client keeps (checkpoints) and serves: the federation stays coherent (with greedy
+per-round alphas, clients drifted to alpha = 0 and the average of drifted models helped nobody)
+and uploads no longer depend on the validation split. ``train_from="personal"`` continues from
+the mix instead.
+
 Methods (:data:`METHODS`): ``local``, ``fedavg`` (every non-ID parameter averaged, no
 personalization), ``pf_msmtrec`` and one ablation per mechanism.
 Model selection is the same for every method: each client keeps the model with the best

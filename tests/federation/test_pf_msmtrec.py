@@ -190,6 +190,47 @@ def test_alpha_chosen_by_validation_loss(scenarios):
     np.testing.assert_allclose(c.shared_vector(), local, atol=1e-6)
 
 
+def test_alpha_memory_accumulates_validation_cost_over_rounds(scenarios):
+    """With memory, a grid value's cost is ``memory * previous + current``: a large cost seen for
+    alpha = 0 in earlier rounds outweighs this round's preference for it."""
+    def fresh():
+        c = _client(scenarios[0], settings_=dataclasses.replace(SMALL, select_by="loss"))
+        c.global_vec = c.shared_vector() + 5.0   # this round alone prefers alpha = 0 (see above)
+        return c
+
+    c = fresh()
+    c.alpha_costs["expert"] = np.array([1e6, 0.0])
+    client_receive(c, METHODS["pf_no_tower_personal"], np.zeros(len(c.global_vec) + 1), grid=(0.0, 1.0), memory=0.5)
+    assert c.history["alpha_expert"][-1] == 1.0
+    assert c.alpha_costs["expert"][0] > 0.5 * 1e6 and c.alpha_costs["expert"][1] < 1e6  # accumulated, not replaced
+    c = fresh()
+    c.alpha_costs["expert"] = np.array([1e6, 0.0])
+    client_receive(c, METHODS["pf_no_tower_personal"], np.zeros(len(c.global_vec) + 1), grid=(0.0, 1.0), memory=0.0)
+    assert c.history["alpha_expert"][-1] == 0.0  # memory off: this round's cost only
+
+
+def _flip_valid(data):
+    v = data.valid
+    return dataclasses.replace(data, valid=dataclasses.replace(v, click=1.0 - v.click, conversion=np.zeros_like(v.conversion)))
+
+
+@pytest.mark.parametrize("train_from", ["global", "personal"])
+def test_uploads_read_validation_rows_only_when_training_from_the_personal_mix(scenarios, train_from):
+    """train_from="global": each round trains from the federation's model, so the uploads do
+    not depend on the validation split (alpha and checkpoints only shape the model a client keeps).
+    train_from="personal": the chosen mix is the next start, so they do."""
+    settings_ = dataclasses.replace(SMALL, train_from=train_from, alpha_grid=(0.0, 0.5, 1.0))
+    runs = []
+    for data in (scenarios, [_flip_valid(m) for m in scenarios]):
+        rec = _RecordingSum([])
+        out = run_pf_method("pf_msmtrec", data, settings_, rounds=3, seed=0, secure_sum=rec)
+        runs.append((rec.vectors, {m: c.history["alpha_expert"] for m, c in out["clients"].items()}))
+    (up_a, alpha_a), (up_b, alpha_b) = runs
+    assert alpha_a != alpha_b  # the validation split did change the clients' choices
+    same = all(np.array_equal(a[m], b[m]) for a, b in zip(up_a, up_b) for m in a)
+    assert same == (train_from == "global")
+
+
 # ----------------------------------------------------------------------------- round protocol
 class _RecordingSum:
     backend_name, secure = "recording", True
@@ -240,7 +281,8 @@ def test_federated_method_needs_a_secure_sum(scenarios):
 def test_pf_settings_errors_name_the_field():
     for raw, field in [({"dim": 0}, "pf.dim"), ({"alpha_grid": [1.5]}, "pf.alpha_grid"),
                        ({"bogus": 1}, "pf.bogus"), ({"methods": ["fedmm"]}, "pf.methods"),
-                       ({"lr": -1}, "pf.lr"), ({"select_by": "x"}, "pf.select_by")]:
+                       ({"lr": -1}, "pf.lr"), ({"select_by": "x"}, "pf.select_by"),
+                       ({"train_from": "x"}, "pf.train_from"), ({"alpha_memory": 1.0}, "pf.alpha_memory")]:
         with pytest.raises(ConfigError) as e:
             pf_experiment.pf_settings(raw)
         assert e.value.field == field
