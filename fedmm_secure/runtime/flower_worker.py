@@ -187,22 +187,29 @@ class MarketWorker:
         if header.get("label") != req.label or header.get("round_id") != req.round_id:
             raise ProtocolError("secure-aggregation message for another sum")
         if header.get("begin"):
+            # A sum's round begins once: a replayed or second "begin" must not reset it (fresh
+            # keys for the same input would let the aggregator run the protocol twice).
+            if self._round is not None:
+                raise ProtocolError("this sum's round has already begun")
             ctx = RoundContext(run_id=self._run_id, round_id=req.round_id, participants=tuple(header["participants"]),
                                length=len(req.vector), max_abs=req.max_abs, label=req.label)
-            self._round = self._endpoint.begin_round(ctx, np.asarray(req.vector, dtype=np.float64))
-            self._stage = 0
-        if self._round is None:
+            rnd, stage = self._endpoint.begin_round(ctx, np.asarray(req.vector, dtype=np.float64)), 0
+        elif self._round is None:
             raise ProtocolError("no round in progress")
+        else:
+            rnd, stage = self._round, self._stage
         h = self._hang_at
-        if h is not None and (h.label, h.round_id, h.stage) == (req.label, req.round_id, self._stage):
+        if h is not None and (h.label, h.round_id, h.stage) == (req.label, req.round_id, stage):
             h.marker.write_text(f"{os.getpid()}\n")
             while True:  # a dead market: never answers; the test kills this process
                 time.sleep(1.0)
-        self._stage += 1
-        reply = self._round.handle(body)
+        # The backend rejects tampered, replayed or out-of-order bytes without changing the
+        # round; only a message it accepts moves this worker on.
+        reply = rnd.handle(body)
+        self._round, self._stage = rnd, stage + 1
         if reply is not None:
             return "secagg", reply
-        result = self._round.result()
+        result = rnd.result()
         self._round = None
         return self._advance(result)
 

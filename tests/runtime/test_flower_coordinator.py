@@ -197,3 +197,53 @@ def test_market_data_comes_from_the_supernode_node_config(tmp_path):
     with pytest.raises(AbortError):
         Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(
             {m: MarketWorker(market=m) for m in ("aa", "bb")}), stage_timeout=1, step_timeout=60).run()
+
+
+class _Meddling(InProcessLinks):
+    """Before every secure-aggregation message, hands the market a tampered copy and a replay of
+    the previous message; the worker must refuse both and then accept the genuine one.
+
+    The RESULT message (the sum) is the aggregator's own computation and is not signed: a
+    malicious aggregator releasing a wrong sum is out of scope (threat_model/masking.md), so its
+    payload is only replayed, not tampered with."""
+
+    def __init__(self, workers):
+        super().__init__(workers)
+        self.last: dict[str, bytes] = {}
+        self.refused = 0
+
+    def exchange(self, messages, *, timeout):
+        for m, (kind, payload) in messages.items():
+            if kind != "secagg":
+                continue
+            from fedmm_secure.secagg.codec import decode_envelope
+            from fedmm_secure.secagg.masking import RESULT
+
+            bad = bytearray(payload)
+            bad[-1] ^= 0x01
+            _, body = unpack_with_header(payload)
+            tampered = bytes(bad) if decode_envelope(body).stage != RESULT else None
+            for attempt in (tampered, self.last.get(m)):
+                if attempt is not None and attempt != payload:
+                    out_kind, _ = self._call(m, "secagg", attempt)
+                    assert out_kind == "error"
+                    self.refused += 1
+            self.last[m] = payload
+        return super().exchange(messages, timeout=timeout)
+
+
+def test_tampered_and_replayed_messages_are_refused_and_change_nothing():
+    torch.set_num_threads(1)
+    ref, _ = embedded_codebooks(drop=None)
+    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    links = _Meddling(workers)
+    res = Coordinator(cfg=CFG, run_id=f"run-{CFG.seed}", links=links, stage_timeout=1, step_timeout=60).run()
+    assert res["dropped"] == {} and links.refused > 50
+    for m, w in workers.items():
+        np.testing.assert_array_max_ulp(w.result["run"].vq.global_codebook.numpy(), ref[m], maxulp=4)
+    # Unexpected kinds and out-of-order control messages are refused too.
+    w = MarketWorker(market="m0")
+    for kind, payload in (("start", b"{}"), ("secagg", b""), ("broadcast", b""), ("nope", b""),
+                          ("hello", b"not json")):
+        with pytest.raises(Exception):
+            w.handle(kind, payload)
