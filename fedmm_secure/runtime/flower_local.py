@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import RunConfig, config_from_dict
 from ..errors import AbortError, ConfigError
 
-__all__ = ["FlowerLocalDeployment", "flower_local_command", "tiny_flower_config"]
+__all__ = ["FlowerLocalDeployment", "FlowerTLS", "flower_local_command", "tiny_flower_config"]
 
 _BIN = Path(sys.executable).parent
 
@@ -79,6 +80,21 @@ workload-json = '{"name": "fedmm"}'
 """
 
 
+@dataclass(frozen=True)
+class FlowerTLS:
+    """TLS for the SuperLink and SuperNode authentication (files on disk, PEM / OpenSSH).
+
+    ``ca``: the CA that signed ``cert`` (the SuperLink's certificate; it needs a SAN for
+    127.0.0.1); ``node_keys``: market -> (private key, public key) of its SuperNode (ECDSA,
+    ``ssh-keygen -t ecdsa -b 384``), registered with the SuperLink before the SuperNode starts.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+    node_keys: Mapping[str, tuple[Path, Path]]
+
+
 def write_app_dir(path: Path) -> Path:
     """The Flower app project (a FAB is built from it); the code itself is the installed package."""
     path.mkdir(parents=True, exist_ok=True)
@@ -93,7 +109,7 @@ class FlowerLocalDeployment:
 
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
                  hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
-                 workload: dict | None = None, node_poll: float = 0.1) -> None:
+                 workload: dict | None = None, node_poll: float = 0.1, tls: FlowerTLS | None = None) -> None:
         from ..experiment import load_data
 
         self.out_dir = Path(out_dir)
@@ -110,6 +126,10 @@ class FlowerLocalDeployment:
         # The SuperNode's idle poll hits the SuperLink (one process for every market): 0.1 s
         # keeps it off the critical path's CPU on a small machine; see bench/RESULTS_flower.md.
         self.node_poll = node_poll
+        self.tls = tls
+        if tls is not None and set(tls.node_keys) != set(self.markets):
+            raise ConfigError("tls.node_keys", "one SuperNode key pair per market is required",
+                              allowed=", ".join(self.markets))
         self.workload = dict(workload or {"name": "fedmm"})
         self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
         self.work = Path(self._tmp.name)
@@ -141,16 +161,29 @@ class FlowerLocalDeployment:
         self.logs.mkdir(parents=True, exist_ok=True)
         # Flower 1.40 serves the Fleet, Control and Runtime APIs over HTTP on one host:port.
         self.link_port = _free_port()
+        if self.tls is None:
+            link_sec = ["--insecure"]
+        else:
+            link_sec = ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                        "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
         self.groups["superlink"] = self._spawn("superlink", [
-            _tool("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+            _tool("flower-superlink"), *link_sec, "--disable-runtime-dependency-installation",
             "--host", "127.0.0.1", "--port", str(self.link_port)], env=self._env("superlink"))
+        self._write_cli_config()
+        if self.tls is not None:
+            for m in self.markets:  # SuperNode authentication: the operator registers each key
+                self._flwr(["supernode", "register", str(self.tls.node_keys[m][1]), "fedmm-local"],
+                           what=f"registering {m}'s SuperNode key", timeout=60.0)
         ready = {}
         for m in self.markets:
             rport = _free_port()
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower_worker", "--market", m,
                    "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m))]
-            node = ["--insecure", "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
+            node_sec = ["--insecure"] if self.tls is None else [
+                "--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(self.tls.node_keys[m][0])]
+            # The Runtime API (SuperNode <-> worker) stays plain HTTP on loopback.
+            node = [*node_sec, "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
                     "--port", str(rport)]
             if self.stock:
                 # Stock Flower: SuperExec starts a ClientApp process per message, which relays
@@ -204,12 +237,32 @@ class FlowerLocalDeployment:
         for name in (f"supernode-{market}", f"worker-{market}"):
             _killpg(self.groups[name].pid, signal.SIGKILL)
 
-    def submit(self, *, join_timeout: float = 60.0, timeout: float = 120.0) -> None:
+    def _write_cli_config(self) -> None:
         home = self.work / "cli"
         home.mkdir(exist_ok=True)
+        sec = "insecure = true\n" if self.tls is None else f'root-certificates = "{self.tls.ca}"\n'
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "fedmm-local"\n\n[superlink.fedmm-local]\n'
-            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n', encoding="utf-8")
+            f'address = "127.0.0.1:{self.link_port}"\n{sec}', encoding="utf-8")
+
+    def _flwr(self, args: Sequence[str], *, what: str, timeout: float) -> None:
+        """Run the ``flwr`` CLI against this deployment, retrying while the SuperLink starts."""
+        env = {**os.environ, **self._env("cli")}
+        env["FLWR_HOME"] = str(self.work / "cli")
+        deadline = time.monotonic() + timeout
+        while True:  # the Control API may need a moment after the SuperLink process starts
+            r = subprocess.run([_tool("flwr"), *args], capture_output=True, text=True, env=env, cwd=self.work,
+                               timeout=timeout)
+            with (self.logs / "flwr_cli.log").open("a", encoding="utf-8") as f:
+                f.write(f"$ flwr {' '.join(args)}\n{r.stdout}{r.stderr}\n")
+            if r.returncode == 0:
+                return
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AbortError(f"{what} failed: {(r.stdout + r.stderr)[-2000:]}")
+            time.sleep(0.5)
+
+    def submit(self, *, join_timeout: float = 60.0, timeout: float = 120.0) -> None:
         import tomli_w
         overrides = self.work / "run_config.toml"
         overrides.write_text(tomli_w.dumps({
@@ -219,19 +272,8 @@ class FlowerLocalDeployment:
             "poll-interval": float(self.poll_interval),
             "workload-json": json.dumps(self.workload)}), encoding="utf-8")
         app = write_app_dir(self.work / "app")
-        env = {**os.environ, **self._env("cli")}
-        env["FLWR_HOME"] = str(home)
-        deadline = time.monotonic() + timeout
-        while True:  # the Control API may need a moment after the SuperLink process starts
-            r = subprocess.run([_tool("flwr"), "run", str(app), "fedmm-local", "--run-config", str(overrides)],
-                               capture_output=True, text=True, env=env, cwd=self.work, timeout=timeout)
-            (self.logs / "flwr_run.log").write_text(r.stdout + r.stderr, encoding="utf-8")
-            if r.returncode == 0:
-                return
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise AbortError(f"flwr run failed: {(r.stdout + r.stderr)[-2000:]}")
-            time.sleep(0.5)
+        self._flwr(["run", str(app), "fedmm-local", "--run-config", str(overrides)], what="flwr run",
+                   timeout=timeout)
 
     def wait(self, *, timeout: float, on_poll: Callable[["FlowerLocalDeployment"], None] | None = None) -> dict:
         deadline = time.monotonic() + timeout
