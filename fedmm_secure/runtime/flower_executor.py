@@ -73,14 +73,19 @@ class InProcessTaskExecutor:
     # ------------------------------------------------------------------ loop
     def run_forever(self, stop: threading.Event | None = None) -> None:
         stop = stop or threading.Event()
+        errors = 0
         while not stop.is_set():
             try:
                 ran = self.run_one()
+                errors = 0
             except Exception as e:  # a failed task or a SuperNode hiccup must not end the market
-                self._log(f"executor: {type(e).__name__}: {e}")
+                errors += 1
+                if errors <= 3 or errors % 100 == 0:
+                    self._log(f"executor: {type(e).__name__}: {e} ({errors} in a row)")
                 ran = False
             if not ran:
-                stop.wait(self._poll)
+                # Back off while the SuperNode is unreachable (up to 2 s), poll fast otherwise.
+                stop.wait(min(2.0, self._poll * 2 ** min(errors, 6)) if errors else self._poll)
 
     def run_one(self) -> bool:
         """Run the next pending ClientApp task, if any; True if one was run."""

@@ -64,3 +64,23 @@ def test_executor_recognises_only_our_clientapp():
     assert fab_clientapp_ref(b"not a zip") is None
     assert fab_clientapp_ref(_fab("[project]\nname='x'\n")) is None
     assert fab_clientapp_ref(_fab("not = [toml")) is None
+
+
+def test_executor_survives_an_unreachable_supernode():
+    import threading
+
+    from fedmm_secure.runtime.flower_executor import InProcessTaskExecutor
+    from fedmm_secure.runtime.flower_local import _free_port
+
+    lines = []
+    ex = InProcessTaskExecutor(runtime_api_address=f"127.0.0.1:{_free_port()}", handle=lambda k, p: (k, p),
+                               insecure=True, poll_interval=0.01, log=lines.append)
+    ex._client._retry_invoker.max_tries = 1   # fail fast instead of Flower's connection retries
+    stop = threading.Event()
+    t = threading.Thread(target=ex.run_forever, args=(stop,), daemon=True)
+    t.start()
+    time.sleep(1.5)
+    stop.set()
+    t.join(timeout=5)
+    assert not t.is_alive() and ex.tasks_run == 0
+    assert 1 <= len(lines) <= 4   # logged, backed off, not spammed
