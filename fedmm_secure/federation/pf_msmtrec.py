@@ -26,12 +26,16 @@ privacy is on) and then, bottom-up:
    alpha is fixed (bottom-up).
 
 Alpha is chosen on the validation cost accumulated over rounds (``alpha_memory``), so one
-noisy round does not flip it. By default (``train_from="global"``) the next round's local
-training starts from the global shared model, as in FedAvg, and the personalized mix is the
-model the client keeps (checkpoints) and serves: the federation stays coherent (with greedy
-per-round alphas, clients drifted to alpha = 0 and the average of drifted models helped nobody)
-and uploads no longer depend on the validation split. ``train_from="personal"`` continues from
-the mix instead.
+noisy round does not flip it. Each round's local training starts from the global shared model,
+as in FedAvg (``train_from="tracked"``, the default, and ``"global"``), so the federation stays
+coherent (with greedy per-round alphas and training from the mix, clients drifted to alpha = 0
+and the average of drifted models helped nobody) and uploads do not depend on the validation
+split. The personalized mix is the model the client keeps (checkpoints) and serves. Its local
+side: with ``"tracked"``, the client's previous personalized shared parameters plus its own
+update of this round (post-processing of the same DP-trained update, no extra epsilon), so a
+scenario that needs to move far from the global model can get there over rounds; with
+``"global"``, the freshly trained parameters (one local epoch from the global model).
+``train_from="personal"`` trains from the mix instead.
 
 Methods (:data:`METHODS`): ``local``, ``fedavg`` (every non-ID parameter averaged, no
 personalization), ``pf_msmtrec`` and one ablation per mechanism.
@@ -76,14 +80,16 @@ class PFSettings:
     update_bound: float = 0.5        # per-coordinate clip of uploaded updates (sizes the masking ring)
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     select_by: str = "auc"           # local model selection score: "auc" (mean CTR/CTCVR AUC) or "loss"
-    # Shared parameters each round's local training starts from: "global" (the federation's model;
-    # the personalized mix is what the client keeps and serves) or "personal" (the mix itself).
-    train_from: str = "global"
+    # Where each round's local training starts and what is mixed with the global model:
+    # "tracked" (train from global; mix global with the previous personal parameters + own
+    # update), "global" (train from global; mix with the trained parameters) or "personal"
+    # (train from the mix). See the module docstring and bench/RESULTS_pf_msmtrec.md.
+    train_from: str = "tracked"
     alpha_memory: float = 0.7        # decay of the per-alpha validation cost accumulated over rounds (0: off)
 
     def __post_init__(self) -> None:
-        if self.train_from not in ("personal", "global"):
-            raise ConfigError("pf.train_from", f"unknown start {self.train_from!r}", allowed="personal, global")
+        if self.train_from not in ("personal", "global", "tracked"):
+            raise ConfigError("pf.train_from", f"unknown start {self.train_from!r}", allowed="personal, global, tracked")
         if self.select_by not in ("auc", "loss"):
             raise ConfigError("pf.select_by", f"unknown criterion {self.select_by!r}", allowed="auc, loss")
         for f in ("dim", "n_experts", "tower_hidden", "epochs", "batch_size"):
@@ -248,6 +254,7 @@ class ScenarioClient:
     direction: np.ndarray | None = None      # last round's global update (for conflict coordination)
     best: tuple[float, dict] | None = None
     alpha_costs: dict = field(default_factory=dict)   # accumulated validation cost per grid value
+    personal_vec: np.ndarray | None = None   # train_from="tracked": the personalized shared parameters
     history: dict = field(default_factory=lambda: {"valid_loss": [], "alpha_expert": [], "alpha_tower": [],
                                                    "conflicts": []})
     _tensors: dict = field(default_factory=dict)
@@ -357,14 +364,18 @@ def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, 
 
 
 def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, grid: Sequence[float], *,
-                   memory: float = 0.0) -> None:
+                   memory: float = 0.0, start: np.ndarray | None = None) -> None:
     """Advance the global model by the average update, then personalize bottom-up: experts
-    first, then each task tower."""
+    first, then each task tower. With ``start`` (``train_from="tracked"``) the local side of
+    the mix is the client's previous personalized parameters plus its own update of this round
+    (post-processing of the same DP-trained update: no extra privacy cost)."""
     w = float(total[-1])
     if w > 0:
         client.direction = np.asarray(total[:-1], dtype=np.float64) / w
         client.global_vec = client.global_vec + client.direction
     local = client.shared_vector()
+    if start is not None and client.personal_vec is not None:
+        local = client.personal_vec + (local - start)
     plan = client.plan
     cur = local.copy()
     idx = plan.group_index("expert")
@@ -387,6 +398,8 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
             alphas[b.name] = 1.0
             cur[t_idx] = client.global_vec[t_idx]
     client.history["alpha_tower"].append(alphas)
+    if start is not None:
+        client.personal_vec = cur.copy()
     client.load_shared(cur)
 
 
@@ -428,7 +441,7 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
         allowed = hooks.before_round(STAGE, rnd, list(clients))
         starts = {}
         for m, c in clients.items():
-            if mech.federated and settings.train_from == "global" and c.global_vec is not None:
+            if mech.federated and settings.train_from in ("global", "tracked") and c.global_vec is not None:
                 c.load_shared(c.global_vec)
             starts[m] = c.shared_vector()
             if m not in allowed:
@@ -450,7 +463,8 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
                        for m, c in clients.items()}
             result = secure_sum.secure_sum(label="pf-mmoe", round_id=rnd, vectors=vectors, max_abs=bounds)
             for m, total in result.sums.items():
-                client_receive(clients[m], mech, total, settings.alpha_grid, memory=settings.alpha_memory)
+                client_receive(clients[m], mech, total, settings.alpha_grid, memory=settings.alpha_memory,
+                               start=starts[m] if settings.train_from == "tracked" else None)
                 clients[m].consider_checkpoint()
         progress(f"round {rnd + 1}/{rounds}")
     out: dict = {"markets": {}, "clients": clients}

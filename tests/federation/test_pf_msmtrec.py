@@ -214,11 +214,11 @@ def _flip_valid(data):
     return dataclasses.replace(data, valid=dataclasses.replace(v, click=1.0 - v.click, conversion=np.zeros_like(v.conversion)))
 
 
-@pytest.mark.parametrize("train_from", ["global", "personal"])
+@pytest.mark.parametrize("train_from", ["global", "tracked", "personal"])
 def test_uploads_read_validation_rows_only_when_training_from_the_personal_mix(scenarios, train_from):
-    """train_from="global": each round trains from the federation's model, so the uploads do
-    not depend on the validation split (alpha and checkpoints only shape the model a client keeps).
-    train_from="personal": the chosen mix is the next start, so they do."""
+    """train_from="global" / "tracked": each round trains from the federation's model, so the
+    uploads do not depend on the validation split (alpha and checkpoints only shape the model a
+    client keeps). train_from="personal": the chosen mix is the next start, so they do."""
     settings_ = dataclasses.replace(SMALL, train_from=train_from, alpha_grid=(0.0, 0.5, 1.0))
     runs = []
     for data in (scenarios, [_flip_valid(m) for m in scenarios]):
@@ -228,7 +228,7 @@ def test_uploads_read_validation_rows_only_when_training_from_the_personal_mix(s
     (up_a, alpha_a), (up_b, alpha_b) = runs
     assert alpha_a != alpha_b  # the validation split did change the clients' choices
     same = all(np.array_equal(a[m], b[m]) for a, b in zip(up_a, up_b) for m in a)
-    assert same == (train_from == "global")
+    assert same == (train_from in ("global", "tracked"))
 
 
 # ----------------------------------------------------------------------------- round protocol
@@ -371,3 +371,20 @@ def test_private_run_over_ckks(tmp_path):
     assert res["secagg"]["max_abs_error_vs_plain"] < 1e-6
     assert set(res["markets"]["a"]["pf_msmtrec"]) == {"ctr", "ctcvr"}
     assert all(0 < p["epsilon"] <= 4.0 * 1.01 for p in res["privacy"].values())
+
+
+def test_tracked_personal_side_is_previous_mix_plus_own_update(scenarios):
+    """train_from="tracked": the local side of the mix is the client's previous personalized
+    shared parameters plus this round's own update (not the freshly trained parameters)."""
+    c = make_client(scenarios[1], SMALL, METHODS["pf_msmtrec"], weight=1.0, generator=torch.Generator().manual_seed(0))
+    dim = c.plan.dim
+    c.global_vec = np.zeros(dim)
+    c.personal_vec = np.full(dim, 0.3)
+    start = np.zeros(dim)
+    c.load_shared(np.full(dim, 0.1))                     # trained from start: own update = 0.1
+    total = np.concatenate([np.zeros(dim), [1.0]])      # the global model does not move
+    client_receive(c, METHODS["pf_msmtrec"], total, (0.0,), start=start)   # alpha 0: keep the local side
+    np.testing.assert_allclose(c.shared_vector(), np.full(dim, 0.4), atol=1e-6)
+    np.testing.assert_allclose(c.personal_vec, np.full(dim, 0.4), atol=1e-6)
+    client_receive(c, METHODS["pf_msmtrec"], total, (1.0,), start=c.shared_vector())   # alpha 1: global
+    np.testing.assert_allclose(c.shared_vector(), np.zeros(dim), atol=1e-6)
