@@ -239,3 +239,29 @@ def test_sigkill_mid_run_loses_no_released_event(tmp_path):
     st = led.resume_state()
     assert st.next_round >= last_round + 1
     assert all(r % 3 == 2 or r >= last_round for r in st.incomplete_rounds)
+
+
+def test_spent_is_never_below_an_epsilon_the_run_reported(tmp_path):
+    """The run's accountant composes round by round; a fresh recomputation of the same events can
+    come out a little lower (discretised PLD). The spend on record must not undercut what was
+    released."""
+    from fedmm_secure.privacy.accountant import make_accountant
+    from fedmm_secure.privacy.events import SubsampledGaussianEvent
+    from fedmm_secure.privacy.ledger import Ledger
+
+    ev = [SubsampledGaussianEvent(0.3, 1.0, 4, "record"), SubsampledGaussianEvent(0.3, 1.0, 8, "record")]
+    fresh = make_accountant("pld")
+    for e in ev:
+        fresh.compose(e)
+    recomputed = fresh.get_epsilon(1e-5)
+    with Ledger.open(tmp_path, run_config={"x": 1}, create=True) as led:
+        for r, e in enumerate(ev):
+            led.record_round_start(r, ["m"])
+            led.record_event("m", r, e)
+            # what a run might have reported for this round (just above the recomputation)
+            led.record_epsilon("m", r, recomputed * 1.001 if r == 1 else 0.1, 1e-5, "pld", certified=True)
+            led.commit_round(r)
+        assert led.spent()["m"].epsilon == pytest.approx(recomputed * 1.001)
+        led.record_round_start(2, ["m"])
+        led.record_event("m", 2, SubsampledGaussianEvent(0.3, 1.0, 50, "record"))
+        assert led.spent()["m"].epsilon > recomputed * 1.001   # later spend still counts
