@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,6 +138,10 @@ class FlowerLocalDeployment:
         self.groups: dict[str, subprocess.Popen] = {}   # name -> group leader
         self._files: list = []
         self._killed: set[str] = set()
+        # Every process of this deployment inherits this value; close() finds the ones that left
+        # our process groups with it (the SuperLink starts its SuperExec in a new session, and
+        # that SuperExec's ServerApp can outlive a killed SuperLink while it retries to report).
+        self.marker = uuid.uuid4().hex
 
     # ------------------------------------------------------------------ processes
     def _spawn(self, name: str, cmd: Sequence[str], *, env: dict | None = None) -> subprocess.Popen:
@@ -150,7 +155,7 @@ class FlowerLocalDeployment:
     def _env(self, home: str) -> dict:
         h = self.work / home
         h.mkdir(exist_ok=True)
-        return {"FLWR_HOME": str(h), "FLWR_TELEMETRY_ENABLED": "0",
+        return {"FLWR_HOME": str(h), "FLWR_TELEMETRY_ENABLED": "0", _MARKER: self.marker,
                 "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(self.poll_interval),
                 "FEDMM_SUPERNODE_POLL": str(self.node_poll),
                 # SuperLink/SuperNode start `flower-superexec` and `flwr-*` by name.
@@ -306,10 +311,19 @@ class FlowerLocalDeployment:
                 p.wait(timeout=2.0)
             except subprocess.TimeoutExpired:
                 pass
-        # SIGKILLed group members (SuperExec, ClientApps) are reaped asynchronously: wait,
-        # bounded, until no process of any group is left.
+        # SIGKILLed group members are reaped asynchronously; processes that left our groups
+        # (detached SuperExec and its ServerApp) are found by the marker. Wait, bounded, until
+        # none is left.
         deadline = time.monotonic() + 10.0
-        while time.monotonic() < deadline and any(_group_exists(p.pid) for p in leaders):
+        while time.monotonic() < deadline:
+            strays = _marked_pids(self.marker)
+            for pid in strays:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not strays and not any(_group_exists(p.pid) for p in leaders):
+                break
             time.sleep(0.1)
         for f in self._files:
             f.close()
@@ -321,6 +335,29 @@ class FlowerLocalDeployment:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_MARKER = "FEDMM_FLOWER_DEPLOYMENT"
+
+
+def _marked_pids(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose environment carries this deployment's marker (Linux
+    /proc; elsewhere an empty list and the process groups are all there is)."""
+    needle = f"{_MARKER}={marker}".encode()
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for d in proc.iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes() and \
+                    (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(d.name))
+        except (OSError, IndexError):
+            continue
+    return found
 
 
 def _group_exists(pgid: int) -> bool:

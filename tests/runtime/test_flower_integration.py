@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedmm_secure.runtime.flower_local import FlowerLocalDeployment, _group_exists  # noqa: E402
+from fedmm_secure.runtime.flower_local import FlowerLocalDeployment, _group_exists, _marked_pids  # noqa: E402
 from fedmm_secure.federation.market_pipeline import codebook_digest  # noqa: E402
 
 from .flower_reference import CFG, DROP, embedded_codebooks  # noqa: E402
@@ -40,6 +40,8 @@ def test_flower_fedmm_with_killed_supernode(tmp_path):
     print(f"flower integration: {elapsed:.1f} s")
 
     assert not [g for g in groups if _group_exists(g)], "processes left behind"
+    # including those Flower detaches from our groups (the SuperLink's SuperExec and ServerApp)
+    assert not _marked_pids(dep.marker), "detached Flower processes left behind"
     assert res["runtime"] == "flower"
     assert res["dropped"] == {market: f"{label} round {rnd} stage {stage}"}
     cb = [r for r in res["secagg"]["rounds"] if (r["label"], r["round_id"]) == (label, rnd)][0]

@@ -32,6 +32,15 @@ def _marked(marker: str) -> list[int]:
     return found
 
 
+def _describe(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return f"{pid} state={stat[0]} ppid={stat[1]} pgid={stat[2]} sid={stat[3]} {cmd}"
+    except OSError:
+        return f"{pid} (gone)"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc")
@@ -60,4 +69,5 @@ def test_ctrl_c_mid_run_leaves_no_process(tmp_path):
     deadline = time.monotonic() + 20
     while _marked(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _marked(marker) == [], "processes left behind after Ctrl-C"
+    left = _marked(marker)
+    assert left == [], f"processes left behind after Ctrl-C: {[_describe(pid) for pid in left]}"
