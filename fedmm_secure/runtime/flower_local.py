@@ -5,7 +5,9 @@ processes (``--insecure``, 127.0.0.1 only, free ports picked at start), submits 
 ``flwr run`` and waits for the ServerApp to write ``results.json``. Every process it starts
 lives in a process group of its own (one group for the SuperLink, one per market: SuperNode,
 its SuperExec and ClientApp processes, and the market worker), and every group is terminated
-in a ``finally``: on success, on failure, on timeout and on Ctrl-C.
+in a ``finally``: on success, on failure, on timeout and on Ctrl-C. Flower 1.40's SuperLink
+starts its SuperExec (and so the ServerApp) in a new session, outside our groups; those
+processes carry the deployment's environment marker and are killed by it.
 
 :func:`flower_local_command` is what ``fedmm-secure flower local`` calls.
 """
