@@ -40,11 +40,13 @@ def _ledger_dirs(run_dir: Path) -> list[Path]:
 
 
 def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
-    """Spend, epsilon history, rounds, skips and decisions over all of the run's ledgers."""
+    """Ledger directories, spend, epsilon history, rounds, skips and decisions over all of the
+    run's ledgers."""
     from ..privacy.ledger import Ledger
 
-    out: dict = {"spent": {}, "records": [], "rounds": [], "skips": [], "decisions": []}
-    for d in _ledger_dirs(run_dir):
+    dirs = _ledger_dirs(run_dir)
+    out: dict = {"dirs": dirs, "spent": {}, "records": [], "rounds": [], "skips": [], "decisions": []}
+    for d in dirs:
         with Ledger.open(d) as ledger:
             spent = ledger.spent(delta=delta)
             clash = set(spent) & set(out["spent"])
@@ -113,7 +115,7 @@ def write_privacy_report(run_dir: Path) -> Path:
         "# Privacy report",
         "",
         f"Run directory: `{run_dir}`. Source of truth: "
-        + ", ".join(f"`{(d / 'ledger.sqlite').relative_to(run_dir)}`" for d in _ledger_dirs(run_dir))
+        + ", ".join(f"`{(d / 'ledger.sqlite').relative_to(run_dir)}`" for d in read["dirs"])
         + " (append-only; epsilon below is recomputed from the DP events, including any round cut short by a "
         "crash).",
         "",
@@ -135,8 +137,9 @@ def write_privacy_report(run_dir: Path) -> Path:
                      f"{p.get('max_grad_norm', float('nan')):g} | {p.get('sample_rate', float('nan')):.4g} | "
                      f"{rep.steps} | {status} |")
     lines += ["", f"![epsilon per round]({plot.name})", "", "## Rounds", "",
-              f"{len(rounds)} ledger rounds (summed over the ledgers); "
-              f"{sum(r.status == 'committed' for r in rounds)} committed, "
+              f"{len(rounds)} ledger rounds"
+              + (f" (summed over {len(read['dirs'])} ledgers); " if len(read["dirs"]) > 1 else "; ")
+              + f"{sum(r.status == 'committed' for r in rounds)} committed, "
               f"{sum(r.status == 'started' for r in rounds)} started but not committed (counted as spent), "
               f"{sum(r.status == 'skipped' for r in rounds)} skipped.", ""]
     if skips:
