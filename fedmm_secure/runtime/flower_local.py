@@ -342,10 +342,12 @@ class FlowerLocalDeployment:
 _MARKER = "FEDMM_FLOWER_DEPLOYMENT"
 
 
-def _marked_pids(marker: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries this deployment's marker (Linux
-    /proc; elsewhere an empty list and the process groups are all there is)."""
-    needle = f"{_MARKER}={marker}".encode()
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Live (non-zombie) processes, other than this one, whose environment has ``name=value``
+    (Linux /proc; elsewhere an empty list and the process groups are all there is). Every
+    process a deployment starts inherits its marker, so this finds the ones that left our
+    process groups."""
+    needle = f"{name}={value}".encode()
     found = []
     proc = Path("/proc")
     if not proc.is_dir():
@@ -360,6 +362,10 @@ def _marked_pids(marker: str) -> list[int]:
         except (OSError, IndexError):
             continue
     return found
+
+
+def _marked_pids(marker: str) -> list[int]:
+    return pids_with_env(_MARKER, marker)
 
 
 def _group_exists(pgid: int) -> bool:

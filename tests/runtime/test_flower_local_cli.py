@@ -15,21 +15,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from fedmm_secure.runtime.flower_local import pids_with_env  # noqa: E402
+
 
 def _marked(marker: str) -> list[int]:
     """Pids of live processes whose environment carries ``marker`` (they all inherit it)."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes():
-                stat = (d / "stat").read_text()
-                if stat.rsplit(")", 1)[1].split()[0] != "Z":   # zombies hold nothing
-                    found.append(int(d.name))
-        except OSError:
-            continue
-    return found
+    return pids_with_env(marker, "1")
 
 
 def _describe(pid: int) -> str:
