@@ -21,7 +21,7 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import AbortError, ProtocolError
 from ..secagg import Roster, RoundContext, create_backend
-from .flower_wire import pack_json, pack_with_header, unb64, unpack_json, with_node_config
+from .flower_wire import error_reply, pack_json, pack_with_header, unb64, unpack_json, with_node_config
 
 __all__ = ["MarketLinks", "Coordinator", "InProcessLinks"]
 
@@ -48,7 +48,7 @@ class InProcessLinks:
         try:
             return self._workers[m].handle(kind, with_node_config(kind, payload, self._nodes.get(m)))
         except Exception as e:
-            return "error", f"{type(e).__name__}: {e}".encode()
+            return error_reply(e)
 
     def hello(self, payload: bytes, *, timeout: float) -> dict[str, Reply]:
         return {m: self._call(m, "hello", payload) for m in self._workers if m not in self.silent}

@@ -19,7 +19,8 @@ import numpy as np
 from ..errors import ProtocolError
 
 __all__ = ["KINDS", "pack_frame", "recv_frame", "pack_json", "unpack_json", "pack_with_header",
-           "unpack_with_header", "encode_bound", "decode_bound", "b64", "unb64", "RECORD_KEY", "with_node_config"]
+           "unpack_with_header", "encode_bound", "decode_bound", "b64", "unb64", "RECORD_KEY", "with_node_config",
+           "error_reply", "guarded"]
 
 RECORD_KEY = "fedmm"
 KINDS = ("hello", "start", "secagg", "broadcast", "request", "error")
@@ -111,3 +112,20 @@ def with_node_config(kind: str, payload: bytes, node_config) -> bytes:
     hello = unpack_json(payload)
     hello["node"] = {k: str(node_config[k]) for k in ("market", "data") if k in node_config}
     return pack_json(hello)
+
+
+def error_reply(exc: Exception) -> tuple[str, bytes]:
+    """A market's failure as the ``error`` reply the coordinator reports (and treats as a dropout)."""
+    return "error", f"{type(exc).__name__}: {exc}".encode()
+
+
+def guarded(handle):
+    """``handle(kind, payload)`` that answers failures with :func:`error_reply` instead of raising."""
+
+    def safe(kind: str, payload: bytes) -> tuple[str, bytes]:
+        try:
+            return handle(kind, payload)
+        except Exception as e:
+            return error_reply(e)
+
+    return safe

@@ -30,6 +30,8 @@ from ..secagg import Roster, RoundContext, create_backend
 from .flower_wire import (
     b64,
     encode_bound,
+    error_reply,
+    guarded,
     pack_frame,
     pack_json,
     recv_frame,
@@ -216,7 +218,7 @@ class MarketWorker:
 
 def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None = None) -> None:
     """Serve ``worker`` on ``host:port`` until killed; one request per connection."""
-    handle = _guarded(worker)
+    handle = guarded(worker.handle)
     with socket.create_server((host, port), backlog=8) as srv:
         if ready_file is not None:
             ready_file.write_text("ready\n")
@@ -226,7 +228,7 @@ def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None
                 try:
                     kind, payload = recv_frame(conn)
                 except Exception as e:  # keep serving; the coordinator sees the failure
-                    out_kind, out = "error", f"{type(e).__name__}: {e}".encode()
+                    out_kind, out = error_reply(e)
                 else:
                     out_kind, out = handle(kind, payload)
                 try:
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wait_for_runtime_api(args.superexec, timeout=60.0)
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
-    executor = InProcessTaskExecutor(runtime_api_address=args.superexec, handle=_guarded(worker),
+    executor = InProcessTaskExecutor(runtime_api_address=args.superexec, handle=guarded(worker.handle),
                                      insecure=certs is None, root_certificates=certs,
                                      poll_interval=args.poll_interval,
                                      log=lambda line: print(f"[{args.market}] {line}", flush=True))
@@ -281,18 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         ready.write_text("ready\n")
     executor.run_forever()
     return 0
-
-
-def _guarded(worker: MarketWorker):
-    """``worker.handle`` with failures turned into an ``error`` reply the coordinator reports."""
-
-    def handle(kind: str, payload: bytes) -> tuple[str, bytes]:
-        try:
-            return worker.handle(kind, payload)
-        except Exception as e:
-            return "error", f"{type(e).__name__}: {e}".encode()
-
-    return handle
 
 
 if __name__ == "__main__":
