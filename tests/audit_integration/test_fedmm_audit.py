@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from fedmm_secure.audit_cli import audit_run, run_audit_command
 from fedmm_secure.audit_targets import CtrMechanism, ctr_stage_epsilon, fedmm_ctr_targets, load_run
@@ -25,13 +24,6 @@ TINY = {
               "ctr_hidden": [16], "batch_size": 64},
 }
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

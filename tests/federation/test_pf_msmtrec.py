@@ -23,14 +23,6 @@ from fedmm_secure.federation.transport import SumResult
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum
 import fedmm_secure.pf_experiment as pf_experiment
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 TINY = (ScenarioSpec("a", 50, 25, 6), ScenarioSpec("b", 35, 20, 5), ScenarioSpec("c", 30, 15, 5))
 SMALL = PFSettings(dim=4, n_experts=2, expert_hidden=(6,), tower_hidden=4, batch_size=32, lr=0.01)

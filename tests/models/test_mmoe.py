@@ -16,14 +16,6 @@ from fedmm_secure.models.mmoe import MMoE, TemplateExpert, esmm_loss, log1mexp
 from fedmm_secure.privacy.fast_clipping import GhostClipper, check_supported
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _model(template: bool = True, seed: int = 0) -> MMoE:
     torch.manual_seed(seed)

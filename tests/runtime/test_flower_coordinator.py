@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from fedmm_secure.errors import ProtocolError
 from fedmm_secure.runtime.flower_coordinator import Coordinator, InProcessLinks
@@ -37,7 +36,6 @@ class _SilentFrom(InProcessLinks):
 
 
 def _distributed(drop):
-    torch.set_num_threads(1)
     workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
     links = _SilentFrom(workers, *drop) if drop else InProcessLinks(workers)
     res = Coordinator(cfg=CFG, run_id=f"run-{CFG.seed}", links=links, stage_timeout=1, step_timeout=60).run()
@@ -70,7 +68,6 @@ def test_worker_rejects_out_of_step_messages():
 
 
 def test_secure_sum_workload_delivers_the_exact_sum():
-    torch.set_num_threads(1)
     workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
     wl = {"name": "secure-sum", "length": 300, "rounds": 2}
     res = Coordinator(cfg=CFG, run_id="bench", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60,
@@ -97,7 +94,6 @@ def test_private_run_keeps_one_ledger_per_market_and_matches_embedded_epsilon(tm
     from fedmm_secure.privacy.ledger import Ledger
     from fedmm_secure.reports.privacy_report import budget_table
 
-    torch.set_num_threads(1)
     cfg = _private(CFG, 4.0)
     workers = {m: MarketWorker(market=m, ledger_dir=tmp_path / "flower" / "ledgers" / m) for m in ("m0", "m1", "m2")}
     res = Coordinator(cfg=cfg, run_id="dp", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60).run()
@@ -134,7 +130,6 @@ def test_ckks_markets_that_first_hear_at_stage_one_still_take_part():
     pytest.importorskip("tenseal")
     from fedmm_secure.config import config_from_dict
 
-    torch.set_num_threads(1)
     raw = CFG.to_dict()
     raw["secagg"] = "ckks"
     cfg = config_from_dict(raw)
@@ -169,7 +164,6 @@ def test_market_data_comes_from_the_supernode_node_config(tmp_path):
     from fedmm_secure.federation.fedmm import run_method
     from fedmm_secure.runtime.embedded import EmbeddedSecureSum
 
-    torch.set_num_threads(1)
     fix = _xmrec_dir(tmp_path / "xmrec")
     raw = CFG.to_dict()
     raw.update(data=f"xmrec:{fix}", markets=["aa", "bb"])
@@ -233,7 +227,6 @@ class _Meddling(InProcessLinks):
 
 
 def test_tampered_and_replayed_messages_are_refused_and_change_nothing():
-    torch.set_num_threads(1)
     ref, _ = embedded_codebooks(drop=None)
     workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
     links = _Meddling(workers)
