@@ -15,10 +15,15 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict",
-           "dataclass_from_overrides", "METHODS"]
+           "dataclass_from_overrides", "METHODS", "DEFAULT_MAX_GRAD_NORM"]
 
 METHODS = ("local", "local_codes", "fedmm", "centralized")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
+# DP-SGD clipping norm when the config names none: it should sit near the per-record gradient
+# norms of the family's loss. PF-MSMTrec's ESMM loss (two BCE terms) has median per-record
+# norms of 0.6-3.3 by label at initialisation; with 1.0 every non-click and converting record
+# was clipped 2-3x harder than a click, which biased CTCVR (sweep in bench/RESULTS_pf_msmtrec.md).
+DEFAULT_MAX_GRAD_NORM = {"fedmm": 1.0, "pf-msmtrec": 2.0}
 SECAGG_BACKENDS = ("masking", "ckks", "plain")
 UNITS = ("record", "user")
 ACCOUNTANTS = ("pld", "prv", "rdp")
@@ -72,7 +77,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     epsilon: float | None = None           # calibrate the noise multiplier for the planned rounds
     noise_multiplier: float | None = None
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = None     # None: the model family's default (DEFAULT_MAX_GRAD_NORM)
     epsilon_budget: float | None = None
     on_exceed: str = "skip"
     accountant: str = "pld"
@@ -93,7 +98,8 @@ class PrivacyConfig:
             v = getattr(self, f)
             if v is not None:
                 _positive(f"privacy.{f}", v, integer=False)
-        _positive("privacy.max_grad_norm", self.max_grad_norm, integer=False)
+        if self.max_grad_norm is not None:
+            _positive("privacy.max_grad_norm", self.max_grad_norm, integer=False)
         if self.market_noise_multiplier is not None and not self.enabled:
             raise ConfigError("privacy.market_noise_multiplier", "market-level noise needs a private run",
                               allowed="set --epsilon or --noise-multiplier too")
@@ -134,6 +140,18 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def max_grad_norm(self) -> float:
+        """The DP-SGD clipping norm this run uses: the configured one or the family default."""
+        c = self.privacy.max_grad_norm
+        return float(DEFAULT_MAX_GRAD_NORM[self.model_family] if c is None else c)
+
+    def resolved(self) -> RunConfig:
+        """This config with defaults that depend on other fields written out, so what a run
+        directory records (config.json, ledger) is explicit and survives a change of default."""
+        if self.privacy.max_grad_norm is not None:
+            return self
+        return dataclasses.replace(self, privacy=dataclasses.replace(self.privacy, max_grad_norm=self.max_grad_norm()))
 
 
 def _build(cls, raw: Any, prefix: str):

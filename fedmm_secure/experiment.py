@@ -65,7 +65,7 @@ def privacy_session(cfg: RunConfig, markets: list[MarketData], *, method: str, l
                          n_users={m.name: m.n_users for m in markets})
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
-    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=p.max_grad_norm, plans=plans,
+    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier, target_epsilon=p.epsilon if p.noise_multiplier is None else None,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, noise_seed=cfg.seed * 7_919 + method_index,
@@ -84,6 +84,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
     match): every event already recorded, including those of a round cut short by a crash,
     stays spent, and new rounds are numbered after it. Models restart from their initial state.
     """
+    cfg = cfg.resolved()
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = None
     resume_offset, prior = 0, None

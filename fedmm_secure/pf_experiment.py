@@ -97,7 +97,7 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
                          n_users={m.name: m.n_users for m in markets})
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
-    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=p.max_grad_norm, plans=plans,
+    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier,
                           target_epsilon=p.epsilon if p.noise_multiplier is None else None,
                           accountant=p.accountant, policy=policy, ledger=ledger,
@@ -112,6 +112,7 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
     ``pf_msmtrec`` method's events go to ``out_dir/ledger.sqlite`` before any round's update
     leaves the scenarios.
     """
+    cfg = cfg.resolved()
     settings, pf_methods, data_overrides = pf_settings(cfg.pf)
     methods = _methods(cfg, pf_methods)
     out_dir = Path(out_dir)

@@ -86,12 +86,15 @@ class PFSettings:
     # (train from the mix). See the module docstring and bench/RESULTS_pf_msmtrec.md.
     train_from: str = "tracked"
     alpha_memory: float = 0.7        # decay of the per-alpha validation cost accumulated over rounds (0: off)
+    alpha_by: str = "select"         # alpha's validation cost: "select" (same as select_by), "auc" or "loss"
 
     def __post_init__(self) -> None:
         if self.train_from not in ("personal", "global", "tracked"):
             raise ConfigError("pf.train_from", f"unknown start {self.train_from!r}", allowed="personal, global, tracked")
         if self.select_by not in ("auc", "loss"):
             raise ConfigError("pf.select_by", f"unknown criterion {self.select_by!r}", allowed="auc, loss")
+        if self.alpha_by not in ("select", "auc", "loss"):
+            raise ConfigError("pf.alpha_by", f"unknown criterion {self.alpha_by!r}", allowed="select, auc, loss")
         for f in ("dim", "n_experts", "tower_hidden", "epochs", "batch_size"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -283,7 +286,7 @@ class ScenarioClient:
             pos += k
 
     @torch.no_grad()
-    def valid_loss(self) -> float:
+    def valid_loss(self, criterion: str | None = None) -> float:
         """Validation cost, lower is better: the ESMM loss, or minus the mean of CTR and
         CTCVR AUC (``select_by="auc"``: the metric the scenario is judged on; a calibrated but
         non-ranking model can have the lowest loss)."""
@@ -292,7 +295,7 @@ class ScenarioClient:
         self.model.eval()
         a, b = self.model(x)
         self.model.train(was)
-        if self.select_by == "loss":
+        if (criterion or self.select_by) == "loss":
             return float(esmm_loss(a, b, c, v).mean())
         pctr = torch.sigmoid(a)
         ctr = evaluate_ctr(c.numpy(), pctr.numpy())["auc"]
@@ -337,7 +340,8 @@ def client_upload(client: ScenarioClient, mech: Mechanisms, *, start: np.ndarray
 
 
 def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, idx: np.ndarray,
-                  grid: Sequence[float], *, key: str = "", memory: float = 0.0) -> tuple[float, np.ndarray]:
+                  grid: Sequence[float], *, key: str = "", memory: float = 0.0,
+                  criterion: str | None = None) -> tuple[float, np.ndarray]:
     """Pick alpha on ``grid`` for the coordinates ``idx`` (others stay as in ``base``) by the
     client's validation score (lower cost wins; ties keep the earlier grid value); a one-value
     grid is used as is and reads no data. With ``memory > 0`` the choice uses each grid value's
@@ -352,7 +356,7 @@ def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, 
         cand = base.copy()
         cand[idx] = mix(target[idx], base[idx], float(a))
         client.load_shared(cand)
-        costs.append(client.valid_loss())
+        costs.append(client.valid_loss(criterion))
         cands.append(cand)
     costs = np.asarray(costs)
     if memory > 0:
@@ -364,7 +368,7 @@ def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, 
 
 
 def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, grid: Sequence[float], *,
-                   memory: float = 0.0, start: np.ndarray | None = None) -> None:
+                   memory: float = 0.0, start: np.ndarray | None = None, criterion: str | None = None) -> None:
     """Advance the global model by the average update, then personalize bottom-up: experts
     first, then each task tower. With ``start`` (``train_from="tracked"``) the local side of
     the mix is the client's previous personalized parameters plus its own update of this round
@@ -380,7 +384,8 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
     cur = local.copy()
     idx = plan.group_index("expert")
     if mech.personal:
-        a_e, cur = _choose_alpha(client, cur, client.global_vec, idx, grid, key="expert", memory=memory)
+        a_e, cur = _choose_alpha(client, cur, client.global_vec, idx, grid, key="expert", memory=memory,
+                                criterion=criterion)
     else:
         a_e = 1.0
         cur[idx] = client.global_vec[idx]
@@ -393,7 +398,7 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
         t_idx = np.arange(sl[b.name].start, sl[b.name].stop)
         if mech.tower_personal:
             alphas[b.name], cur = _choose_alpha(client, cur, client.global_vec, t_idx, grid, key=b.name,
-                                                memory=memory)
+                                                memory=memory, criterion=criterion)
         else:
             alphas[b.name] = 1.0
             cur[t_idx] = client.global_vec[t_idx]
@@ -464,7 +469,8 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
             result = secure_sum.secure_sum(label="pf-mmoe", round_id=rnd, vectors=vectors, max_abs=bounds)
             for m, total in result.sums.items():
                 client_receive(clients[m], mech, total, settings.alpha_grid, memory=settings.alpha_memory,
-                               start=starts[m] if settings.train_from == "tracked" else None)
+                               start=starts[m] if settings.train_from == "tracked" else None,
+                               criterion=None if settings.alpha_by == "select" else settings.alpha_by)
                 clients[m].consider_checkpoint()
         progress(f"round {rnd + 1}/{rounds}")
     out: dict = {"markets": {}, "clients": clients}

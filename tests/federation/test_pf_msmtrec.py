@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedmm_secure.config import config_from_dict
+from fedmm_secure.config import DEFAULT_MAX_GRAD_NORM, config_from_dict
 from fedmm_secure.data.synthetic_scenarios import ScenarioConfig, ScenarioSpec, generate_scenarios
 from fedmm_secure.errors import ConfigError
 from fedmm_secure.federation.fedmm import RoundHooks
@@ -182,6 +182,17 @@ def test_alpha_chosen_by_validation_loss(scenarios):
     np.testing.assert_allclose(c.shared_vector(), local, atol=1e-6)
 
 
+def test_alpha_criterion_can_differ_from_checkpoint_criterion(scenarios):
+    """``alpha_by="loss"`` with AUC checkpoints: the far-off global model is refused on the loss
+    (its AUC can tie), and the checkpoint score is still the AUC one."""
+    c = _client(scenarios[0], settings_=dataclasses.replace(SMALL, select_by="auc", alpha_by="loss"))
+    local = c.shared_vector()
+    c.global_vec = local + 5.0
+    client_receive(c, METHODS["pf_msmtrec"], np.zeros(len(local) + 1), grid=(0.0, 1.0), criterion="loss")
+    assert c.history["alpha_expert"][-1] == 0.0
+    assert c.valid_loss() == c.valid_loss("auc") != c.valid_loss("loss")
+
+
 def test_alpha_memory_accumulates_validation_cost_over_rounds(scenarios):
     """With memory, a grid value's cost is ``memory * previous + current``: a large cost seen for
     alpha = 0 in earlier rounds outweighs this round's preference for it."""
@@ -274,7 +285,8 @@ def test_pf_settings_errors_name_the_field():
     for raw, field in [({"dim": 0}, "pf.dim"), ({"alpha_grid": [1.5]}, "pf.alpha_grid"),
                        ({"bogus": 1}, "pf.bogus"), ({"methods": ["fedmm"]}, "pf.methods"),
                        ({"lr": -1}, "pf.lr"), ({"select_by": "x"}, "pf.select_by"),
-                       ({"train_from": "x"}, "pf.train_from"), ({"alpha_memory": 1.0}, "pf.alpha_memory")]:
+                       ({"train_from": "x"}, "pf.train_from"), ({"alpha_memory": 1.0}, "pf.alpha_memory"),
+                       ({"alpha_by": "x"}, "pf.alpha_by")]:
         with pytest.raises(ConfigError) as e:
             pf_experiment.pf_settings(raw)
         assert e.value.field == field
@@ -310,6 +322,9 @@ def test_private_masked_run_reports_every_scenario_and_task(tmp_path, monkeypatc
     for m, p in on_disk["privacy"].items():
         assert 0 < p["epsilon"] <= 8.0 * 1.01 and len(p["epsilon_per_round"]) == 2
     assert (tmp_path / "ledger.sqlite").exists() and "CTCVR" in (tmp_path / "report.md").read_text()
+    # No clipping norm configured: the family default is used and written out explicitly.
+    assert on_disk["config"]["privacy"]["max_grad_norm"] == DEFAULT_MAX_GRAD_NORM["pf-msmtrec"] == 2.0
+    assert json.loads((tmp_path / "config.json").read_text())["privacy"]["max_grad_norm"] == 2.0
     # What crossed the boundary: only template-shared parameters (+ the weight), every round.
     assert res["summary"].keys() == on_disk["summary"].keys()
     data = generate_scenarios(ScenarioConfig(scenarios=TINY), seed=1)

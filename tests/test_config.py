@@ -1,0 +1,34 @@
+"""Run configuration: family-dependent defaults are resolved explicitly; bad values name the field."""
+
+import pytest
+
+from fedmm_secure.config import DEFAULT_MAX_GRAD_NORM, RunConfig, config_from_dict
+from fedmm_secure.errors import ConfigError
+
+
+def test_clipping_norm_defaults_per_model_family_and_is_written_out():
+    fedmm = config_from_dict({"privacy": {"enabled": True, "epsilon": 8.0}})
+    pf = config_from_dict({"model_family": "pf-msmtrec", "privacy": {"enabled": True, "epsilon": 8.0}})
+    assert fedmm.privacy.max_grad_norm is None and pf.privacy.max_grad_norm is None
+    assert fedmm.max_grad_norm() == DEFAULT_MAX_GRAD_NORM["fedmm"] == 1.0
+    assert pf.max_grad_norm() == DEFAULT_MAX_GRAD_NORM["pf-msmtrec"] == 2.0
+    for cfg in (fedmm, pf):
+        r = cfg.resolved()
+        assert r.privacy.max_grad_norm == cfg.max_grad_norm()
+        assert config_from_dict(r.to_dict()) == r   # what a run directory records round-trips
+        assert r.resolved() is r
+
+
+def test_configured_clipping_norm_wins_over_the_family_default():
+    cfg = config_from_dict({"model_family": "pf-msmtrec", "privacy": {"max_grad_norm": 0.5}})
+    assert cfg.max_grad_norm() == 0.5 and cfg.resolved() is cfg
+    # A resolved FedMM config moved to another family keeps its explicit value (no silent change).
+    moved = config_from_dict({**RunConfig().resolved().to_dict(), "model_family": "pf-msmtrec"})
+    assert moved.max_grad_norm() == 1.0
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "2"])
+def test_bad_clipping_norm_names_the_field(bad):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"privacy": {"max_grad_norm": bad}})
+    assert e.value.field == "privacy.max_grad_norm"
