@@ -91,3 +91,26 @@ def test_unreadable_config_is_a_clear_error_without_traceback(tmp_path):
     r = _cli("run", "--config", str(p))
     assert r.returncode == 2 and "not valid YAML" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_pf_msmtrec_runs_on_aliexpress_format_data_with_the_family_clip(tmp_path):
+    """`run --model pf-msmtrec --data aliexpress:DIR`: every market of the AliExpress-format
+    folder is a scenario with CTR and CTCVR metrics; DP uses PF-MSMTrec's default clipping norm
+    and the run directory records it."""
+    from pathlib import Path
+    fixture = Path(__file__).parents[1] / "data" / "fixtures" / "aliexpress" / "by_file"
+    out = tmp_path / "run"
+    cfg = tmp_path / "pf.json"
+    cfg.write_text(json.dumps({"pf": {"dim": 4, "n_experts": 2, "expert_hidden": [6], "tower_hidden": 4,
+                                      "batch_size": 8}}))
+    assert main(["run", "--model", "pf-msmtrec", "--config", str(cfg), "--data", f"aliexpress:{fixture}",
+                 "--rounds", "1", "--epsilon", "8", "--methods", "local,fedavg,pf_msmtrec",
+                 "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["markets"]) == {"ES", "FR"}
+    for scenario in res["markets"].values():
+        assert set(scenario) == {"local", "fedavg", "pf_msmtrec"}
+        for r in scenario.values():
+            assert set(r) == {"ctr", "ctcvr"} and r["ctr"]["logloss"] > 0
+    assert json.loads((out / "config.json").read_text())["privacy"]["max_grad_norm"] == 2.0
+    assert {p["max_grad_norm"] for p in res["privacy"].values()} == {2.0}
