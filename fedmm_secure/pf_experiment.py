@@ -208,6 +208,9 @@ def render_report(results: dict) -> str:
         lines.append("Privacy: no DP (epsilon = inf)")
     sec = results.get("secagg")
     lines.append(f"Secure aggregation: {sec['backend'] if sec else 'none (no federated method)'}")
+    if results.get("pf_settings", {}).get("calibrate"):
+        lines.append("LogLoss: of the served model, its logits Platt-scaled on the scenario's own validation "
+                     "rows (AUC unchanged; `logloss_uncalibrated` in results.json)")
     lines.append("")
     for task in ("ctr", "ctcvr"):
         lines += [f"## {task.upper()} (test AUC / logloss)", "",

@@ -54,7 +54,8 @@ import torch
 
 from ..data.market import MarketData, MarketSplit
 from ..errors import ConfigError, DataError
-from ..models.mmoe import MMoE, esmm_loss
+from ..models.calibration import binary_logloss, fit_platt
+from ..models.mmoe import MMoE, esmm_loss, log1mexp
 from .fedmm import RoundHooks, _seeded, evaluate_ctr
 from .training import TrainerFactory, TrainSettings, plain_trainers
 from .transport import SecureSum
@@ -87,12 +88,15 @@ class PFSettings:
     train_from: str = "tracked"
     alpha_memory: float = 0.7        # decay of the per-alpha validation cost accumulated over rounds (0: off)
     alpha_by: str = "select"         # alpha's validation cost: "select" (same as select_by), "auc" or "loss"
+    calibrate: bool = True           # Platt-scale the kept model's CTR and CTCVR logits on validation rows
 
     def __post_init__(self) -> None:
         if self.train_from not in ("personal", "global", "tracked"):
             raise ConfigError("pf.train_from", f"unknown start {self.train_from!r}", allowed="personal, global, tracked")
         if self.select_by not in ("auc", "loss"):
             raise ConfigError("pf.select_by", f"unknown criterion {self.select_by!r}", allowed="auc, loss")
+        if not isinstance(self.calibrate, bool):
+            raise ConfigError("pf.calibrate", f"must be true or false, got {self.calibrate!r}")
         if self.alpha_by not in ("select", "auc", "loss"):
             raise ConfigError("pf.alpha_by", f"unknown criterion {self.alpha_by!r}", allowed="select, auc, loss")
         for f in ("dim", "n_experts", "tower_hidden", "epochs", "batch_size"):
@@ -409,11 +413,40 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
 
 
 # ----------------------------------------------------------------------------- one method
-def _evaluate(client: ScenarioClient, split: str = "test") -> dict:
+@torch.no_grad()
+def _task_logits(client: ScenarioClient, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of pCTR and of pCTCVR = pCTR * pCVR (float64, exact in log space)."""
+    x, _, _ = client.split(split)
+    was = client.model.training
+    client.model.eval()
+    a, b = client.model(x)
+    client.model.train(was)
+    a, b = a.double(), b.double()
+    log_p = torch.nn.functional.logsigmoid(a) + torch.nn.functional.logsigmoid(b)
+    return a.numpy(), (log_p - log1mexp(log_p)).numpy()
+
+
+def _evaluate(client: ScenarioClient, split: str = "test", *, calibrate: bool = False) -> dict:
+    """AUC and LogLoss per task. With ``calibrate``, the LogLoss is that of the served model:
+    the kept model's logits Platt-scaled on the client's validation rows (a monotone map: AUC
+    is the same either way); ``logloss_uncalibrated`` is the raw model's."""
     x, c, v = client.split(split)
+    labels = {"ctr": c.numpy(), "ctcvr": (c * v).numpy()}
     p = client.model.predict(x)
-    return {"ctr": evaluate_ctr(c.numpy(), p["ctr"].numpy()),
-            "ctcvr": evaluate_ctr((c * v).numpy(), p["ctcvr"].numpy())}
+    out = {}
+    for task in ("ctr", "ctcvr"):
+        raw = evaluate_ctr(labels[task], p[task].numpy())
+        out[task] = {"auc": raw["auc"], "logloss": raw["logloss"], "logloss_uncalibrated": raw["logloss"]}
+    if calibrate:
+        logits = dict(zip(("ctr", "ctcvr"), _task_logits(client, split)))
+        _, vc, vv = client.split("valid")
+        v_labels = {"ctr": vc.numpy(), "ctcvr": (vc * vv).numpy()}
+        v_logits = dict(zip(("ctr", "ctcvr"), _task_logits(client, "valid")))
+        for task in ("ctr", "ctcvr"):
+            platt = fit_platt(v_logits[task], v_labels[task])
+            out[task]["logloss"] = binary_logloss(labels[task], platt.logits(logits[task]))
+            out[task]["platt"] = [platt.scale, platt.shift]
+    return out
 
 
 def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettings, *, rounds: int, seed: int,
@@ -476,5 +509,5 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
     out: dict = {"markets": {}, "clients": clients}
     for m, c in clients.items():
         c.model.load_state_dict(c.best[1])
-        out["markets"][m] = _evaluate(c)
+        out["markets"][m] = _evaluate(c, calibrate=settings.calibrate)
     return out

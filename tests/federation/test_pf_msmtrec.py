@@ -22,6 +22,7 @@ from fedmm_secure.federation.pf_msmtrec import (METHODS, PFSettings, client_rece
 from fedmm_secure.federation.transport import SumResult
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum
 import fedmm_secure.pf_experiment as pf_experiment
+import fedmm_secure.federation.pf_msmtrec as pf_msmtrec
 
 
 TINY = (ScenarioSpec("a", 50, 25, 6), ScenarioSpec("b", 35, 20, 5), ScenarioSpec("c", 30, 15, 5))
@@ -193,6 +194,32 @@ def test_alpha_criterion_can_differ_from_checkpoint_criterion(scenarios):
     assert c.valid_loss() == c.valid_loss("auc") != c.valid_loss("loss")
 
 
+def test_calibration_changes_logloss_only_and_is_fitted_on_validation_rows(scenarios):
+    """The served model's LogLoss is that of its Platt-scaled logits: AUC and the raw LogLoss are
+    the uncalibrated model's, and on the validation rows it was fitted on the calibrated LogLoss
+    is never worse. Test labels play no part in the fit (flipping them changes no Platt map)."""
+    c = _client(scenarios[0])
+    with torch.no_grad():   # a miscalibrated model: every logit pushed up
+        for t in ("ctr", "cvr"):
+            c.model.towers[t][-1].bias += 2.0
+    raw, cal = pf_msmtrec._evaluate(c), pf_msmtrec._evaluate(c, calibrate=True)
+    for task in ("ctr", "ctcvr"):
+        assert cal[task]["auc"] == raw[task]["auc"]
+        assert cal[task]["logloss_uncalibrated"] == raw[task]["logloss"]
+        assert cal[task]["logloss"] < raw[task]["logloss"]
+        assert cal[task]["platt"][0] > 0
+    on_valid = pf_msmtrec._evaluate(c, "valid", calibrate=True)
+    for task in ("ctr", "ctcvr"):
+        assert on_valid[task]["logloss"] <= on_valid[task]["logloss_uncalibrated"] + 1e-6
+    flipped = _client(dataclasses.replace(scenarios[0], test=dataclasses.replace(
+        scenarios[0].test, click=1.0 - scenarios[0].test.click,
+        conversion=np.zeros_like(scenarios[0].test.conversion))))
+    with torch.no_grad():
+        for t in ("ctr", "cvr"):
+            flipped.model.towers[t][-1].bias += 2.0
+    assert pf_msmtrec._evaluate(flipped, calibrate=True)["ctr"]["platt"] == cal["ctr"]["platt"]
+
+
 def test_alpha_memory_accumulates_validation_cost_over_rounds(scenarios):
     """With memory, a grid value's cost is ``memory * previous + current``: a large cost seen for
     alpha = 0 in earlier rounds outweighs this round's preference for it."""
@@ -286,7 +313,7 @@ def test_pf_settings_errors_name_the_field():
                        ({"bogus": 1}, "pf.bogus"), ({"methods": ["fedmm"]}, "pf.methods"),
                        ({"lr": -1}, "pf.lr"), ({"select_by": "x"}, "pf.select_by"),
                        ({"train_from": "x"}, "pf.train_from"), ({"alpha_memory": 1.0}, "pf.alpha_memory"),
-                       ({"alpha_by": "x"}, "pf.alpha_by")]:
+                       ({"alpha_by": "x"}, "pf.alpha_by"), ({"calibrate": 1}, "pf.calibrate")]:
         with pytest.raises(ConfigError) as e:
             pf_experiment.pf_settings(raw)
         assert e.value.field == field
