@@ -423,7 +423,8 @@ def _task_logits(client: ScenarioClient, split: str) -> tuple[np.ndarray, np.nda
     client.model.train(was)
     a, b = a.double(), b.double()
     log_p = torch.nn.functional.logsigmoid(a) + torch.nn.functional.logsigmoid(b)
-    return a.numpy(), (log_p - log1mexp(log_p)).numpy()
+    # A saturated pCTCVR (log_p == 0) has an infinite logit; a finite stand-in keeps its rank.
+    return a.numpy(), np.clip((log_p - log1mexp(log_p)).numpy(), -700.0, 700.0)
 
 
 def _evaluate(client: ScenarioClient, split: str = "test", *, calibrate: bool = False) -> dict:
