@@ -40,8 +40,12 @@ def test_ctrl_c_mid_run_leaves_no_process(tmp_path):
     env = {**os.environ, marker: "1"}
     out = tmp_path / "run"
     cli = Path(sys.executable).parent / "fedmm-secure"
+    # A user at a terminal has SIGINT at its default; a test run launched in the background by a
+    # non-interactive shell inherits it ignored (then Python never raises KeyboardInterrupt and
+    # the run just completes), so the child gets the default back.
     p = subprocess.Popen([str(cli), "flower", "local", "--markets", "3", "--rounds", "2", "--out", str(out)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 180
         # Wait until secure sums are running: every process is up and the ServerApp is working.
