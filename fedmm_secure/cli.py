@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     fll.add_argument("--epsilon", type=float, help="DP-SGD in every market, sigma calibrated to this epsilon "
                      "(each market's ledger: OUT/ledgers/MARKET)")
     fll.add_argument("--epsilon-budget", type=float, help="per-market budget enforced before every round")
+    fll.add_argument("--tls", action="store_true",
+                     help="TLS on the SuperLink and SuperNode authentication, with a throwaway PKI in OUT/tls")
     fll.add_argument("--quiet", action="store_true", help="no progress lines")
     fll.add_argument("--out", required=True)
 
@@ -253,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                                         out=Path(args.out), seed=args.seed,
                                         config=load_config(args.config) if args.config else None,
                                         epsilon=args.epsilon, epsilon_budget=args.epsilon_budget,
-                                        progress=None if args.quiet else _stderr_line)
+                                        tls=args.tls, progress=None if args.quiet else _stderr_line)
         parser.error(f"unknown command {args.command!r}")
     except ConfigError as e:
         print(f"fedmm-secure: error: {e}", file=sys.stderr)

@@ -134,6 +134,7 @@ class FlowerLocalDeployment:
             raise ConfigError("tls.node_keys", "one SuperNode key pair per market is required",
                               allowed=", ".join(self.markets))
         self.workload = dict(workload or {"name": "fedmm"})
+        self._started = False
         self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
         self.work = Path(self._tmp.name)
         self.logs = self.out_dir / "flower_logs"
@@ -164,7 +165,17 @@ class FlowerLocalDeployment:
                 "PATH": f"{_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
+    def use_loopback_tls(self, directory: Path) -> FlowerTLS:
+        """Run with TLS and SuperNode authentication using a fresh throwaway PKI for this
+        deployment's markets, written to ``directory`` (``flower_pki.loopback_tls``)."""
+        if self._started:
+            raise ConfigError("tls", "TLS must be chosen before the deployment starts")
+        from .flower_pki import loopback_tls
+        self.tls = loopback_tls(directory, self.markets)
+        return self.tls
+
     def start(self, *, ready_timeout: float = 30.0) -> None:
+        self._started = True
         self.logs.mkdir(parents=True, exist_ok=True)
         # Flower 1.40 serves the Fleet, Control and Runtime APIs over HTTP on one host:port.
         self.link_port = _free_port()
@@ -398,7 +409,7 @@ def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> 
 
 def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, seed: int,
                          config: RunConfig | None, timeout: float = 1800.0, epsilon: float | None = None,
-                         epsilon_budget: float | None = None,
+                         epsilon_budget: float | None = None, tls: bool = False,
                          progress: Callable[[str], None] | None = None) -> int:
     """``fedmm-secure flower local``: run FedMM on a loopback Flower deployment; 0 on success."""
     if config is None:
@@ -432,8 +443,11 @@ def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, s
         seen = len(lines)
 
     with FlowerLocalDeployment(cfg, out_dir=out) as dep:
+        if tls:
+            dep.use_loopback_tls(out / "tls")
         if progress is not None:
-            progress(f"starting SuperLink and {len(dep.markets)} SuperNodes + market workers on 127.0.0.1")
+            progress(f"starting SuperLink and {len(dep.markets)} SuperNodes + market workers on 127.0.0.1"
+                     + (f" (TLS, SuperNode authentication; PKI in {out / 'tls'})" if tls else ""))
         dep.start()
         dep.submit()
         results = dep.wait(timeout=timeout, on_poll=show_progress)

@@ -29,3 +29,24 @@ def test_flower_local_refuses_a_directory_that_holds_a_run(tmp_path, capsys):
     (tmp_path / "results.json").write_text("{}")
     assert main(["flower", "local", "--markets", "2", "--out", str(tmp_path), "--quiet"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_tls_flag_gives_the_deployment_a_fresh_pki_before_it_starts(tmp_path, monkeypatch):
+    """`--tls`: the deployment starts with TLS files for exactly its markets, under OUT/tls
+    (the real TLS run with refused intruders is tests/runtime/test_flower_tls.py)."""
+    import fedmm_secure.runtime.flower_local as fl
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def start(self, **kw):
+        seen["tls"], seen["markets"] = self.tls, list(self.markets)
+        raise Stop
+
+    monkeypatch.setattr(fl.FlowerLocalDeployment, "start", start)
+    with pytest.raises(Stop):
+        main(["flower", "local", "--markets", "3", "--tls", "--out", str(tmp_path / "out"), "--quiet"])
+    tls = seen["tls"]
+    assert tls is not None and set(tls.node_keys) == set(seen["markets"]) == {"m0", "m1", "m2"}
+    assert tls.ca.parent == tmp_path / "out" / "tls" and tls.ca.exists()
