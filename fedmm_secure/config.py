@@ -57,6 +57,7 @@ class ModelConfig:
     share_ctr_mlp: bool = True       # FedMM: average the CTR interaction MLP across markets
     share_autoencoder: bool = True   # FedMM: average RQ-VAE encoder/decoder across markets
     shared_bound: float = 2.0    # clip bound of every shared parameter coordinate (sizes the ring)
+    calibrate: bool = True       # report LogLoss of the CTR logits Platt-scaled on the market's validation rows
 
     def __post_init__(self) -> None:
         for f in ("cf_dim", "cf_epochs", "latent_dim", "vq_hidden", "n_global", "n_local", "vq_epochs",
@@ -64,6 +65,8 @@ class ModelConfig:
             _positive(f"model.{f}", getattr(self, f), integer=True)
         for f in ("cf_lr", "vq_lr", "beta", "ctr_lr", "shared_bound"):
             _positive(f"model.{f}", getattr(self, f), integer=False)
+        if not isinstance(self.calibrate, bool):
+            raise ConfigError("model.calibrate", f"must be true or false, got {self.calibrate!r}")
         if not 0 <= self.codebook_decay < 1:
             raise ConfigError("model.codebook_decay", f"must be in [0, 1), got {self.codebook_decay!r}")
         if not self.ctr_hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.ctr_hidden):

@@ -32,3 +32,9 @@ def test_bad_clipping_norm_names_the_field(bad):
     with pytest.raises(ConfigError) as e:
         config_from_dict({"privacy": {"max_grad_norm": bad}})
     assert e.value.field == "privacy.max_grad_norm"
+
+
+def test_bad_model_calibrate_names_the_field():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"calibrate": "yes"}})
+    assert e.value.field == "model.calibrate"

@@ -36,6 +36,7 @@ from ..config import ModelConfig
 from ..data.market import MarketData, MarketSplit
 from ..errors import ConfigError
 from ..metrics import hit_rate_at_k, ndcg_at_k
+from ..models.calibration import calibrate_metrics
 from ..models.cf import CFModel
 from ..models.codebook import perplexity, update_codebook, utilization
 from ..models.ctr import DeepFM
@@ -144,11 +145,27 @@ def _ctr_inputs(r: MarketRun, split: MarketSplit, with_codes: bool) -> torch.Ten
 
 
 @torch.no_grad()
+def _logits(model: DeepFM, x: torch.Tensor) -> np.ndarray:
+    model.eval()
+    out = model(x).double().numpy()
+    model.train()
+    return out
+
+
+@torch.no_grad()
 def _predict(model: DeepFM, x: torch.Tensor) -> np.ndarray:
     model.eval()
     out = torch.sigmoid(model(x)).numpy()
     model.train()
     return out
+
+
+def _calibrated(metrics: dict, model: DeepFM, *, valid: tuple[torch.Tensor, np.ndarray],
+                test: tuple[torch.Tensor, np.ndarray]) -> dict:
+    """``metrics`` of the served model: its CTR logits Platt-scaled on the market's validation
+    rows (LogLoss changes; AUC and ranking metrics cannot)."""
+    return calibrate_metrics(metrics, valid_logits=_logits(model, valid[0]), valid_labels=valid[1],
+                             test_logits=_logits(model, test[0]), test_labels=test[1])
 
 
 def evaluate_ctr(y: np.ndarray, p: np.ndarray) -> dict:
@@ -300,7 +317,7 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
         # Non-private by definition (it pools raw data): plain trainers whatever was asked.
         out = run_method("local_codes", [pooled], cfg, rounds=rounds, seed=seed, secure_sum=None,
                          progress=progress)
-        return _split_pooled(out, pooled, markets)
+        return _split_pooled(out, pooled, markets, calibrate=cfg.calibrate)
     outs = run_pipelines(method, markets, cfg, rounds=rounds, seed=seed, secure_sum=secure_sum,
                          trainers=trainers, hooks=hooks, progress=progress)
     runs = {m.name: outs[m.name]["run"] for m in markets}
@@ -347,15 +364,19 @@ def _ranking_metrics(r: MarketRun, ranking, with_codes: bool, *, user_offset: in
     return {"hr@10": hit_rate_at_k(scores, 10), "ndcg@10": ndcg_at_k(scores, 10)}
 
 
-def _split_pooled(out: dict, pooled: MarketData, markets: Sequence[MarketData]) -> dict:
+def _split_pooled(out: dict, pooled: MarketData, markets: Sequence[MarketData], *, calibrate: bool = False) -> dict:
     r = out["runs"]["pooled"]
     io = pooled.meta["item_offsets"]
     uo = pooled.meta["user_offsets"]
     res: dict = {"markets": {}, "runs": out["runs"]}
     for i, m in enumerate(markets):
         shifted = MarketSplit(m.test.users + uo[i], m.test.items + io[i], m.test.click, m.test.conversion)
-        p = _predict(r.ctr, _ctr_inputs(r, shifted, True))
-        metrics = evaluate_ctr(m.test.click, p)
+        x = _ctr_inputs(r, shifted, True)
+        metrics = evaluate_ctr(m.test.click, _predict(r.ctr, x))
+        if calibrate:
+            v = MarketSplit(m.valid.users + uo[i], m.valid.items + io[i], m.valid.click, m.valid.conversion)
+            metrics = _calibrated(metrics, r.ctr, valid=(_ctr_inputs(r, v, True), m.valid.click),
+                                  test=(x, m.test.click))
         if m.ranking is not None:
             metrics.update(_ranking_metrics(r, m.ranking, True, user_offset=uo[i], item_offset=io[i]))
         c1 = r.codes[0][io[i]:io[i + 1]]

@@ -45,6 +45,7 @@ from .fedmm import (
     MarketRun,
     RoundHooks,
     _apply_global,
+    _calibrated,
     _code_metrics,
     _ctr_fields,
     _ctr_inputs,
@@ -293,7 +294,11 @@ def _ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool,
 
 def market_metrics(r: MarketRun, cfg: ModelConfig, with_codes: bool) -> dict:
     """Test metrics of one market's final model (evaluation only: the test split trains nothing)."""
-    metrics = evaluate_ctr(r.data.test.click, _predict(r.ctr, _ctr_inputs(r, r.data.test, with_codes)))
+    x = _ctr_inputs(r, r.data.test, with_codes)
+    metrics = evaluate_ctr(r.data.test.click, _predict(r.ctr, x))
+    if cfg.calibrate:
+        metrics = _calibrated(metrics, r.ctr, valid=(_ctr_inputs(r, r.data.valid, with_codes), r.data.valid.click),
+                              test=(x, r.data.test.click))
     if r.data.ranking is not None:
         metrics.update(_ranking_metrics(r, r.data.ranking, with_codes))
     if with_codes:

@@ -54,7 +54,7 @@ import torch
 
 from ..data.market import MarketData, MarketSplit
 from ..errors import ConfigError, DataError
-from ..models.calibration import binary_logloss, fit_platt
+from ..models.calibration import calibrate_metrics
 from ..models.mmoe import MMoE, esmm_loss, log1mexp
 from .fedmm import RoundHooks, _seeded, evaluate_ctr
 from .training import TrainerFactory, TrainSettings, plain_trainers
@@ -437,16 +437,15 @@ def _evaluate(client: ScenarioClient, split: str = "test", *, calibrate: bool = 
     out = {}
     for task in ("ctr", "ctcvr"):
         raw = evaluate_ctr(labels[task], p[task].numpy())
-        out[task] = {"auc": raw["auc"], "logloss": raw["logloss"], "logloss_uncalibrated": raw["logloss"]}
+        out[task] = {"auc": raw["auc"], "logloss": raw["logloss"]}
     if calibrate:
         logits = dict(zip(("ctr", "ctcvr"), _task_logits(client, split)))
         _, vc, vv = client.split("valid")
         v_labels = {"ctr": vc.numpy(), "ctcvr": (vc * vv).numpy()}
         v_logits = dict(zip(("ctr", "ctcvr"), _task_logits(client, "valid")))
         for task in ("ctr", "ctcvr"):
-            platt = fit_platt(v_logits[task], v_labels[task])
-            out[task]["logloss"] = binary_logloss(labels[task], platt.logits(logits[task]))
-            out[task]["platt"] = [platt.scale, platt.shift]
+            out[task] = calibrate_metrics(out[task], valid_logits=v_logits[task], valid_labels=v_labels[task],
+                                          test_logits=logits[task], test_labels=labels[task])
     return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["PlattScaling", "fit_platt", "binary_logloss"]
+__all__ = ["PlattScaling", "fit_platt", "binary_logloss", "calibrate_metrics"]
 
 
 @dataclass(frozen=True)
@@ -101,3 +101,17 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, *, iterations: int = 100,
     if not (s > 0 and np.isfinite(s) and np.isfinite(t)):
         return PlattScaling()
     return PlattScaling(float(s), float(t))
+
+
+def calibrate_metrics(metrics: dict, *, valid_logits: np.ndarray, valid_labels: np.ndarray,
+                      test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
+    """Report a served model's metrics after Platt scaling fitted on ``valid``: ``logloss``
+    becomes the calibrated test LogLoss, the raw one moves to ``logloss_uncalibrated``, the map
+    goes to ``platt``; every other entry (AUC, ranking metrics: unchanged by a monotone map)
+    stays. Returns a new dict."""
+    platt = fit_platt(valid_logits, valid_labels)
+    out = dict(metrics)
+    out["logloss_uncalibrated"] = metrics["logloss"]
+    out["logloss"] = binary_logloss(test_labels, platt.logits(test_logits))
+    out["platt"] = [platt.scale, platt.shift]
+    return out

@@ -96,7 +96,11 @@ def write_run_report(results: dict, out_dir: Path) -> Path:
         lines.append("- privacy: **no DP** (epsilon = infinity)")
     if "centralized" in results.get("methods", []):
         lines.append("- `centralized` pools every market's raw data: a non-private upper bound, never a deployment")
-    lines += ["", "## Test AUC and LogLoss", "", markdown_table(results), "", f"![AUC per market]({plot.name})", ""]
+    lines += ["", "## Test AUC and LogLoss", ""]
+    if results.get("config", {}).get("model", {}).get("calibrate"):
+        lines += ["LogLoss of the served model: its CTR logits Platt-scaled on the market's own validation rows "
+                  "(AUC and ranking metrics unchanged; `logloss_uncalibrated` in results.json).", ""]
+    lines += [markdown_table(results), "", f"![AUC per market]({plot.name})", ""]
     code_rows = []
     for market, per in results["markets"].items():
         for meth, r in per.items():

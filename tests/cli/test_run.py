@@ -114,3 +114,23 @@ def test_pf_msmtrec_runs_on_aliexpress_format_data_with_the_family_clip(tmp_path
             assert set(r) == {"ctr", "ctcvr"} and r["ctr"]["logloss"] > 0
     assert json.loads((out / "config.json").read_text())["privacy"]["max_grad_norm"] == 2.0
     assert {p["max_grad_norm"] for p in res["privacy"].values()} == {2.0}
+
+
+def test_fedmm_logloss_is_the_calibrated_models_and_auc_does_not_move(tmp_path):
+    """Default: LogLoss of the CTR logits Platt-scaled on each market's validation rows, the raw
+    one kept; with `model.calibrate: false` the raw one only. AUC and ranking metrics are the
+    same either way (a monotone map), and on its own rows the fit cannot lose."""
+    runs = {}
+    for flag in (True, False):
+        cfg = tmp_path / f"c{flag}.json"
+        cfg.write_text(json.dumps({**TINY, "methods": ["local", "centralized"],
+                                   "model": {**TINY["model"], "calibrate": flag}}))
+        out = tmp_path / f"run{flag}"
+        assert main(["run", "--config", str(cfg), "--out", str(out), "--seed", "2", "--quiet"]) == 0
+        runs[flag] = json.loads((out / "results.json").read_text())["markets"]
+    for market, per in runs[True].items():
+        for method, r in per.items():
+            raw = runs[False][market][method]
+            assert r["auc"] == raw["auc"] and "platt" not in raw and "logloss_uncalibrated" not in raw
+            assert r["logloss_uncalibrated"] == raw["logloss"]
+            assert r["platt"][0] > 0 and r["logloss"] != raw["logloss"]
