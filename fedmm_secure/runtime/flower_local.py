@@ -21,9 +21,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +114,8 @@ class FlowerLocalDeployment:
 
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
                  hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
-                 workload: dict | None = None, node_poll: float = 0.1, tls: FlowerTLS | None = None) -> None:
+                 workload: dict | None = None, node_poll: float = 0.1, tls: FlowerTLS | None = None,
+                 resume: bool = False) -> None:
         from ..experiment import load_data
 
         self.out_dir = Path(out_dir)
@@ -134,6 +137,7 @@ class FlowerLocalDeployment:
             raise ConfigError("tls.node_keys", "one SuperNode key pair per market is required",
                               allowed=", ".join(self.markets))
         self.workload = dict(workload or {"name": "fedmm"})
+        self.resume = resume   # workers continue the ledgers under out_dir/ledgers/ (interrupted run)
         self._started = False
         self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
         self.work = Path(self._tmp.name)
@@ -198,6 +202,8 @@ class FlowerLocalDeployment:
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower_worker", "--market", m,
                    "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m))]
+            if self.resume:
+                cmd.append("--resume")
             node_sec = ["--insecure"] if self.tls is None else [
                 "--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(self.tls.node_keys[m][0])]
             # The Runtime API (SuperNode <-> worker) stays plain HTTP on loopback.
@@ -407,11 +413,33 @@ def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> 
                   "ctr_dim": 8, "ctr_hidden": [8]}})
 
 
+def _resume_config(out: Path) -> RunConfig:
+    """The config of the interrupted ``flower local`` run in ``out`` (authoritative on resume)."""
+    if not (out / "config.json").exists():
+        raise ConfigError("--resume", f"{out} has no config.json (not a `flower local` run directory)")
+    if (out / "results.json").exists():
+        raise ConfigError("--resume", f"{out} holds a finished run (results.json); nothing to resume",
+                          allowed="the directory of an interrupted run")
+    from ..config import load_config
+    return load_config(out / "config.json")
+
+
 def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, seed: int,
                          config: RunConfig | None, timeout: float = 1800.0, epsilon: float | None = None,
-                         epsilon_budget: float | None = None, tls: bool = False,
+                         epsilon_budget: float | None = None, tls: bool = False, resume: bool = False,
                          progress: Callable[[str], None] | None = None) -> int:
-    """``fedmm-secure flower local``: run FedMM on a loopback Flower deployment; 0 on success."""
+    """``fedmm-secure flower local``: run FedMM on a loopback Flower deployment; 0 on success.
+
+    ``resume=True``: continue the interrupted run in ``out`` with its own config (the other
+    run arguments are not used): every market reopens its ledger, so what the interrupted run
+    spent stays spent and new rounds are numbered after it; models restart from their initial
+    state, as with ``fedmm-secure run --resume``."""
+    out = Path(out)
+    if resume:
+        cfg = _resume_config(out)
+        if (out / "error.json").exists():   # the failed attempt's error stays readable
+            (out / "error.json").replace(out / "error.previous.json")
+        return _run_flower_local(cfg, out, resume=True, timeout=timeout, tls=tls, progress=progress)
     if config is None:
         if not isinstance(markets, int) or markets < 2:
             raise ConfigError("--markets", f"got {markets!r}", allowed="an integer >= 2")
@@ -426,11 +454,43 @@ def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, s
                           **({"epsilon": epsilon, "noise_multiplier": None} if epsilon is not None else {}),
                           **({"epsilon_budget": epsilon_budget} if epsilon_budget is not None else {})}
         cfg = config_from_dict(raw)
-    out = Path(out)
     if (out / "results.json").exists() or (out / "ledgers").exists():
-        raise ConfigError("--out", f"{out} already holds a run", allowed="a new directory")
+        raise ConfigError("--out", f"{out} already holds a run", allowed="a new directory, or --resume DIR")
+    from ..reports.run_report import write_json_atomic
+    cfg = cfg.resolved()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "config.json", cfg.to_dict())   # what --resume reads
+    return _run_flower_local(cfg, out, resume=False, timeout=timeout, tls=tls, progress=progress)
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """A ``kill`` (SIGTERM: schedulers, CI timeouts) unwinds like Ctrl-C, so the deployment's
+    close() stops every process instead of leaving them running. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float, tls: bool,
+                      progress: Callable[[str], None] | None) -> int:
+    with _sigterm_as_interrupt():
+        return _run_flower_local_inner(cfg, out, resume=resume, timeout=timeout, tls=tls, progress=progress)
+
+
+def _run_flower_local_inner(cfg: RunConfig, out: Path, *, resume: bool, timeout: float, tls: bool,
+                            progress: Callable[[str], None] | None) -> int:
     log = out / "flower_server.log"
-    seen = 0
+    seen = len(log.read_text(encoding="utf-8").splitlines()) if log.exists() else 0
 
     def show_progress(dep: FlowerLocalDeployment) -> None:
         # The ServerApp writes one line per secure sum; echo new ones as they come.
@@ -442,10 +502,15 @@ def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, s
             progress(line)
         seen = len(lines)
 
-    with FlowerLocalDeployment(cfg, out_dir=out) as dep:
+    with FlowerLocalDeployment(cfg, out_dir=out, resume=resume) as dep:
         if tls:
-            dep.use_loopback_tls(out / "tls")
+            tls_dir = out / "tls"
+            if resume and tls_dir.exists():   # keys are never reused: the old PKI is set aside
+                tls_dir.replace(out / f"tls.previous.{int(time.time())}")
+            dep.use_loopback_tls(tls_dir)
         if progress is not None:
+            if resume:
+                progress(f"resuming {out}: every market continues its ledger in {out / 'ledgers'}")
             progress(f"starting SuperLink and {len(dep.markets)} SuperNodes + market workers on 127.0.0.1"
                      + (f" (TLS, SuperNode authentication; PKI in {out / 'tls'})" if tls else ""))
         dep.start()

@@ -53,11 +53,15 @@ class HangAt:
 
 
 class MarketWorker:
-    def __init__(self, *, market: str, hang_at: HangAt | None = None, ledger_dir: Path | None = None) -> None:
+    def __init__(self, *, market: str, hang_at: HangAt | None = None, ledger_dir: Path | None = None,
+                 resume: bool = False) -> None:
         self.market = market
         # This market's privacy ledger (DP runs): on the market's own machine, written before
         # any upload that depends on the round's DP-trained parameters leaves the worker.
         self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
+        # The market's own say, not the aggregator's: continue the ledger of an interrupted run
+        # (every event already in it stays spent) instead of refusing a directory that has one.
+        self.resume = resume
         self._ledger = None
         self._session = None
         self._hang_at = hang_at
@@ -149,13 +153,21 @@ class MarketWorker:
         from ..experiment import privacy_session
         from ..privacy.ledger import Ledger
 
+        offset, prior = 0, None
         if (self.ledger_dir / "ledger.sqlite").exists():
-            raise ConfigError("ledger-dir", f"{self.ledger_dir} already holds a privacy ledger",
-                              allowed="a new directory per run")
-        self.ledger_dir.mkdir(parents=True, exist_ok=True)
-        self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True)
+            if not self.resume:
+                raise ConfigError("ledger-dir", f"{self.ledger_dir} already holds a privacy ledger",
+                                  allowed="a new directory per run, or --resume to continue it")
+            # Reopening checks the run config against the ledger's (LedgerError on a mismatch).
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict())
+            offset = self._ledger.resume_state().next_round
+            prior = {self.market: self._ledger.events_for(self.market)}
+        else:
+            self.ledger_dir.mkdir(parents=True, exist_ok=True)
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True)
         method_index = self._cfg.methods.index("fedmm") if "fedmm" in self._cfg.methods else 0
         self._session = privacy_session(self._cfg, [self._data], method="fedmm", ledger=self._ledger,
+                                        resume_offset=offset, prior_events=prior,
                                         method_index=method_index, federation_size=n_markets)
         return self._session, self._session
 
@@ -254,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root-certificates", help="CA of the SuperNode's Runtime API TLS certificate (default: plain HTTP on loopback)")
     p.add_argument("--poll-interval", type=float, default=0.05)
     p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the ledger already in --ledger-dir (an interrupted run); its events stay spent")
     p.add_argument("--ready-file")
     p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
     p.add_argument("--hang-marker")
@@ -265,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         label, rnd, stage = args.hang_at.split(":")
         hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
     worker = MarketWorker(market=args.market, hang_at=hang,
-                          ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None)
+                          ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume)
     ready = Path(args.ready_file) if args.ready_file else None
     if args.listen:
         host, _, port = args.listen.rpartition(":")

@@ -50,3 +50,10 @@ def test_tls_flag_gives_the_deployment_a_fresh_pki_before_it_starts(tmp_path, mo
     tls = seen["tls"]
     assert tls is not None and set(tls.node_keys) == set(seen["markets"]) == {"m0", "m1", "m2"}
     assert tls.ca.parent == tmp_path / "out" / "tls" and tls.ca.exists()
+
+
+def test_resume_needs_a_flower_run_directory(tmp_path, capsys):
+    assert main(["flower", "local", "--resume", str(tmp_path), "--quiet"]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert main(["flower", "local", "--resume", str(tmp_path), "--seed", "1", "--quiet"]) == 2
+    assert "--seed" in capsys.readouterr().err
