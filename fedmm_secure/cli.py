@@ -172,10 +172,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if cfg.model_family == "pf-msmtrec":
         from .pf_experiment import run_pf_experiment as runner
-        kwargs = {}
     else:
         runner = run_experiment
-        kwargs = {"resume": bool(args.resume)}
+    kwargs = {"resume": bool(args.resume)}
     if args.quiet:
         results = runner(cfg, out_dir=out, **kwargs)
     else:

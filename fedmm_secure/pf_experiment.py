@@ -87,7 +87,8 @@ def _methods(cfg: RunConfig, from_pf: tuple[str, ...] | None) -> tuple[str, ...]
     return tuple(cfg.methods)
 
 
-def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketData], *, ledger, method_index: int):
+def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketData], *, ledger, method_index: int,
+                     resume_offset: int = 0, prior_events=None):
     from .privacy.budget import BudgetPolicy
     from .privacy.session import PrivacySession, plan_markets
 
@@ -100,17 +101,19 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier,
                           target_epsilon=p.epsilon if p.noise_multiplier is None else None,
-                          accountant=p.accountant, policy=policy, ledger=ledger,
-                          noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
+                          accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
+                          prior_events=prior_events, noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
 
 
 def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
-                      progress: Callable[[str, float], None] | None = None) -> dict:
+                      progress: Callable[[str, float], None] | None = None, resume: bool = False) -> dict:
     """Run every PF-MSMTrec method of ``cfg``; write ``results.json`` and ``report.md``.
 
     With privacy on, every method trains with DP-SGD under the same settings; the
     ``pf_msmtrec`` method's events go to ``out_dir/ledger.sqlite`` before any round's update
-    leaves the scenarios.
+    leaves the scenarios. ``resume=True`` reopens that ledger (the config must match): every
+    event already recorded stays spent and new rounds are numbered after it; every method runs
+    again from its initial state, as ``fedmm-secure run --resume`` does for FedMM.
     """
     cfg = cfg.resolved()
     settings, pf_methods, data_overrides = pf_settings(cfg.pf)
@@ -118,12 +121,22 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = None
+    resume_offset, prior = 0, None
     if cfg.privacy.enabled:
         from .privacy.ledger import Ledger
-        if (out_dir / "ledger.sqlite").exists():
-            raise ConfigError("--out", f"{out_dir} already holds a privacy ledger", allowed="a new directory")
-        if _LEDGER_METHOD in methods:
+        if resume:
+            if not (out_dir / "ledger.sqlite").exists():
+                raise ConfigError("--resume", f"{out_dir} has no privacy ledger to resume")
+            ledger = Ledger.open(out_dir, run_config=cfg.to_dict())
+            resume_offset = ledger.resume_state().next_round
+            prior = {m: ledger.events_for(m) for m in ledger.markets()}
+        elif (out_dir / "ledger.sqlite").exists():
+            raise ConfigError("--out", f"{out_dir} already holds a privacy ledger",
+                              allowed="a new directory, or --resume DIR to continue that run")
+        elif _LEDGER_METHOD in methods:
             ledger = Ledger.open(out_dir, run_config=cfg.to_dict(), create=True)
+    elif resume:
+        raise ConfigError("--resume", "only private runs have a ledger to resume from")
     write_json_atomic(out_dir / "config.json", cfg.to_dict())
     markets = load_scenarios(cfg, data_overrides)
     names = [m.name for m in markets]
@@ -156,8 +169,10 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             kwargs = {}
             session = None
             if cfg.privacy.enabled:
-                session = _privacy_session(cfg, settings, markets, ledger=ledger if method == _LEDGER_METHOD else None,
-                                           method_index=i)
+                mine = method == _LEDGER_METHOD
+                session = _privacy_session(cfg, settings, markets, ledger=ledger if mine else None, method_index=i,
+                                           resume_offset=resume_offset if mine else 0,
+                                           prior_events=prior if mine else None)
                 kwargs = {"trainers": session, "hooks": session}
             out = run_pf_method(method, markets, settings, rounds=cfg.rounds, seed=cfg.seed, secure_sum=secure_sum,
                                 progress=tick, **kwargs)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from fedmm_secure.cli import main
 
 TINY = {
@@ -96,3 +98,55 @@ def test_new_private_run_refuses_to_overwrite_a_ledger(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
     assert "already holds a privacy ledger" in capsys.readouterr().err
+
+
+PF_TINY = {
+    "rounds": 2, "model_family": "pf-msmtrec", "methods": ["pf_msmtrec"],
+    "privacy": {"enabled": True, "noise_multiplier": 1.0, "delta": 1e-5},
+    "pf": {"dim": 4, "n_experts": 2, "expert_hidden": [6], "tower_hidden": 4, "batch_size": 32,
+           "methods": ["local", "pf_msmtrec"],
+           "data": {"scenarios": [{"name": "a", "n_users": 80, "n_items": 30, "impressions_per_user": 6},
+                                  {"name": "b", "n_users": 60, "n_items": 25, "impressions_per_user": 6}]}},
+}
+
+
+def test_pf_msmtrec_run_that_crashed_mid_round_resumes_from_its_ledger(tmp_path, capsys, monkeypatch):
+    """A crash in round 1's secure sum (after round 1's DP steps are on the ledger): nothing is
+    released, the ledger keeps both rounds' events; `run --resume` counts them and continues."""
+    from fedmm_secure.privacy.ledger import Ledger
+    from fedmm_secure.runtime.embedded import EmbeddedSecureSum
+
+    real = EmbeddedSecureSum.secure_sum
+
+    def crash_in_round_1(self, *, label, round_id, vectors, max_abs):
+        if round_id == 1:
+            raise RuntimeError("simulated crash mid-round")
+        return real(self, label=label, round_id=round_id, vectors=vectors, max_abs=max_abs)
+
+    cfg = tmp_path / "pf.json"
+    cfg.write_text(json.dumps(PF_TINY))
+    out = tmp_path / "run"
+    monkeypatch.setattr(EmbeddedSecureSum, "secure_sum", crash_in_round_1)
+    try:
+        main(["run", "--config", str(cfg), "--out", str(out), "--quiet"])
+    except RuntimeError:
+        pass
+    monkeypatch.setattr(EmbeddedSecureSum, "secure_sum", real)
+    assert not (out / "results.json").exists()
+    with Ledger.open(out) as led:
+        before = {m: r.epsilon for m, r in led.spent().items()}
+        state = led.resume_state()
+        n_events = {m: len(led.events_for(m)) for m in led.markets()}
+    assert state.next_round == 2 and set(before) == {"a", "b"}
+
+    assert main(["run", "--resume", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    res = json.loads((out / "results.json").read_text())
+    with Ledger.open(out) as led:
+        rounds = [r.round for r in led.rounds()]
+        after = {m: r.epsilon for m, r in led.spent().items()}
+        assert all(len(led.events_for(m)) == 2 * n_events[m] for m in after)   # 2 rounds, then 2 more
+    assert rounds == [0, 1, 2, 3]
+    for m, eps in after.items():
+        assert eps > before[m]
+        assert res["privacy"][m]["epsilon"] == pytest.approx(eps, rel=1e-3)
