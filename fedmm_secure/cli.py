@@ -7,7 +7,6 @@ allowed, and exit code 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path

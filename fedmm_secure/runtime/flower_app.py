@@ -162,8 +162,8 @@ def _main(grid: Grid, context: Context) -> None:
         links = FlowerLinks(grid, expected=int(rc["expected-markets"]), join_timeout=float(rc["join-timeout"]),
                             poll_interval=float(rc.get("poll-interval", 0.05)), log=log)
         # One id per Flower run (a resumed run is a new one): every protocol message is bound to it.
-        co = Coordinator(cfg=cfg, run_id=f"run-{cfg.seed}-{context.run_id}", links=links, stage_timeout=float(rc["stage-timeout"]),
-                         step_timeout=float(rc["step-timeout"]),
+        co = Coordinator(cfg=cfg, run_id=f"run-{cfg.seed}-{context.run_id}", links=links,
+                         stage_timeout=float(rc["stage-timeout"]), step_timeout=float(rc["step-timeout"]),
                          workload=json.loads(str(rc.get("workload-json", '{"name": "fedmm"}'))), log=log)
         results = co.run()
         write_json_atomic(out_dir / "results.json", results)

@@ -481,14 +481,9 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@_sigterm_as_interrupt()
 def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float, tls: bool,
                       progress: Callable[[str], None] | None) -> int:
-    with _sigterm_as_interrupt():
-        return _run_flower_local_inner(cfg, out, resume=resume, timeout=timeout, tls=tls, progress=progress)
-
-
-def _run_flower_local_inner(cfg: RunConfig, out: Path, *, resume: bool, timeout: float, tls: bool,
-                            progress: Callable[[str], None] | None) -> int:
     log = out / "flower_server.log"
     seen = len(log.read_text(encoding="utf-8").splitlines()) if log.exists() else 0
 
