@@ -94,7 +94,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
             ledger = Ledger.open(out_dir, run_config=cfg.to_dict())
             state = ledger.resume_state()
             resume_offset = state.next_round
-            prior = {m: ledger.events_for(m) for m in ledger.markets()}
+            prior = ledger.spent_events()
         else:
             if (out_dir / "ledger.sqlite").exists():
                 raise ConfigError("--out", f"{out_dir} already holds a privacy ledger",

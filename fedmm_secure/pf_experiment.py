@@ -129,7 +129,7 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
                 raise ConfigError("--resume", f"{out_dir} has no privacy ledger to resume")
             ledger = Ledger.open(out_dir, run_config=cfg.to_dict())
             resume_offset = ledger.resume_state().next_round
-            prior = {m: ledger.events_for(m) for m in ledger.markets()}
+            prior = ledger.spent_events()
         elif (out_dir / "ledger.sqlite").exists():
             raise ConfigError("--out", f"{out_dir} already holds a privacy ledger",
                               allowed="a new directory, or --resume DIR to continue that run")

@@ -145,19 +145,19 @@ def _ctr_inputs(r: MarketRun, split: MarketSplit, with_codes: bool) -> torch.Ten
 
 
 @torch.no_grad()
+def _eval_logits(model: DeepFM, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    out = model(x)
+    model.train()
+    return out
+
+
 def _logits(model: DeepFM, x: torch.Tensor) -> np.ndarray:
-    model.eval()
-    out = model(x).double().numpy()
-    model.train()
-    return out
+    return _eval_logits(model, x).double().numpy()
 
 
-@torch.no_grad()
 def _predict(model: DeepFM, x: torch.Tensor) -> np.ndarray:
-    model.eval()
-    out = torch.sigmoid(model(x)).numpy()
-    model.train()
-    return out
+    return torch.sigmoid(_eval_logits(model, x)).numpy()
 
 
 def _calibrated(metrics: dict, model: DeepFM, *, valid: tuple[torch.Tensor, np.ndarray],

@@ -174,13 +174,13 @@ def _cf_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, federated: bool, m
         first = yield BroadcastRequest("cf-init", state_to_bytes(mine))
         r.cf.load_state_dict(state_from_bytes(first), strict=False)
     names = r.cf.shared_parameter_names()
+    users, items, click = _split_tensors(data.train)
+
+    def loss(model, idx):
+        return F.binary_cross_entropy_with_logits(model(users[idx], items[idx]), click[idx], reduction="none")
+
     for rnd in range(rounds):
         if m in hooks.before_round("cf", rnd, [m]):
-            users, items, click = _split_tensors(data.train)
-
-            def loss(model, idx, users=users, items=items, click=click):
-                return F.binary_cross_entropy_with_logits(model(users[idx], items[idx]), click[idx], reduction="none")
-
             trainers(market=m, stage="cf", model=r.cf, loss_fn=loss, n_records=len(users), users=users,
                      settings=settings, generator=r.generator).train_epochs(settings.epochs)
         hooks.before_release("cf", rnd)
@@ -265,14 +265,15 @@ def _ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool,
         first = yield BroadcastRequest("ctr-init", state_to_bytes(mine))
         r.ctr.load_state_dict(state_from_bytes(first), strict=False)
     best: tuple[float, dict] | None = None
+    # The inputs do not change between rounds (codes are fixed after stage 2).
+    xs, y = _ctr_inputs(r, data.train, with_codes), torch.from_numpy(data.train.click)
+    x_valid = _ctr_inputs(r, data.valid, with_codes)
+
+    def loss(model, idx):
+        return F.binary_cross_entropy_with_logits(model(xs[idx]), y[idx], reduction="none")
+
     for rnd in range(rounds):
         if m in hooks.before_round("ctr", rnd, [m]):
-            xs = _ctr_inputs(r, data.train, with_codes)
-            y = torch.from_numpy(data.train.click)
-
-            def loss(model, idx, xs=xs, y=y):
-                return F.binary_cross_entropy_with_logits(model(xs[idx]), y[idx], reduction="none")
-
             trainers(market=m, stage="ctr", model=r.ctr, loss_fn=loss, n_records=len(xs),
                      users=torch.from_numpy(data.train.users), settings=settings,
                      generator=r.generator).train_epochs(settings.epochs)
@@ -284,7 +285,7 @@ def _ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool,
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 yield from _average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound, hooks)
-            v = evaluate_ctr(data.valid.click, _predict(r.ctr, _ctr_inputs(r, data.valid, with_codes)))["auc"]
+            v = evaluate_ctr(data.valid.click, _predict(r.ctr, x_valid))["auc"]
             r.history["valid_auc"].append(v)
             if best is None or v > best[0]:
                 best = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})

@@ -55,7 +55,7 @@ import torch
 from ..data.market import MarketData, MarketSplit
 from ..errors import ConfigError, DataError
 from ..models.calibration import calibrate_metrics
-from ..models.mmoe import MMoE, esmm_loss, log1mexp
+from ..models.mmoe import MMoE, ctcvr_logit, esmm_loss
 from .fedmm import RoundHooks, _seeded, evaluate_ctr
 from .training import TrainerFactory, TrainSettings, plain_trainers
 from .transport import SecureSum
@@ -295,10 +295,7 @@ class ScenarioClient:
         CTCVR AUC (``select_by="auc"``: the metric the scenario is judged on; a calibrated but
         non-ranking model can have the lowest loss)."""
         x, c, v = self.split("valid")
-        was = self.model.training
-        self.model.eval()
-        a, b = self.model(x)
-        self.model.train(was)
+        a, b = self.model.logits(x)
         if (criterion or self.select_by) == "loss":
             return float(esmm_loss(a, b, c, v).mean())
         pctr = torch.sigmoid(a)
@@ -413,36 +410,28 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
 
 
 # ----------------------------------------------------------------------------- one method
-@torch.no_grad()
-def _task_logits(client: ScenarioClient, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of pCTR and of pCTCVR = pCTR * pCVR (float64, exact in log space)."""
-    x, _, _ = client.split(split)
-    was = client.model.training
-    client.model.eval()
-    a, b = client.model(x)
-    client.model.train(was)
-    a, b = a.double(), b.double()
-    log_p = torch.nn.functional.logsigmoid(a) + torch.nn.functional.logsigmoid(b)
-    # A saturated pCTCVR (log_p == 0) has an infinite logit; a finite stand-in keeps its rank.
-    return a.numpy(), np.clip((log_p - log1mexp(log_p)).numpy(), -700.0, 700.0)
+def _labels_and_logits(client: ScenarioClient, split: str) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-task labels (click; click x conversion) and the model's (CTR, CVR) logits on ``split``."""
+    x, c, v = client.split(split)
+    return {"ctr": c.numpy(), "ctcvr": (c * v).numpy()}, client.model.logits(x)
+
+
+def _task_logits(a: torch.Tensor, b: torch.Tensor) -> dict[str, np.ndarray]:
+    """Float64 logits of pCTR and of pCTCVR = pCTR * pCVR (exact in log space)."""
+    return {"ctr": a.double().numpy(), "ctcvr": ctcvr_logit(a, b).numpy()}
 
 
 def _evaluate(client: ScenarioClient, split: str = "test", *, calibrate: bool = False) -> dict:
     """AUC and LogLoss per task. With ``calibrate``, the LogLoss is that of the served model:
     the kept model's logits Platt-scaled on the client's validation rows (a monotone map: AUC
     is the same either way); ``logloss_uncalibrated`` is the raw model's."""
-    x, c, v = client.split(split)
-    labels = {"ctr": c.numpy(), "ctcvr": (c * v).numpy()}
-    p = client.model.predict(x)
-    out = {}
-    for task in ("ctr", "ctcvr"):
-        raw = evaluate_ctr(labels[task], p[task].numpy())
-        out[task] = {"auc": raw["auc"], "logloss": raw["logloss"]}
+    labels, (a, b) = _labels_and_logits(client, split)
+    p = MMoE.probabilities(a, b)
+    out = {task: evaluate_ctr(labels[task], p[task].numpy()) for task in ("ctr", "ctcvr")}
     if calibrate:
-        logits = dict(zip(("ctr", "ctcvr"), _task_logits(client, split)))
-        _, vc, vv = client.split("valid")
-        v_labels = {"ctr": vc.numpy(), "ctcvr": (vc * vv).numpy()}
-        v_logits = dict(zip(("ctr", "ctcvr"), _task_logits(client, "valid")))
+        logits = _task_logits(a, b)
+        v_labels, v_ab = _labels_and_logits(client, "valid")
+        v_logits = _task_logits(*v_ab)
         for task in ("ctr", "ctcvr"):
             out[task] = calibrate_metrics(out[task], valid_logits=v_logits[task], valid_labels=v_labels[task],
                                           test_logits=logits[task], test_labels=labels[task])

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["TASKS", "TemplateExpert", "MMoE", "esmm_loss", "log1mexp"]
+__all__ = ["TASKS", "TemplateExpert", "MMoE", "esmm_loss", "log1mexp", "ctcvr_logit"]
 
 TASKS = ("ctr", "cvr")
 
@@ -99,14 +99,30 @@ class MMoE(nn.Module):
         return logits[0], logits[1]
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pCTR, pCVR and pCTCVR = pCTR * pCVR."""
+    def logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CTR and CVR logits in eval mode (the module's train/eval mode is restored)."""
         was = self.training
         self.eval()
         a, b = self(x)
         self.train(was)
-        pctr, pcvr = torch.sigmoid(a), torch.sigmoid(b)
+        return a, b
+
+    @staticmethod
+    def probabilities(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> dict[str, torch.Tensor]:
+        """pCTR, pCVR and pCTCVR = pCTR * pCVR from the two logits."""
+        pctr, pcvr = torch.sigmoid(ctr_logit), torch.sigmoid(cvr_logit)
         return {"ctr": pctr, "cvr": pcvr, "ctcvr": pctr * pcvr}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """pCTR, pCVR and pCTCVR = pCTR * pCVR."""
+        return self.probabilities(*self.logits(x))
+
+
+def ctcvr_logit(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> torch.Tensor:
+    """``logit(pCTR * pCVR)`` in float64, computed in log space (no rounding through 0 or 1)."""
+    log_p = F.logsigmoid(ctr_logit.double()) + F.logsigmoid(cvr_logit.double())
+    return log_p - log1mexp(log_p)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

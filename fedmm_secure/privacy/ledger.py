@@ -419,6 +419,11 @@ class Ledger:
                 raise LedgerError(f"{self.path}: corrupt event row in round {r}: {exc}") from None
         return out
 
+    def spent_events(self) -> dict[str, list[SubsampledGaussianEvent]]:
+        """Every market's events, uncommitted rounds included: what a resumed run composes
+        before its first new round."""
+        return {m: self.events_for(m) for m in self.markets()}
+
     def markets(self) -> tuple[str, ...]:
         rows = self._q(
             "SELECT market FROM events UNION SELECT market FROM participants "

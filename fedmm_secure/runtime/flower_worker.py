@@ -161,7 +161,7 @@ class MarketWorker:
             # Reopening checks the run config against the ledger's (LedgerError on a mismatch).
             self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict())
             offset = self._ledger.resume_state().next_round
-            prior = {self.market: self._ledger.events_for(self.market)}
+            prior = self._ledger.spent_events()
         else:
             self.ledger_dir.mkdir(parents=True, exist_ok=True)
             self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True)
