@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import dataclasses
 import math
 import os
 import sqlite3
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
