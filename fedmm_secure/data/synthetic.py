@@ -1,16 +1,23 @@
 """Seeded synthetic multi-market generator (no downloads).
 
 Items and users of every market are drawn from a set of latent clusters shared by all markets
-("what a product is") plus a market-specific component whose size is the heterogeneity knob
-("how this market sees it"). Click probability follows the user-item affinity in the latent
+("what a product is") mixed with a market-specific component ("how this market sees it"):
+a market's view of cluster ``c`` is ``sqrt(1 - h^2) * shared_c + h * specific_c`` with both
+parts standard normal, so the heterogeneity ``h`` in [0, 1] changes *how* markets differ, never
+*how much* signal there is (the view's variance is the same for every ``h``). Click probability follows the user-item affinity in the latent
 space; conversions happen after clicks with a market-specific propensity. ID spaces are disjoint
 by construction: each market numbers its own users and items from 0, and nothing links an item in
 one market to an item in another except the latent cluster it was drawn from, which is kept as
 ground truth (``item_cluster``) for measuring code quality, never for training.
 
-Side features are shared in *meaning* across markets (a coarse category derived noisily from the
-cluster, a price band; for users an age band and a device type), which is what lets federated
-models align the disjoint ID spaces.
+Side features are public and shared in *meaning* across markets: for items a coarse category
+derived noisily from the cluster and a price band; for users an interest segment (the category of
+their favourite cluster, noisily) and a price sensitivity (their favourite cluster's price band,
+noisily). They are what lets federated models align the disjoint ID spaces.
+
+References for judging methods (never training inputs): ``meta["test_p_click"]`` holds the true
+click probability of every test row (its AUC is the Bayes AUC), ``item_cluster`` the true shared
+cluster of every item (codes equal to it are the oracle codes).
 """
 
 from __future__ import annotations
@@ -48,7 +55,8 @@ class SyntheticConfig:
     markets: tuple[MarketSpec, ...] = field(default_factory=_default_markets)
     n_clusters: int = 16
     latent_dim: int = 16
-    heterogeneity: float = 0.5       # std of the market-specific component relative to the shared one
+    heterogeneity: float = 0.5       # h in [0, 1]: weight of the market-specific view (variance-preserving)
+    user_attr_noise: float = 0.3     # probability that a user attribute is random instead of meaningful
     item_noise: float = 0.6          # idiosyncratic item component
     user_noise: float = 0.6
     affinity_scale: float = 2.2
@@ -71,8 +79,10 @@ class SyntheticConfig:
                                   allowed="n_users >= 2, n_items >= 2, impressions_per_user >= 1")
         if self.n_clusters < 2:
             raise ConfigError("data.n_clusters", "must be >= 2")
-        if self.heterogeneity < 0:
-            raise ConfigError("data.heterogeneity", "must be >= 0")
+        if not 0 <= self.heterogeneity <= 1:
+            raise ConfigError("data.heterogeneity", "must be in [0, 1]")
+        if not 0 <= self.user_attr_noise <= 1:
+            raise ConfigError("data.user_attr_noise", "must be in [0, 1]")
         if not 0 <= self.category_noise <= 1:
             raise ConfigError("data.category_noise", "must be in [0, 1]")
         if not (0 < self.valid_fraction < 0.5 and 0 < self.test_fraction < 0.5):
@@ -101,17 +111,17 @@ def generate_markets(cfg: SyntheticConfig, *, seed: int) -> list[MarketData]:
 
 def _one_market(cfg, spec, rng, centers, cluster_category, cluster_price, conv_direction) -> MarketData:
     k, d = centers.shape
-    # Market-specific view of each shared cluster, and market-specific cluster popularity.
-    market_shift = rng.normal(scale=cfg.heterogeneity, size=(k, d))
+    # Market-specific view of each shared cluster: a variance-preserving mix, so heterogeneity
+    # moves the markets apart without making any market's signal weaker or stronger.
+    h = cfg.heterogeneity
+    view = np.sqrt(1.0 - h * h) * centers + h * rng.normal(size=(k, d))
     cluster_pop = rng.dirichlet(np.full(k, 2.0))
     item_cluster = rng.choice(k, size=spec.n_items, p=cluster_pop)
-    item_vec = (centers[item_cluster] + market_shift[item_cluster]
-                + rng.normal(scale=cfg.item_noise, size=(spec.n_items, d)))
+    item_vec = view[item_cluster] + rng.normal(scale=cfg.item_noise, size=(spec.n_items, d))
     item_bias = rng.normal(scale=0.5, size=spec.n_items)
     # Users like one main cluster and a bit of a second.
     fav = rng.choice(k, size=(spec.n_users, 2), p=cluster_pop)
-    user_vec = (0.8 * (centers[fav[:, 0]] + market_shift[fav[:, 0]])
-                + 0.4 * (centers[fav[:, 1]] + market_shift[fav[:, 1]])
+    user_vec = (0.8 * view[fav[:, 0]] + 0.4 * view[fav[:, 1]]
                 + rng.normal(scale=cfg.user_noise, size=(spec.n_users, d)))
     market_conv = rng.normal(scale=0.5)
 
@@ -133,8 +143,13 @@ def _one_market(cfg, spec, rng, centers, cluster_category, cluster_price, conv_d
     category = np.where(noisy, rng.integers(0, cfg.n_categories, spec.n_items), cluster_category[item_cluster])
     price = np.clip(cluster_price[item_cluster] + rng.integers(-1, 2, spec.n_items), 0, 3)
     item_features = np.stack([category, price], axis=1).astype(np.int64)
-    user_features = np.stack([rng.integers(0, 6, spec.n_users), rng.integers(0, 3, spec.n_users)],
-                             axis=1).astype(np.int64)
+    # User attributes mean something: interest segment = favourite cluster's category, price
+    # sensitivity = favourite cluster's price band, each replaced by a random value sometimes.
+    seg = np.where(rng.random(spec.n_users) < cfg.user_attr_noise, rng.integers(0, cfg.n_categories, spec.n_users),
+                   cluster_category[fav[:, 0]])
+    band = np.where(rng.random(spec.n_users) < cfg.user_attr_noise, rng.integers(0, 4, spec.n_users),
+                    cluster_price[fav[:, 0]])
+    user_features = np.stack([seg, band], axis=1).astype(np.int64)
 
     perm = rng.permutation(n)
     n_test = int(round(cfg.test_fraction * n))
@@ -150,8 +165,9 @@ def _one_market(cfg, spec, rng, centers, cluster_category, cluster_price, conv_d
         test=full.subset(np.sort(test_idx)),
         user_features=user_features,
         item_features=item_features,
-        user_feature_cards=(6, 3),
+        user_feature_cards=(cfg.n_categories, 4),
         item_feature_cards=(cfg.n_categories, 4),
         item_cluster=item_cluster.astype(np.int64),
-        meta={"source": "synthetic", "impressions": n},
+        # Evaluation only: the Bayes reference (true click probability of every test row).
+        meta={"source": "synthetic", "impressions": n, "test_p_click": p_click[np.sort(test_idx)]},
     )
