@@ -13,6 +13,8 @@ Fails on:
     ``data`` / ``audit`` -> ``federation`` -> ``runtime`` -> ``workflows`` -> ``cli`` (:data:`LAYERS`).
     ``errors`` and ``config`` are the shared basics every layer may use.
 
+and on a ``print`` outside ``cli``: library code logs, the CLI owns the terminal.
+
 Importing a package's submodule also runs the package's ``__init__``; that implicit edge is not
 counted (a package ``__init__`` re-exporting its submodules is not a cycle).
 """
@@ -279,6 +281,14 @@ def test_only_cli_imports_cli_and_nothing_below_workflows_imports_workflows():
             if part(t) == "cli" and part(m) not in ("cli", "")] == []
     assert [(m, t) for m, ts in GRAPH.items() for t in ts
             if part(t) == "workflows" and part(m) not in ("workflows", "cli", "")] == []
+
+
+def test_only_the_cli_prints():
+    # Library code logs (``logging.getLogger(__name__)``); the CLI owns the terminal.
+    prints = [f"{path.relative_to(ROOT.parent)}:{node.lineno}" for name, (path, tree) in PKG.items()
+              if part(name) != "cli" for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    assert prints == []
 
 
 def _declares_all(tree: ast.Module) -> bool:

@@ -6,6 +6,7 @@ This module does no argument parsing and reads no environment; the CLI builds a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from ..reports.run_report import write_json_atomic, write_run_report
 from ..runtime.embedded import EmbeddedSecureSum
 
 __all__ = ["run_experiment"]
+
+log = logging.getLogger(__name__)
 
 
 def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, float], None] | None = None,
@@ -100,6 +103,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
         if secure_sum is not None:
             secagg_summary = secure_sum.summary()
         results["timing_s"][method] = round(time.perf_counter() - t0, 2)
+        log.info("%s done in %.1f s", method, results["timing_s"][method])
         if progress is not None:
             progress(f"{method}: done", (i + 1) / steps_total)
     if secagg_summary is not None:

@@ -11,6 +11,7 @@ directory. PF-MSMTrec settings live in ``cfg.pf``: the fields of
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,8 @@ from ..reports.run_report import write_json_atomic
 from ..runtime.embedded import EmbeddedSecureSum
 
 __all__ = ["DEFAULT_METHODS", "pf_settings", "load_scenarios", "run_pf_experiment"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("local", "fedavg", "pf_msmtrec", "pf_no_template", "pf_no_fednorm", "pf_no_conflict",
                    "pf_no_personal", "pf_no_tower_personal")
@@ -191,6 +194,7 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             if secure_sum is not None:
                 secagg[method] = secure_sum.summary()
             results["timing_s"][method] = round(time.perf_counter() - t0, 2)
+            log.info("%s done in %.1f s", method, results["timing_s"][method])
             if progress is not None:
                 progress(f"{method}: done", (i + 1) / len(methods))
     finally:

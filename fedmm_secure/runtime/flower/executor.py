@@ -18,6 +18,7 @@ machine.
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import time
 import tomllib
@@ -54,7 +55,7 @@ class InProcessTaskExecutor:
 
     def __init__(self, *, runtime_api_address: str, handle: Callable[[str, bytes], tuple[str, bytes]],
                  insecure: bool, root_certificates: bytes | None = None, poll_interval: float = 0.05,
-                 log: Callable[[str], None] = lambda s: None) -> None:
+                 log: Callable[[str], None] | None = None) -> None:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -62,7 +63,10 @@ class InProcessTaskExecutor:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self._address, self._insecure, self._certs = runtime_api_address, insecure, root_certificates
-        self._handle, self._poll, self._log = handle, poll_interval, log
+        self._handle, self._poll = handle, poll_interval
+        # Failed tasks and refused FABs are the market operator's business: warnings on this
+        # module's logger unless the caller collects them itself.
+        self._log = log if log is not None else logging.getLogger(__name__).warning
         self._client = RuntimeHttpClient.from_server_address(
             server_address=runtime_api_address, insecure=insecure, root_certificates=root_certificates,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],

@@ -16,8 +16,10 @@ survives to the next stage. Two ways to connect it to the SuperNode:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -275,6 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
+    # This process's stdout is the market's log file (``flower local``: flower_logs/worker-M.log):
+    # the package's log records go there, one line each, tagged with the market.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[{args.market}] %(message)s"))
+    package_log = logging.getLogger("fedmm_secure")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
     hang = None
     if args.hang_at:
         label, rnd, stage = args.hang_at.split(":")
@@ -292,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
     executor = InProcessTaskExecutor(runtime_api_address=args.superexec, handle=guarded(worker.handle),
                                      insecure=certs is None, root_certificates=certs,
-                                     poll_interval=args.poll_interval,
-                                     log=lambda line: print(f"[{args.market}] {line}", flush=True))
+                                     poll_interval=args.poll_interval)
     if ready is not None:
         ready.write_text("ready\n")
     executor.run_forever()

@@ -66,15 +66,17 @@ def test_executor_recognises_only_our_clientapp():
     assert fab_clientapp_ref(_fab("not = [toml")) is None
 
 
-def test_executor_survives_an_unreachable_supernode():
+def test_executor_survives_an_unreachable_supernode(caplog):
+    import logging
     import threading
 
     from fedmm_secure.runtime.flower.executor import InProcessTaskExecutor
     from fedmm_secure.runtime.flower.processes import free_port
 
-    lines = []
+    # No log sink given: the executor warns on its module's logger (the worker routes it to its log).
+    caplog.set_level(logging.WARNING, logger="fedmm_secure.runtime.flower.executor")
     ex = InProcessTaskExecutor(runtime_api_address=f"127.0.0.1:{free_port()}", handle=lambda k, p: (k, p),
-                               insecure=True, poll_interval=0.01, log=lines.append)
+                               insecure=True, poll_interval=0.01)
     ex._client._retry_invoker.max_tries = 1   # fail fast instead of Flower's connection retries
     stop = threading.Event()
     t = threading.Thread(target=ex.run_forever, args=(stop,), daemon=True)
@@ -83,4 +85,6 @@ def test_executor_survives_an_unreachable_supernode():
     stop.set()
     t.join(timeout=5)
     assert not t.is_alive() and ex.tasks_run == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "fedmm_secure.runtime.flower.executor"]
     assert 1 <= len(lines) <= 4   # logged, backed off, not spammed
+    assert all(line.startswith("executor: ") for line in lines)
