@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import normalized_mutual_info_score
 
 from ...config import ModelConfig
-from ...data.market import MarketData, MarketSplit
+from ...data.market import MarketData, MarketSplit, RankingSet
 from ...metrics import evaluate_ctr, hit_rate_at_k, ndcg_at_k
 from ...models.calibration import calibrate_metrics
 from ...models.codebook import perplexity, utilization
@@ -55,7 +55,7 @@ def code_metrics(codes: np.ndarray, n_codes: int) -> dict:
     return {"utilization": utilization(codes, n_codes), "perplexity": perplexity(codes, n_codes)}
 
 
-def ranking_metrics(r: MarketRun, ranking, with_codes: bool, *, user_offset: int = 0, item_offset: int = 0) -> dict:
+def ranking_metrics(r: MarketRun, ranking: RankingSet, with_codes: bool, *, user_offset: int = 0, item_offset: int = 0) -> dict:
     """HR@10 and NDCG@10 on the sampled-ranking set (positive against its sampled negatives)."""
     users = np.repeat(ranking.users + user_offset, ranking.items.shape[1])
     items = ranking.items.ravel() + item_offset

@@ -8,20 +8,26 @@ account the same stages with the same plans.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...config import RunConfig
 from ...data.market import MarketData
 from ...privacy.budget import BudgetPolicy
+from ...privacy.events import SubsampledGaussianEvent
 from ...privacy.session import PrivacySession, plan_markets
+
+if TYPE_CHECKING:
+    from ...privacy.ledger import Ledger
 
 __all__ = ["privacy_session"]
 
 
-def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger, resume_offset: int = 0,
-                    prior_events=None, method_index: int, federation_size: int | None = None) -> PrivacySession:
+def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
+                    resume_offset: int = 0, prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
+                    method_index: int, federation_size: int | None = None) -> PrivacySession:
     """The DP session (trainer factory + round hooks) for ``markets`` under ``cfg.privacy``.
 
     ``federation_size``: how many markets take part in the secure sums, when this process holds

@@ -15,7 +15,7 @@ bounds, then optionally noised by the market itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ def _request(hooks: RoundHooks, m: str, label: str, rnd: int, vec: np.ndarray, b
     return SumRequest(label, rnd, noisy, hooks.upload_bounds(label, bounds))
 
 
-def _average_shared(r: MarketRun, module: torch.nn.Module, names, meta: PublicMeta, label: str,
+def _average_shared(r: MarketRun, module: torch.nn.Module, names: Sequence[str], meta: PublicMeta, label: str,
                     rnd: int, bound: float, hooks: RoundHooks) -> Pipeline:
     """FedAvg of the shared parameters, weighted by training rows, through one secure sum.
 
@@ -62,7 +62,7 @@ def _average_shared(r: MarketRun, module: torch.nn.Module, names, meta: PublicMe
         load_flat(module, names, s[:-1] / max(s[-1], 1e-3))
 
 
-def _apply_global(r: MarketRun, stats, cfg: ModelConfig, rng: np.random.Generator) -> None:
+def _apply_global(r: MarketRun, stats: CodeStats, cfg: ModelConfig, rng: np.random.Generator) -> None:
     new, _ = update_codebook(r.vq.global_codebook.numpy().astype(np.float64), stats, decay=cfg.codebook_decay,
                              dead_threshold=1.0, rng=rng)
     r.vq.global_codebook.copy_(torch.from_numpy(new).float())
