@@ -63,6 +63,9 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
         "nmi_level1_pooled": {},
         "timing_s": {},
     }
+    if cfg.privacy.enabled:
+        from ..privacy.randomness import describe
+        results["randomness"] = describe(cfg.privacy.randomness)
     steps_total = len(cfg.methods)
     secagg_summary = None
     for i, method in enumerate(cfg.methods):

@@ -45,8 +45,8 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier, target_epsilon=p.epsilon if p.noise_multiplier is None else None,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
-                          prior_events=prior_events, noise_seed=cfg.seed * 7_919 + method_index,
-                          market_noise_multiplier=p.market_noise_multiplier, secure_mode=p.secure_mode,
+                          prior_events=prior_events, randomness=p.randomness, noise_seed=cfg.seed * 7_919 + method_index,
+                          market_noise_multiplier=p.market_noise_multiplier,
                           federation_size=federation_size,
                           # Upload noise must be unpredictable to the other parties: OS entropy.
                           upload_rng=np.random.default_rng(secrets.randbits(128)))
