@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fedmm_secure.config import config_from_dict
-from fedmm_secure.experiment import run_experiment
+from fedmm_secure.workflows.fedmm_run import run_experiment
 from fedmm_secure.reports.paired import paired_difference, parse_seeds
 
 __all__ = ["main", "summarize", "render_markdown"]

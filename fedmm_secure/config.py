@@ -17,7 +17,8 @@ from .errors import ConfigError
 __all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict",
            "dataclass_from_overrides", "METHODS", "DEFAULT_MAX_GRAD_NORM"]
 
-METHODS = ("local", "local_codes", "fedmm", "centralized")
+METHODS = ("local", "local_codes", "fedavg", "fedmm", "centralized")
+DESIGNS = ("joint", "staged")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 # DP-SGD clipping norm when the config names none: it should sit near the per-record gradient
 # norms of the family's loss. PF-MSMTrec's ESMM loss (two BCE terms) has median per-record
@@ -59,6 +60,11 @@ class ModelConfig:
     share_autoencoder: bool = True   # FedMM: average RQ-VAE encoder/decoder across markets
     shared_bound: float = 2.0    # clip bound of every shared parameter coordinate (sizes the ring)
     calibrate: bool = True       # report LogLoss of the CTR logits Platt-scaled on the market's validation rows
+    # "joint": one DP-trained CTR model per market, codes and sharing are its post-processing
+    # (federation/fedmm/joint.py); "staged": the CF -> RQ-VAE -> CTR stages, two DP stages.
+    design: str = "joint"
+    code_round: int = 0          # joint design: codes are made after this CTR round
+    vq_rounds: int = 4           # joint design: federated RQ-VAE rounds when codes are made
 
     def __post_init__(self) -> None:
         for f in ("cf_dim", "cf_epochs", "latent_dim", "vq_hidden", "n_global", "n_local", "vq_epochs",
@@ -66,6 +72,12 @@ class ModelConfig:
             _positive(f"model.{f}", getattr(self, f), integer=True)
         for f in ("cf_lr", "vq_lr", "beta", "ctr_lr", "shared_bound"):
             _positive(f"model.{f}", getattr(self, f), integer=False)
+        if self.design not in DESIGNS:
+            raise ConfigError("model.design", f"unknown design {self.design!r}", allowed=", ".join(DESIGNS))
+        for f in ("code_round", "vq_rounds"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == "code_round" else 1):
+                raise ConfigError(f"model.{f}", f"must be an integer >= {0 if f == 'code_round' else 1}, got {v!r}")
         if not isinstance(self.calibrate, bool):
             raise ConfigError("model.calibrate", f"must be true or false, got {self.calibrate!r}")
         if not 0 <= self.codebook_decay < 1:

@@ -34,6 +34,8 @@ included with probability 1/2 by the audit's coin.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import zlib
@@ -131,6 +133,9 @@ def fedmm_codes(config: RunConfig, markets: list[MarketData]) -> dict[str, tuple
     seed and DP settings. The secure sum is the exact ``plain`` backend (this is an offline
     recomputation inside one process), so codes equal the run's up to the masking backend's
     fixed-point rounding."""
+    # Codes as fixed features of the audited CTR mechanism come from the staged design's stages
+    # 1-2 (the joint design makes codes inside the CTR training it audits; see threat_model).
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, design="staged"))
     names = [m.name for m in markets]
     secure_sum = EmbeddedSecureSum(backend="plain", markets=names, run_id=f"audit-{config.seed}",
                                    allow_insecure=True)

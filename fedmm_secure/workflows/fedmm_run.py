@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from ..config import RunConfig
 from ..data.loaders import load_data
@@ -71,7 +72,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
     for i, method in enumerate(cfg.methods):
         t0 = time.perf_counter()
         secure_sum = None
-        if method == "fedmm":
+        if method in ("fedmm", "fedavg"):
             secure_sum = EmbeddedSecureSum(backend=cfg.secagg, markets=names, run_id=f"run-{cfg.seed}",
                                            allow_insecure=cfg.secagg == "plain")
 
@@ -111,6 +112,11 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
             progress(f"{method}: done", (i + 1) / steps_total)
     if secagg_summary is not None:
         results["secagg"] = secagg_summary
+    bayes = {m.name: float(roc_auc_score(m.test.click, m.meta["test_p_click"])) for m in markets
+             if "test_p_click" in m.meta and 0 < m.test.click.sum() < len(m.test)}
+    if bayes:
+        # Evaluation only: the true click probabilities' AUC on the same test rows (the ceiling).
+        results["reference"] = {"bayes": bayes}
     sparse = [m for m in names if m != names[0]] if cfg.data == "synthetic" else names
     results["summary"] = {
         meth: {"mean_auc": float(np.nanmean([results["markets"][m][meth]["auc"] for m in names])),

@@ -30,7 +30,7 @@ def test_run_on_tiny_config_writes_results_and_report(tmp_path, tiny_config, cap
     res = json.loads((out / "results.json").read_text())
     assert set(res["markets"]) == {"big", "small"}
     for market in res["markets"].values():
-        assert set(market) == {"local", "local_codes", "fedmm", "centralized"}
+        assert set(market) == {"local", "local_codes", "fedavg", "fedmm", "centralized"}
         for r in market.values():
             assert 0.0 <= r["auc"] <= 1.0 and r["logloss"] > 0
     assert res["config"]["seed"] == 1

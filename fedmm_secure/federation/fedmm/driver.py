@@ -8,6 +8,7 @@ adds the cross-market evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from ...config import ModelConfig
 from ...data.market import MarketData, MarketSplit
 from ...errors import ConfigError
+from ..catalogue import PublicCatalogue
 from ..hooks import RoundHooks
 from ..training import TrainerFactory, plain_trainers
 from ..transport import SecureSum
@@ -23,7 +25,7 @@ from .evaluation import code_alignment, split_pooled
 from .pipeline import market_pipeline
 from .protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
 
-__all__ = ["drive_in_process", "run_pipelines", "run_method", "pool_markets"]
+__all__ = ["drive_in_process", "run_pipelines", "run_method", "pool_markets", "public_catalogue"]
 
 
 class _SharedHooks(RoundHooks):
@@ -110,14 +112,20 @@ def drive_in_process(pipelines: dict, secure_sum: SecureSum | None) -> dict[str,
 def run_pipelines(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
                   secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
                   hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None,
-                  codes_only: bool = False) -> dict[str, dict]:
-    """Every market's :func:`~.pipeline.market_pipeline` for ``method``, driven in process."""
+                  codes_only: bool = False, catalogue: PublicCatalogue | None = None) -> dict[str, dict]:
+    """Every market's :func:`~.pipeline.market_pipeline` for ``method``, driven in process.
+
+    ``catalogue``: the public shared keys (default: built from the markets' public listings for
+    the sharing methods ``fedavg`` and ``fedmm``, when every market has item keys)."""
     names = [m.name for m in markets]
+    if catalogue is None and method in ("fedavg", "fedmm"):
+        catalogue = public_catalogue(markets)
     shared = _SharedHooks(hooks or RoundHooks(), names)
     n_train_max = max(len(m.train) for m in markets)
     n_items_max = max(m.n_items for m in markets)
     pipes = {m.name: market_pipeline(m, cfg, method=method, rounds=rounds, seed=seed,
-                                     meta=PublicMeta(index=i, n_train_max=n_train_max, n_items_max=n_items_max),
+                                     meta=PublicMeta(index=i, n_train_max=n_train_max, n_items_max=n_items_max,
+                                                     catalogue=catalogue),
                                      trainers=trainers, hooks=shared, codes_only=codes_only,
                                      # one progress line per round, not one per market
                                      progress=progress if i == 0 else (lambda s: None))
@@ -130,16 +138,22 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
                hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Run one method; returns ``{"markets": {m: metrics}, "runs": {m: MarketRun}, ...}``."""
     if method == "centralized":
-        pooled = pool_markets(markets)
-        # Non-private by definition (it pools raw data): plain trainers whatever was asked.
-        out = run_method("local_codes", [pooled], cfg, rounds=rounds, seed=seed, secure_sum=None,
-                         progress=progress)
+        pooled = pool_markets(markets, market_field=cfg.design == "joint")
+        # Non-private by definition (it pools raw data): plain trainers whatever was asked. In
+        # the joint design it is a real upper bound: one model over every market's rows with a
+        # market field, same-key products linked through the key field, codes.
+        cat = public_catalogue(markets) if cfg.design == "joint" else None
+        if cat is not None:
+            pooled = dataclasses.replace(pooled, item_keys=np.concatenate([m.item_keys for m in markets]))
+        outs = run_pipelines("local_codes", [pooled], cfg, rounds=rounds, seed=seed, secure_sum=None,
+                             progress=progress, catalogue=cat)
+        out = {"markets": {"pooled": outs["pooled"]["metrics"]}, "runs": {"pooled": outs["pooled"]["run"]}}
         return split_pooled(out, pooled, markets, calibrate=cfg.calibrate)
     outs = run_pipelines(method, markets, cfg, rounds=rounds, seed=seed, secure_sum=secure_sum,
                          trainers=trainers, hooks=hooks, progress=progress)
     runs = {m.name: outs[m.name]["run"] for m in markets}
     result: dict = {"markets": {m: outs[m]["metrics"] for m in runs}, "runs": runs}
-    with_codes = method != "local"
+    with_codes = all(r.codes is not None for r in runs.values())
     if with_codes and all(r.data.item_keys is not None for r in runs.values()) and len(runs) > 1:
         result["code_alignment"] = code_alignment({m: r.data for m, r in runs.items()},
                                                   {m: r.codes[0] for m, r in runs.items()})
@@ -152,9 +166,17 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
     return result
 
 
-def pool_markets(markets: Sequence[MarketData]) -> MarketData:
+def public_catalogue(markets: Sequence[MarketData]) -> PublicCatalogue | None:
+    """Shared public keys of ``markets`` (their catalogues are public); None without keys."""
+    if len(markets) < 2 or any(m.item_keys is None for m in markets):
+        return None
+    return PublicCatalogue.from_listings({m.name: m.item_keys for m in markets})
+
+
+def pool_markets(markets: Sequence[MarketData], *, market_field: bool = False) -> MarketData:
     """All markets as one (for the non-private ``centralized`` upper bound): IDs are offset so
-    they stay distinct; a pooled model sees every market's raw data."""
+    they stay distinct; a pooled model sees every market's raw data. ``market_field`` adds the
+    user's market as a user attribute (every user belongs to one market)."""
     uo = np.cumsum([0] + [m.n_users for m in markets])
     io = np.cumsum([0] + [m.n_items for m in markets])
 
@@ -166,7 +188,16 @@ def pool_markets(markets: Sequence[MarketData]) -> MarketData:
                            np.concatenate([p.conversion for p in parts]))
 
     has_feats = all(m.item_features is not None for m in markets)
+    user_feats, user_cards = None, ()
+    if market_field:
+        mk = np.concatenate([np.full(m.n_users, i, dtype=np.int64) for i, m in enumerate(markets)])
+        if all(m.user_features is not None for m in markets):
+            user_feats = np.column_stack([np.concatenate([m.user_features for m in markets]), mk])
+            user_cards = tuple(np.max([m.user_feature_cards for m in markets], axis=0)) + (len(markets),)
+        else:
+            user_feats, user_cards = mk[:, None], (len(markets),)
     return MarketData(
+        user_features=user_feats, user_feature_cards=tuple(int(c) for c in user_cards),
         name="pooled", n_users=int(uo[-1]), n_items=int(io[-1]),
         train=cat("train"), valid=cat("valid"), test=cat("test"),
         item_features=np.concatenate([m.item_features for m in markets]) if has_feats else None,

@@ -34,6 +34,10 @@ class MarketRun:
     ctr: DeepFM | None = None
     codes: tuple[np.ndarray, np.ndarray] | None = None
     history: dict = field(default_factory=dict)
+    # One-budget design (:mod:`.joint`): the CTR model's fields in order, each read from a
+    # per-user or per-item column ("user"/"item" side, column, cardinality). None: the staged
+    # design's fixed fields (user, item[, code1, code2]).
+    columns: list[tuple[str, str, np.ndarray, int]] | None = None
 
 
 def split_tensors(split: MarketSplit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,6 +68,8 @@ def item_inputs(r: MarketRun) -> torch.Tensor:
 
 
 def ctr_fields(r: MarketRun, cfg: ModelConfig, with_codes: bool) -> list[tuple[str, int]]:
+    if r.columns is not None:
+        return [(name, card) for name, _, _, card in r.columns]
     fields = [("user", r.data.n_users), ("item", r.data.n_items)]
     if with_codes:
         fields += [("code1", cfg.n_global), ("code2", cfg.n_local)]
@@ -71,6 +77,9 @@ def ctr_fields(r: MarketRun, cfg: ModelConfig, with_codes: bool) -> list[tuple[s
 
 
 def ctr_inputs(r: MarketRun, split: MarketSplit, with_codes: bool) -> torch.Tensor:
+    if r.columns is not None:
+        cols = [col[split.users if side == "user" else split.items] for _, side, col, _ in r.columns]
+        return torch.from_numpy(np.stack(cols, axis=1).astype(np.int64))
     cols = [split.users, split.items]
     if with_codes:
         cols += [r.codes[0][split.items], r.codes[1][split.items]]

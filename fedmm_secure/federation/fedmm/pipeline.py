@@ -20,6 +20,7 @@ from ..hooks import RoundHooks
 from ..training import TrainerFactory, plain_trainers
 from .evaluation import market_metrics
 from .features import MarketRun
+from .joint import JOINT_METHODS, joint_stage
 from .protocol import Pipeline, PublicMeta
 from .stages import cf_stage, ctr_stage, rqvae_stage
 
@@ -29,12 +30,23 @@ __all__ = ["market_pipeline"]
 def market_pipeline(data: MarketData, cfg: ModelConfig, *, method: str, rounds: int, seed: int,
                     meta: PublicMeta, trainers: TrainerFactory = plain_trainers, hooks: RoundHooks | None = None,
                     progress: Callable[[str], None] = lambda s: None, codes_only: bool = False) -> Pipeline:
-    """``method`` in {local, local_codes, fedmm} for one market; ``codes_only`` stops after stage 2."""
-    if method not in ("local", "local_codes", "fedmm"):
-        raise ValueError(f"market_pipeline runs local, local_codes or fedmm, not {method!r}")
+    """``method`` in {local, local_codes, fedavg, fedmm} for one market.
+
+    ``cfg.design == "joint"`` (default): one DP-trained CTR model, codes and sharing derived
+    from it (:mod:`.joint`). ``"staged"``: CF, RQ-VAE and CTR stages (``fedavg`` is joint-only);
+    ``codes_only`` (the audit's recomputation of codes) stops the staged design after stage 2.
+    """
+    if method not in JOINT_METHODS:
+        raise ValueError(f"market_pipeline runs {', '.join(JOINT_METHODS)}, not {method!r}")
     hooks = hooks or RoundHooks()
-    federated, with_codes = method == "fedmm", method != "local"
     r = MarketRun(data, torch.Generator().manual_seed(seed * 1_000_003 + meta.index))
+    if cfg.design == "joint" and not codes_only:
+        yield from joint_stage(r, cfg, method=method, rounds=rounds, seed=seed, meta=meta, trainers=trainers,
+                               hooks=hooks, progress=progress)
+        return {"metrics": market_metrics(r, cfg, r.codes is not None), "run": r}
+    if method == "fedavg":
+        raise ValueError("fedavg exists in the joint design only (model.design = joint)")
+    federated, with_codes = method == "fedmm", method != "local"
     if with_codes:
         yield from cf_stage(r, cfg, rounds=rounds, federated=federated, meta=meta, trainers=trainers,
                             hooks=hooks, progress=progress)

@@ -35,8 +35,11 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     """
     p, mc = cfg.privacy, cfg.model
     plans = plan_markets(unit=p.unit, batch_size=mc.batch_size,
-                         # `local` has no CF stage: its whole budget goes to the CTR model.
-                         epochs={"ctr": mc.ctr_epochs} if method == "local" else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs},
+                         # One budget: in the joint design every method trains only the CTR model on
+                         # raw rows (codes and sharing are post-processing), so a FedMM market
+                         # spends exactly what `local` spends; the staged design adds a CF stage.
+                         epochs=({"ctr": mc.ctr_epochs} if method == "local" or mc.design == "joint"
+                                 else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs}),
                          rounds=cfg.rounds,
                          n_records={m.name: len(m.train) for m in markets},
                          n_users={m.name: m.n_users for m in markets})

@@ -13,8 +13,8 @@ answers, so the method does not know which runtime carries it:
   rounds in step, a lone market resumes at once.
 
 Public metadata every market needs (:class:`PublicMeta`): the market's index in the run's market
-order (it seeds the market's generator), the largest training-set size (FedAvg weights) and the
-largest item count (codebook-statistics bound).
+order (it seeds the market's generator), the largest training-set size (FedAvg weights), the
+largest item count (codebook-statistics bound) and the public catalogue of shared product keys.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..catalogue import PublicCatalogue
+
 __all__ = ["PublicMeta", "SumRequest", "BroadcastRequest", "Barrier", "Request", "Pipeline",
            "codebook_digest", "state_to_bytes", "state_from_bytes"]
 
@@ -36,6 +38,8 @@ class PublicMeta:
     index: int          # position of the market in the run's market order
     n_train_max: int    # largest training-set size over all markets
     n_items_max: int    # largest item count over all markets
+    # Public catalogue keys listed by several markets (None: no key sharing for this method)
+    catalogue: PublicCatalogue | None = None
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Each stage trains or updates one model of :class:`~.features.MarketRun` and yields the
 requests of :mod:`.protocol` whenever something must be shared; :func:`~.pipeline.market_pipeline`
-chains them. Everything that leaves a market goes through :func:`_request`: clipped to public
+chains them. Everything that leaves a market goes through :func:`secure_request`: clipped to public
 bounds, then optionally noised by the market itself.
 
 1. :func:`cf_stage` -- CF embeddings (reads raw clicks: a DP step when privacy is on); shared
@@ -33,17 +33,17 @@ from .evaluation import predict
 from .features import MarketRun, ctr_fields, ctr_inputs, flat_params, item_inputs, load_flat, split_tensors
 from .protocol import Barrier, BroadcastRequest, Pipeline, PublicMeta, SumRequest, state_from_bytes, state_to_bytes
 
-__all__ = ["cf_stage", "rqvae_stage", "ctr_stage"]
+__all__ = ["cf_stage", "rqvae_stage", "ctr_stage", "secure_request", "average_shared"]
 
 
-def _request(hooks: RoundHooks, m: str, label: str, rnd: int, vec: np.ndarray, bounds: np.ndarray) -> SumRequest:
+def secure_request(hooks: RoundHooks, m: str, label: str, rnd: int, vec: np.ndarray, bounds: np.ndarray) -> SumRequest:
     # Everything that leaves a market goes through here: clipped to the public bounds, then
     # (optionally) noised by the market itself; the ring is sized for the noisy bounds.
     noisy = hooks.perturb_upload(label, rnd, m, np.clip(vec, -bounds, bounds), bounds)
     return SumRequest(label, rnd, noisy, hooks.upload_bounds(label, bounds))
 
 
-def _average_shared(r: MarketRun, module: torch.nn.Module, names: Sequence[str], meta: PublicMeta, label: str,
+def average_shared(r: MarketRun, module: torch.nn.Module, names: Sequence[str], meta: PublicMeta, label: str,
                     rnd: int, bound: float, hooks: RoundHooks) -> Pipeline:
     """FedAvg of the shared parameters, weighted by training rows, through one secure sum.
 
@@ -55,7 +55,7 @@ def _average_shared(r: MarketRun, module: torch.nn.Module, names: Sequence[str],
     theta = np.clip(flat_params(module, names), -bound, bound)
     vec = np.concatenate([w * theta, [w]])
     bounds = np.concatenate([np.full(len(vec) - 1, bound), [1.0]])
-    s = yield _request(hooks, r.data.name, label, rnd, vec, bounds)
+    s = yield secure_request(hooks, r.data.name, label, rnd, vec, bounds)
     if s is not None:
         # With market-level noise the summed weight is noisy too; it stays near the true
         # total, but guard against a pathological draw.
@@ -98,19 +98,20 @@ def cf_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, federated: bool, me
         # Average between rounds, not after the last: each market keeps the shared tables its
         # own ID embeddings were last trained with (personalised FedAvg).
         if federated and names and rnd < rounds - 1:
-            yield from _average_shared(r, r.cf, names, meta, "cf-shared", rnd, cfg.shared_bound, hooks)
+            yield from average_shared(r, r.cf, names, meta, "cf-shared", rnd, cfg.shared_bound, hooks)
         progress(f"cf round {rnd + 1}/{rounds}")
 
 
 # ----------------------------------------------------------------------------- stage 2: RQ-VAE
 def rqvae_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, federated: bool, seed: int, meta: PublicMeta,
-                hooks: RoundHooks, progress: Callable[[str], None]) -> Pipeline:
-    """Post-processing only: inputs are the DP-trained item embeddings."""
+                hooks: RoundHooks, progress: Callable[[str], None], inputs: torch.Tensor | None = None) -> Pipeline:
+    """Post-processing only: inputs are DP-trained item representations (the CF stage's item
+    embeddings, or ``inputs`` when the caller derived them from another DP-trained model)."""
     init = torch.Generator().manual_seed(seed * 7919 + 17)  # public seed: same global init everywhere
     global_init = 0.5 * torch.randn(cfg.n_global, cfg.latent_dim, generator=init)
     bound = float(meta.n_items_max)
     with seeded(r.generator):
-        r.vq = RQVAE(in_dim=cfg.cf_dim, latent_dim=cfg.latent_dim, hidden=cfg.vq_hidden,
+        r.vq = RQVAE(in_dim=cfg.cf_dim if inputs is None else int(inputs.shape[1]), latent_dim=cfg.latent_dim, hidden=cfg.vq_hidden,
                      n_global=cfg.n_global, n_local=cfg.n_local, generator=r.generator)
     r.vq.global_codebook.copy_(global_init)
     r.history["vq_recon"] = []
@@ -120,7 +121,7 @@ def rqvae_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, federated: bool,
         # from the (aligned) CF space to the global codebook is the same everywhere.
         first = yield BroadcastRequest("rqvae-init", state_to_bytes(r.vq.state_dict()))
         r.vq.load_state_dict(state_from_bytes(first))
-    x = item_inputs(r)
+    x = item_inputs(r) if inputs is None else inputs
     for rnd in range(rounds):
         opt = torch.optim.Adam(list(r.vq.encoder.parameters()) + list(r.vq.decoder.parameters()), lr=cfg.vq_lr)
         for _ in range(cfg.vq_epochs):
@@ -140,11 +141,11 @@ def rqvae_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, federated: bool,
         r.history["vq_recon"].append(r.vq.reconstruction_error(x))
         if federated:
             if cfg.share_autoencoder:
-                yield from _average_shared(r, r.vq, ae_names, meta, "rqvae-shared", rnd, cfg.shared_bound, hooks)
+                yield from average_shared(r, r.vq, ae_names, meta, "rqvae-shared", rnd, cfg.shared_bound, hooks)
             # Counts are <= n_items and |z| <= 1 (tanh), so every coordinate is bounded by the
             # largest market's item count: this sizes the masking ring so the sum cannot wrap.
             flat = flatten_stats(stats1)
-            s = yield _request(hooks, r.data.name, "codebook-l1", rnd, flat, np.full(len(flat), bound))
+            s = yield secure_request(hooks, r.data.name, "codebook-l1", rnd, flat, np.full(len(flat), bound))
             if s is not None:
                 total = unflatten_stats(s, cfg.n_global, cfg.latent_dim)
                 # Counts are integers by construction; masking/CKKS return them up to a small
@@ -195,7 +196,7 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
         # the model right after averaging, so personalisation is used only where it helps.
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
-                yield from _average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound, hooks)
+                yield from average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound, hooks)
             v = evaluate_ctr(data.valid.click, predict(r.ctr, x_valid))["auc"]
             r.history["valid_auc"].append(v)
             if best is None or v > best[0]:

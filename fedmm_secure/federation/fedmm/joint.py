@@ -1,0 +1,206 @@
+"""The one-budget FedMM design: one DP-trained CTR model per market; codes are its post-processing.
+
+Why: with a separate CF stage, a private FedMM market split its epsilon between CF embeddings
+(mostly noise under DP) and the CTR model, while ``local`` spent it all on the CTR model, and
+codes built on unanchored CF spaces aligned nothing across markets (same product, same code at
+chance rate). Here every method of the family trains exactly one model on raw rows, the CTR
+model, under one accountant event stream per market (the same plan as ``local``), and everything
+else is computed from DP-trained parameters:
+
+* **fields**: user id, item id, public item attributes and the market's user attributes (every
+  method gets them, ``local`` included), and for the shared-space methods a **key** field:
+  the row of the item's public catalogue key in a shared-key table (products listed by several
+  markets), or for products only this market lists, the row of their level-1 code (code rows
+  follow the key rows in the same table; before codes exist, one "listed only here" row);
+  code methods add the item's **level-2** (local) code as a field;
+* **sharing** (``fedavg``, ``fedmm``): after each round the shared-key table is averaged row by
+  row over the markets listing each row (:mod:`..catalogue`), and the attribute tables and the
+  interaction MLP by FedAvg; all through the secure sum, all post-processing (no epsilon);
+* **codes** (``local_codes``, ``fedmm``): after round ``code_round`` the item representations of
+  the CTR model (item row + key row + attribute rows) go through the RQ-VAE of :mod:`.stages`
+  (shared encoder and global level-1 codebook in ``fedmm``, local level-2 codebook); same-key
+  items have identical inputs in every market, so they get the same level-1 code by
+  construction. Post-processing: no raw row is read.
+
+Methods: ``local`` (no key field, no codes), ``local_codes`` (codes, nothing shared),
+``fedavg`` (shared keys + FedAvg, no codes), ``fedmm`` (both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...config import ModelConfig
+from ...metrics import evaluate_ctr
+from ...models.ctr import DeepFM
+from ..catalogue import apply_keyed_sum, keyed_upload
+from ..hooks import RoundHooks
+from ..training import TrainerFactory, TrainSettings, seeded
+from .evaluation import predict
+from .features import MarketRun, ctr_fields, ctr_inputs
+from .protocol import Barrier, BroadcastRequest, Pipeline, PublicMeta, state_from_bytes, state_to_bytes
+from .stages import average_shared, rqvae_stage, secure_request
+
+__all__ = ["JOINT_METHODS", "joint_stage", "item_representations"]
+
+JOINT_METHODS = ("local", "local_codes", "fedavg", "fedmm")
+# Clip of every coordinate of a code input before its statistics are summed (sizes the ring).
+_INPUT_BOUND = 4.0
+
+
+def _columns(r: MarketRun, cfg: ModelConfig, *, keyed: bool, with_codes: bool, meta: PublicMeta) -> None:
+    d = r.data
+    cols: list[tuple[str, str, np.ndarray, int]] = [("user", "user", np.arange(d.n_users), d.n_users),
+                                                    ("item", "item", np.arange(d.n_items), d.n_items)]
+    if d.item_features is not None:
+        cols += [(f"iattr{f}", "item", d.item_features[:, f], int(c)) for f, c in enumerate(d.item_feature_cards)]
+    if d.user_features is not None:
+        cols += [(f"uattr{f}", "user", d.user_features[:, f], int(c)) for f, c in enumerate(d.user_feature_cards)]
+    if keyed or with_codes:
+        cat = meta.catalogue if keyed else None
+        n_shared = len(cat.shared_keys) if cat is not None else 0
+        key = (cat.key_column(d.item_keys) if cat is not None and d.item_keys is not None
+               else np.full(d.n_items, n_shared, dtype=np.int64))
+        r.history["n_shared_rows"] = n_shared
+        cols.append(("key", "item", key, n_shared + 1 + (cfg.n_global if with_codes else 0)))
+    if with_codes:
+        cols.append(("code2", "item", np.zeros(d.n_items, dtype=np.int64), cfg.n_local))
+    r.columns = cols
+
+
+def _column(r: MarketRun, name: str) -> np.ndarray:
+    return next(c for n, _, c, _ in r.columns if n == name)
+
+
+def _set_column(r: MarketRun, name: str, values: np.ndarray) -> None:
+    r.columns = [(n, side, values if n == name else c, card) for n, side, c, card in r.columns]
+
+
+@torch.no_grad()
+def item_representations(r: MarketRun) -> torch.Tensor:
+    """Every item's vector in the CTR model's own embedding space (where the FM term pairs it
+    with a user): its public attribute rows plus, for a product several markets list, its
+    shared-key row, else its own (private) item row. Shared-key items thus have the same input
+    in every market after averaging, and the same level-1 code by construction; their private
+    item rows stay market nuance the CTR model keeps beside the codes."""
+    emb = r.ctr.embeddings
+    x = emb["item"].weight.detach().clone()
+    key = _column(r, "key") if any(n == "key" for n, *_ in r.columns) else None
+    if key is not None:
+        shared = key < r.history.get("n_shared_rows", 0)
+        x[torch.from_numpy(shared)] = emb["key"].weight.detach()[torch.from_numpy(key[shared])]
+    for n, side, col, _ in r.columns:
+        if side == "item" and n.startswith("iattr"):
+            x += emb[n].weight.detach()[torch.from_numpy(col)]
+    return x.float()
+
+
+def _code_inputs(r: MarketRun, meta: PublicMeta, hooks: RoundHooks, rnd: int, federated: bool) -> Pipeline:
+    """Standardised item representations; in federated methods the mean and variance come from
+    the secure sum of every market's (sum, sum of squares, count), so that identical rows in
+    two markets stay identical after standardising."""
+    x = item_representations(r).double().clamp(-_INPUT_BOUND, _INPUT_BOUND)
+    n, dim = x.shape
+    stats = np.concatenate([x.sum(0).numpy(), (x * x).sum(0).numpy(), [float(n)]])
+    if federated:
+        bounds = np.concatenate([np.full(dim, _INPUT_BOUND * meta.n_items_max),
+                                 np.full(dim, _INPUT_BOUND ** 2 * meta.n_items_max), [float(meta.n_items_max)]])
+        total = yield secure_request(hooks, r.data.name, "code-input-stats", rnd, stats, bounds)
+        stats = stats if total is None else total
+    count = max(stats[-1], 1.0)
+    mean = stats[:dim] / count
+    std = np.sqrt(np.maximum(stats[dim:2 * dim] / count - mean ** 2, 1e-12))
+    return ((x - torch.from_numpy(mean)) / torch.from_numpy(std)).float()
+
+
+def _average_keys(r: MarketRun, meta: PublicMeta, hooks: RoundHooks, rnd: int, bound: float) -> Pipeline:
+    """Row-wise average of the shared-key table (embedding and first-order weight together)
+    over the markets that use each row."""
+    emb, lin = r.ctr.embeddings["key"].weight, r.ctr.linear["key"].weight
+    table = np.clip(torch.cat([emb, lin], dim=1).detach().double().numpy(), -bound, bound)
+    listed = np.zeros(table.shape[0])
+    listed[np.unique(_column(r, "key"))] = 1.0
+    w = len(r.data.train) / meta.n_train_max
+    vec = keyed_upload(table, listed, w)
+    bounds = np.concatenate([np.full(table.size, bound), np.ones(table.shape[0])])
+    total = yield secure_request(hooks, r.data.name, "ctr-keys", rnd, vec, bounds)
+    if total is not None:
+        new = torch.from_numpy(apply_keyed_sum(table, listed, total)).float()
+        with torch.no_grad():
+            emb.copy_(new[:, :emb.shape[1]])
+            lin.copy_(new[:, emb.shape[1]:])
+
+
+def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, seed: int, meta: PublicMeta,
+                trainers: TrainerFactory, hooks: RoundHooks, progress: Callable[[str], None]) -> Pipeline:
+    """``method`` for one market; the only raw-data stage is ``"ctr"`` (one DP event stream)."""
+    if method not in JOINT_METHODS:
+        raise ValueError(f"joint_stage runs {', '.join(JOINT_METHODS)}, not {method!r}")
+    data, m = r.data, r.data.name
+    federated = method in ("fedavg", "fedmm")
+    with_codes = method in ("local_codes", "fedmm")
+    keyed = meta.catalogue is not None and (federated or method == "local_codes")
+    _columns(r, cfg, keyed=keyed, with_codes=with_codes, meta=meta)
+    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
+    with seeded(r.generator):
+        r.ctr = DeepFM(fields=ctr_fields(r, cfg, True), dim=cfg.ctr_dim, hidden=tuple(cfg.ctr_hidden))
+    r.history["valid_auc"] = []
+    has_key = any(n == "key" for n, *_ in r.columns)
+    # FedAvg'd: what means the same in every market (attribute tables, the interaction MLP);
+    # the key table is averaged row-wise instead; user and item ID tables never leave.
+    shared = [n for n, _ in r.ctr.named_parameters()
+              if (n.startswith(("embeddings.", "linear.")) and n.split(".")[1].startswith(("iattr", "uattr")))
+              or (cfg.share_ctr_mlp and n.startswith("mlp."))]
+    if federated:
+        mine = {k: v for k, v in r.ctr.state_dict().items()
+                if k in shared or (has_key and k.split(".")[1] == "key")}
+        first = yield BroadcastRequest("ctr-init", state_to_bytes(mine))
+        r.ctr.load_state_dict(state_from_bytes(first), strict=False)
+    code_round = min(cfg.code_round, max(rounds - 2, 0))
+    best: tuple[float, dict, list] | None = None
+    users_t = torch.from_numpy(data.train.users)
+    y = torch.from_numpy(data.train.click)
+    for rnd in range(rounds):
+        # Inputs are rebuilt each round: code columns change once, after ``code_round``.
+        xs = ctr_inputs(r, data.train, True)
+
+        def loss(model: torch.nn.Module, idx: torch.Tensor, xs: torch.Tensor = xs) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(model(xs[idx]), y[idx], reduction="none")
+
+        if m in hooks.before_round("ctr", rnd, [m]):
+            trainers(market=m, stage="ctr", model=r.ctr, loss_fn=loss, n_records=len(xs), users=users_t,
+                     settings=settings, generator=r.generator).train_epochs(settings.epochs)
+        hooks.before_release("ctr", rnd)
+        yield Barrier("ctr", rnd)
+        x_valid = ctr_inputs(r, data.valid, True)
+        # Model selection on the market's own validation split (a local decision that changes
+        # no upload), between the locally trained model and the one right after averaging.
+        for phase in ("local", "averaged") if federated else ("local",):
+            if phase == "averaged":
+                if has_key:
+                    yield from _average_keys(r, meta, hooks, rnd, cfg.shared_bound)
+                if shared:
+                    yield from average_shared(r, r.ctr, shared, meta, "ctr-shared", rnd, cfg.shared_bound, hooks)
+            v = evaluate_ctr(data.valid.click, predict(r.ctr, x_valid))["auc"]
+            r.history["valid_auc"].append(v)
+            if best is None or v > best[0]:
+                best = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()}, list(r.columns))
+        if with_codes and rnd == code_round:
+            x = yield from _code_inputs(r, meta, hooks, rnd, federated)
+            yield from rqvae_stage(r, cfg, rounds=cfg.vq_rounds, federated=federated, seed=seed, meta=meta,
+                                   hooks=hooks, progress=progress, inputs=x)
+            c1, c2, _, _ = r.vq.codes(x)
+            r.codes = (c1, c2)
+            if rnd < rounds - 1:
+                # Unshared items move from the placeholder row to their level-1 code's row.
+                n_shared = r.history["n_shared_rows"]
+                key = _column(r, "key")
+                _set_column(r, "key", np.where(key >= n_shared, n_shared + 1 + c1, key))
+                _set_column(r, "code2", c2)
+        progress(f"ctr round {rnd + 1}/{rounds}")
+    r.ctr.load_state_dict(best[1])
+    r.columns = best[2]
