@@ -1,0 +1,75 @@
+"""Joint FedMM design: shared-key items get one level-1 code everywhere, methods have the
+fields they claim, and the secure sums carry only the documented labels."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from fedmm_secure.config import ModelConfig
+from fedmm_secure.data.synthetic import MarketSpec, SyntheticConfig, generate_markets
+from fedmm_secure.federation import fedmm
+from fedmm_secure.runtime.embedded import EmbeddedSecureSum
+
+SPECS = (MarketSpec("a", 60, 40, 8), MarketSpec("b", 50, 30, 8), MarketSpec("c", 40, 25, 8))
+MODEL = ModelConfig(latent_dim=4, n_global=8, n_local=4, ctr_dim=8, ctr_hidden=(8,), batch_size=64,
+                    vq_epochs=2, vq_rounds=2)
+
+
+@pytest.fixture(scope="module")
+def markets():
+    ms = generate_markets(SyntheticConfig(markets=SPECS), seed=0)
+    # Public keys: the first 20 products of every market are the same 20 products; the rest
+    # are listed by one market only.
+    # A product's public attributes are the same wherever it is listed.
+    out = []
+    for m in ms:
+        keys = np.array([f"p{i}" if i < 20 else f"{m.name}-only-{i}" for i in range(m.n_items)])
+        feats = m.item_features.copy()
+        feats[:20] = ms[0].item_features[:20]
+        out.append(dataclasses.replace(m, item_keys=keys, item_features=feats))
+    return out
+
+
+class _Recording(EmbeddedSecureSum):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.labels: list[str] = []
+
+    def secure_sum(self, *, label, round_id, vectors, max_abs):
+        self.labels.append(label)
+        return super().secure_sum(label=label, round_id=round_id, vectors=vectors, max_abs=max_abs)
+
+
+def _run(method, markets, ss=None):
+    return fedmm.run_method(method, markets, MODEL, rounds=2, seed=0, secure_sum=ss)
+
+
+def test_same_key_same_level1_code_by_construction(markets):
+    ss = _Recording(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    out = _run("fedmm", markets, ss)
+    assert out["code_alignment"]["pairs"] == 3 * 20
+    assert out["code_alignment"]["same_code_rate"] == 1.0
+    assert set(ss.labels) == {"ctr-init", "ctr-keys", "ctr-shared", "code-input-stats", "rqvae-shared",
+                              "codebook-l1"} - {"ctr-init"}  # broadcasts are not sums
+
+
+def test_methods_have_the_fields_they_claim(markets):
+    ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    fields = {meth: [n for n, *_ in _run(meth, markets, ss if meth in ("fedavg", "fedmm") else None)
+                     ["runs"]["a"].columns] for meth in ("local", "local_codes", "fedavg", "fedmm")}
+    attrs = ["iattr0", "iattr1", "uattr0", "uattr1"]
+    assert fields["local"] == ["user", "item", *attrs]             # public attributes, no sharing
+    assert fields["fedavg"] == ["user", "item", *attrs, "key"]     # shared keys, no codes
+    assert fields["local_codes"] == ["user", "item", *attrs, "key", "code2"]
+    assert fields["fedmm"] == ["user", "item", *attrs, "key", "code2"]
+
+
+def test_unshared_items_are_backed_by_their_level1_code_row(markets):
+    ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    out = fedmm.run_method("fedmm", markets, MODEL, rounds=3, seed=0, secure_sum=ss)
+    r = out["runs"]["a"]
+    key = dict((n, c) for n, _, c, _ in r.columns)["key"]
+    n_shared = 20
+    np.testing.assert_array_equal(key[20:], n_shared + 1 + r.codes[0][20:])
+    assert np.all(key[:20] < n_shared)
