@@ -18,6 +18,8 @@ __all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_f
            "dataclass_from_overrides", "METHODS", "DEFAULT_MAX_GRAD_NORM"]
 
 METHODS = ("local", "local_codes", "fedavg", "fedmm", "centralized")
+# Accepted by --methods but not run by default: evaluation references.
+REFERENCE_METHODS = ("oracle",)
 DESIGNS = ("joint", "staged")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 # DP-SGD clipping norm when the config names none: it should sit near the per-record gradient
@@ -150,8 +152,8 @@ class RunConfig:
         if not self.methods:
             raise ConfigError("methods", "at least one method is required", allowed=", ".join(METHODS))
         for m in self.methods if self.model_family == "fedmm" else ():
-            if m not in METHODS:
-                raise ConfigError("methods", f"unknown method {m!r}", allowed=", ".join(METHODS))
+            if m not in METHODS + REFERENCE_METHODS:
+                raise ConfigError("methods", f"unknown method {m!r}", allowed=", ".join(METHODS + REFERENCE_METHODS))
         if self.secagg not in SECAGG_BACKENDS:
             raise ConfigError("secagg", f"unknown backend {self.secagg!r}", allowed=", ".join(SECAGG_BACKENDS))
         if self.model_family not in MODEL_FAMILIES:

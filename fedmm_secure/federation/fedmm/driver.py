@@ -137,6 +137,17 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
                secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
                hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Run one method; returns ``{"markets": {m: metrics}, "runs": {m: MarketRun}, ...}``."""
+    if method == "oracle":
+        # Reference, not a method: `local` given every item's true shared cluster as one more
+        # item attribute (the codes a perfect aligner would produce). Synthetic data only.
+        if any(m.item_cluster is None for m in markets):
+            raise ConfigError("methods", "oracle needs ground-truth clusters", allowed="synthetic data")
+        k = int(max(m.item_cluster.max() for m in markets)) + 1
+        with_truth = [dataclasses.replace(
+            m, item_features=np.column_stack([m.item_features, m.item_cluster]) if m.item_features is not None
+            else m.item_cluster[:, None], item_feature_cards=tuple(m.item_feature_cards) + (k,)) for m in markets]
+        return run_method("local", with_truth, cfg, rounds=rounds, seed=seed, secure_sum=None, trainers=trainers,
+                          hooks=hooks, progress=progress)
     if method == "centralized":
         pooled = pool_markets(markets, market_field=cfg.design == "joint")
         # Non-private by definition (it pools raw data): plain trainers whatever was asked. In
