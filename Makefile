@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf runs/demo
-	$(BIN)/fedmm-secure run --epsilon 8 --epsilon-budget 10 --out runs/demo
+	$(BIN)/fedmm-secure run --epsilon 8 --epsilon-budget 10 --methods local,fedavg,fedmm --out runs/demo
 	$(BIN)/fedmm-secure budget check runs/demo --max-epsilon 10
 	$(BIN)/fedmm-secure report runs/demo
 

@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="JSON file or inline JSON merged into every run's config")
     ap.add_argument("--out", default="runs/eval_harness")
     ap.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
+    ap.add_argument("--no-train", action="store_true",
+                    help="summarise the finished runs under --out only (seeds without results.json are left out)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -237,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         for p, s in jobs:
             name = _setting_name(p)
             d = out / "runs" / name / f"seed{s}"
-            if args.reuse and (d / "results.json").exists():
+            if args.no_train and not (d / "results.json").exists():
+                bar.advance(task)
+                continue
+            if (args.reuse or args.no_train) and (d / "results.json").exists():
                 runs[name][s] = json.loads((d / "results.json").read_text())
                 bar.advance(task)
                 continue
@@ -251,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
 
             runs[name][s] = run_experiment(cfg, out_dir=d, progress=tick)
             bar.advance(task)
+    runs = {k: v for k, v in runs.items() if v}
+    if not runs:
+        print("no finished runs to summarise", file=sys.stderr)
+        return 1
     first = next(iter(next(iter(runs.values())).values()))
     names = list(first["markets"])
     sparse = names[1:] if args.data == "synthetic" else None
