@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ UNITS = ("record", "user")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
 RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
+_DATA_SPEC = re.compile(r"^[a-z][a-z0-9_\-]{0,63}(:.+)?$")
 
 
 def _positive(name: str, value: Any, *, integer: bool) -> None:
@@ -50,6 +52,7 @@ class ModelConfig:
     vq_lr: float = 3e-3
     beta: float = 0.25           # commitment weight
     codebook_decay: float = 0.0  # 0 = plain k-means update from statistics
+    ctr_model: str = "deepfm"    # a name registered with register_ctr_model
     ctr_dim: int = 16
     ctr_hidden: tuple[int, ...] = (64, 32)
     ctr_epochs: int = 2          # local epochs per federated round
@@ -66,6 +69,8 @@ class ModelConfig:
             _positive(f"model.{f}", getattr(self, f), integer=True)
         for f in ("cf_lr", "vq_lr", "beta", "ctr_lr", "shared_bound"):
             _positive(f"model.{f}", getattr(self, f), integer=False)
+        if not isinstance(self.ctr_model, str) or not self.ctr_model:
+            raise ConfigError("model.ctr_model", f"must be a registered CTR model name, got {self.ctr_model!r}")
         if not isinstance(self.calibrate, bool):
             raise ConfigError("model.calibrate", f"must be true or false, got {self.calibrate!r}")
         if not 0 <= self.codebook_decay < 1:
@@ -144,9 +149,11 @@ class RunConfig:
             raise ConfigError("secagg", f"unknown backend {self.secagg!r}", allowed=", ".join(SECAGG_BACKENDS))
         if self.model_family not in MODEL_FAMILIES:
             raise ConfigError("model_family", f"unknown model {self.model_family!r}", allowed=", ".join(MODEL_FAMILIES))
-        if not isinstance(self.data, str) or not (self.data == "synthetic" or ":" in self.data):
+        # The name itself is checked against the dataset registry when the data is loaded (the
+        # registry lives above this module); here only the shape ``name`` or ``name:PATH``.
+        if not isinstance(self.data, str) or not _DATA_SPEC.match(self.data):
             raise ConfigError("data", f"unknown data source {self.data!r}",
-                              allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH")
+                              allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH, or a registered NAME[:PATH]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

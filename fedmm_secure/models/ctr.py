@@ -14,6 +14,13 @@ __all__ = ["DeepFM"]
 
 
 class DeepFM(nn.Module):
+    """DeepFM: first-order terms + factorization-machine pairwise terms + an MLP, over one
+    embedding per categorical field. Registered as CTR model ``"deepfm"`` (the default).
+
+    ``fields``: ``[(name, cardinality)]`` in input column order; ``dim``: embedding width;
+    ``hidden``: MLP hidden widths; ``dropout``: after each hidden layer (0 = none).
+    """
+
     def __init__(self, *, fields: list[tuple[str, int]], dim: int, hidden: tuple[int, ...] = (64, 32),
                  dropout: float = 0.0) -> None:
         super().__init__()
