@@ -41,6 +41,12 @@ def _positive(name: str, value: Any, *, integer: bool) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Model sizes and local training schedule (the run config's ``model`` section).
+
+    Epochs are local epochs per federated round; ``ctr_model`` names a model registered with
+    :func:`~fedmm_secure.models.registry.register_ctr_model`. Invalid values raise ConfigError.
+    """
+
     cf_dim: int = 16
     cf_epochs: int = 1           # local epochs per federated round
     cf_lr: float = 0.02
@@ -81,6 +87,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
+    """DP settings (the run config's ``privacy`` section).
+
+    ``enabled`` with ``epsilon`` (sigma calibrated to it) or ``noise_multiplier``; ``unit``
+    ``"record"`` or ``"user"``; ``epsilon_budget`` and ``on_exceed`` (``"skip"`` the round or
+    ``"stop"`` the run) form the budget policy; ``randomness`` ``"secure"`` (default) or
+    ``"reproducible"`` (NOT private). Invalid values raise ConfigError.
+    """
+
     enabled: bool = False
     unit: str = "record"
     delta: float = 1e-5
@@ -124,6 +138,12 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """One run: data (``"synthetic"`` or a registered ``name[:PATH]``), methods, rounds, the
+    secure-aggregation backend (``"plain"`` only by name), the model family, and the ``model``
+    and ``privacy`` sections. Build it directly, or with :func:`load_config` /
+    :func:`config_from_dict`; invalid values raise ConfigError naming the field.
+    """
+
     seed: int = 0
     rounds: int = 4
     methods: tuple[str, ...] = METHODS
@@ -156,6 +176,7 @@ class RunConfig:
                               allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH, or a registered NAME[:PATH]")
 
     def to_dict(self) -> dict:
+        """Plain JSON-able dict (what config.json and the ledger's config hash record)."""
         return dataclasses.asdict(self)
 
     def max_grad_norm(self) -> float:
@@ -218,10 +239,14 @@ def dataclass_from_overrides(cls, overrides: dict, *, prefix: str, nested: dict[
 
 
 def config_from_dict(raw: dict) -> RunConfig:
+    """Build a :class:`RunConfig` from a mapping (the parsed YAML/JSON); unknown keys and wrong
+    values raise ConfigError naming the dotted field."""
     return _build(RunConfig, raw, "")
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """Read a run config from a ``.yaml``/``.yml`` or JSON file; ConfigError if unreadable or
+    invalid."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

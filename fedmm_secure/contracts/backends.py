@@ -71,8 +71,8 @@ def _sum_within_bound(name: str, options: Mapping[str, Any], bound: float | np.n
         require(m in out.results, f"market {m} got no result")
         err = float(np.max(np.abs(out.results[m] - want)))
         stated = out.reports[m].get("max_abs_error_bound")
-        require(isinstance(stated, (int, float)) and stated >= 0,
-                "a market's round report must state max_abs_error_bound (>= 0)")
+        if not isinstance(stated, (int, float)) or stated < 0:
+            raise ContractViolation("a market's round report must state max_abs_error_bound (>= 0)")
         require(err <= float(stated) + 1e-9 * float(np.max(np.abs(want))) + 1e-12,
                 f"decoded sum is off by {err:.3g}, more than the stated bound {stated:.3g}")
 
@@ -100,7 +100,8 @@ def check_refuses_malformed_input(name: str, options: Mapping[str, Any]) -> None
     _refuses(lambda: client.handle(foreign.get(target, next(iter(foreign.values())))), "a message of another round")
     _refuses(lambda: client.handle(b"\x00garbage"), "a garbage message")
     reply = client.handle(first[target])   # the refusals above changed nothing
-    require(reply is not None, "the first stage message must be answered")
+    if reply is None:
+        raise ContractViolation("the first stage message must be answered")
     _refuses(lambda: client.handle(first[target]), "a replayed message")
     _refuses(lambda: server.handle({target: reply[:-1]}), "a truncated reply")
 

@@ -78,9 +78,9 @@ def check_fast_clipping_matches_autograd(factory: Factory) -> None:
     want = [torch.zeros_like(p) for p in params]
     for i in range(8):
         li = F.binary_cross_entropy_with_logits(model(x[i:i + 1]), y[i:i + 1], reduction="sum")
-        grads = torch.autograd.grad(li, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-        norm = torch.sqrt(sum((g * g).sum() for g in grads))
+        raw = torch.autograd.grad(li, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(raw, params)]
+        norm = torch.sqrt(torch.stack([(g * g).sum() for g in grads]).sum())
         factor = min(1.0, c / (float(norm) + 1e-6))
         for w, g in zip(want, grads):
             w.add_(g, alpha=factor)

@@ -51,7 +51,7 @@ def check_required_fields(load: Load) -> None:
         require(isinstance(m.name, str) and m.name != "", "market name must be a non-empty str")
         for f in ("n_users", "n_items"):
             v = getattr(m, f)
-            require(isinstance(v, (int, np.integer)) and v > 0, f"{m.name}: {f} must be a positive int, got {v!r}")
+            require(isinstance(v, (int, np.integer)) and bool(v > 0), f"{m.name}: {f} must be a positive int, got {v!r}")
         for s, split in _splits(m).items():
             for col in ("users", "items", "click", "conversion"):
                 a = getattr(split, col)

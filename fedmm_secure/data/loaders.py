@@ -184,15 +184,17 @@ def _aliexpress(path: Path, *, seed: int, markets: list[str] | None, encoding: s
 
 def _synthetic(path: None, *, seed: int, markets: list[str] | None, overrides: dict[str, Any] | None = None,
                generator: Callable[[], list[MarketData]] | None = None) -> list[MarketData]:
+    # ``markets`` (the subset asked for) is left to load_markets, which filters every dataset.
+    out: list[MarketData]
     if generator is not None:  # another family's generator (PF-MSMTrec scenarios)
-        markets = generator()
+        out = generator()
     else:
         cfg = dataclass_from_overrides(SyntheticConfig, dict(overrides or {}), prefix="synthetic",
                                        nested={"markets": MarketSpec})
-        markets = generate_markets(cfg, seed=seed)
-    for m in markets:  # impressions are drawn with replacement: a pair may be shown (and clicked) again
+        out = generate_markets(cfg, seed=seed)
+    for m in out:  # impressions are drawn with replacement: a pair may be shown (and clicked) again
         m.meta.setdefault("repeated_impressions", True)
-    return markets
+    return out
 
 
 def _small_synthetic() -> list[MarketData]:
