@@ -1,182 +1,25 @@
-"""Append-only, crash-safe privacy ledger (one SQLite file in the run directory).
-
-What it guarantees:
-
-* **Durability.** Every ``record_*`` call is its own committed transaction (WAL journal,
-  ``synchronous=FULL``): once it returns, the row survives SIGKILL of the process (and, with
-  FULL sync, power loss on a POSIX filesystem that honours fsync).
-* **Never under-count.** The round loop writes a round's DP events *before* it releases the
-  round's result. Events count from the moment they are written, whether or not the round was
-  later committed: :meth:`Ledger.events_for` returns the events of started-but-uncommitted
-  (crashed) rounds too, so an accountant rebuilt on resume is at least the one that crashed.
-* **Append-only.** Triggers make every UPDATE and DELETE fail; a round's status is the latest
-  of its append-only status rows (started -> committed | skipped).
-* **Same run.** The run configuration's SHA-256 (canonical JSON) is stored; opening an
-  existing ledger with a different configuration raises :class:`LedgerError`.
-"""
+"""The ledger's storage: opening (create, resume, read), the durable writes, the reads."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import dataclasses
 import math
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from ..errors import ConfigError, LedgerError
-from .accountant import EpsilonReport, PrivacyAccountant, make_accountant
-from .events import SubsampledGaussianEvent, event_from_dict
+from ...errors import ConfigError, LedgerError
+from ..accountant import EpsilonReport, PrivacyAccountant
+from ..events import SubsampledGaussianEvent, event_from_dict
+from . import accounting
+from .records import (DecisionRecord, EpsilonRecord, ResumeState, RoundRecord, check_market,
+                      check_round)
+from .schema import (FORMAT, LEDGER_FILENAME, SCHEMA, TABLES, VERSION, append_only_triggers,
+                     config_hash, connect)
 
-__all__ = [
-    "LEDGER_FILENAME",
-    "Ledger",
-    "RoundRecord",
-    "EpsilonRecord",
-    "DecisionRecord",
-    "ResumeState",
-    "config_hash",
-]
-
-LEDGER_FILENAME = "ledger.sqlite"
-_FORMAT = "fedmm-secure-privacy-ledger"
-_VERSION = "1"
-_TABLES = ("meta", "runs", "rounds", "participants", "events", "epsilons", "skips", "decisions")
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE runs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    config_hash TEXT NOT NULL,
-    config_json TEXT NOT NULL,
-    opened_at REAL NOT NULL,
-    kind TEXT NOT NULL CHECK (kind IN ('create', 'resume'))
-);
-CREATE TABLE rounds (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('started', 'committed', 'skipped')),
-    reason TEXT,
-    at REAL NOT NULL,
-    UNIQUE (round, status)
-);
-CREATE TABLE participants (
-    round INTEGER NOT NULL,
-    market TEXT NOT NULL,
-    PRIMARY KEY (round, market)
-);
-CREATE TABLE events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    market TEXT NOT NULL,
-    event_json TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE epsilons (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    market TEXT NOT NULL,
-    epsilon REAL NOT NULL,
-    delta REAL NOT NULL,
-    accountant TEXT NOT NULL,
-    certified INTEGER NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE skips (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    market TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER NOT NULL,
-    market TEXT NOT NULL,
-    allowed INTEGER NOT NULL,
-    epsilon_if_run REAL NOT NULL,
-    epsilon_budget REAL NOT NULL,
-    delta REAL NOT NULL,
-    reason TEXT NOT NULL,
-    at REAL NOT NULL
-);
-"""
-
-
-def _append_only_triggers() -> str:
-    out = []
-    for t in _TABLES:
-        for op in ("UPDATE", "DELETE"):
-            out.append(
-                f"CREATE TRIGGER {t}_no_{op.lower()} BEFORE {op} ON {t} "
-                f"BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only'); END;"
-            )
-    return "\n".join(out)
-
-
-def config_hash(run_config: Mapping[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``run_config`` (sorted keys, no whitespace)."""
-    try:
-        text = json.dumps(run_config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("run_config", f"must be JSON-serializable: {exc}") from None
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-@dataclass(frozen=True)
-class RoundRecord:
-    round: int
-    status: str  # latest status: "started", "committed" or "skipped"
-    participants: tuple[str, ...]
-    reason: str | None
-
-
-@dataclass(frozen=True)
-class EpsilonRecord:
-    round: int
-    market: str
-    epsilon: float
-    delta: float
-    accountant: str
-    certified: bool
-
-
-@dataclass(frozen=True)
-class DecisionRecord:
-    round: int
-    market: str
-    allowed: bool
-    epsilon_if_run: float
-    epsilon_budget: float
-    delta: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class ResumeState:
-    """Where a resumed run continues. ``incomplete_rounds`` were started and never committed or
-    skipped (a crash); their events are already counted by :meth:`Ledger.events_for`."""
-
-    last_committed_round: int | None
-    next_round: int
-    incomplete_rounds: tuple[int, ...]
-    markets: tuple[str, ...]
-
-
-def _check_round(r: int) -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ConfigError("round", f"must be a non-negative int, got {r!r}")
-    return r
-
-
-def _check_market(m: str) -> str:
-    if not isinstance(m, str) or not m:
-        raise ConfigError("market", f"must be a non-empty string, got {m!r}")
-    return m
+__all__ = ["Ledger"]
 
 
 class _Rows(list):
@@ -219,13 +62,13 @@ class Ledger:
             if p.exists():
                 raise LedgerError(f"{p}: ledger already exists; resume the run instead of creating")
             h = config_hash(run_config)
-            conn = cls._connect(p)
+            conn = connect(p)
             try:
                 with conn:
-                    conn.executescript("BEGIN;" + _SCHEMA + _append_only_triggers() + "COMMIT;")
+                    conn.executescript("BEGIN;" + SCHEMA + append_only_triggers() + "COMMIT;")
                 with conn:
                     conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
-                                     [("format", _FORMAT), ("version", _VERSION),
+                                     [("format", FORMAT), ("version", VERSION),
                                       ("config_hash", h)])
                     conn.execute("INSERT INTO runs (config_hash, config_json, opened_at, kind) "
                                  "VALUES (?, ?, ?, 'create')",
@@ -237,7 +80,7 @@ class Ledger:
 
         if not p.is_file():
             raise LedgerError(f"{p}: no privacy ledger found")
-        conn = cls._connect(p)
+        conn = connect(p)
         try:
             meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
             tables = {r[0] for r in conn.execute(
@@ -245,10 +88,10 @@ class Ledger:
         except sqlite3.Error as exc:
             conn.close()
             raise LedgerError(f"{p}: not a privacy ledger or corrupt ({exc})") from None
-        if meta.get("format") != _FORMAT or not set(_TABLES) <= tables:
+        if meta.get("format") != FORMAT or not set(TABLES) <= tables:
             conn.close()
             raise LedgerError(f"{p}: not a privacy ledger (missing format marker or tables)")
-        if meta.get("version") != _VERSION:
+        if meta.get("version") != VERSION:
             conn.close()
             raise LedgerError(f"{p}: unsupported ledger version {meta.get('version')!r}")
         try:
@@ -274,19 +117,6 @@ class Ledger:
                              "VALUES (?, ?, ?, 'resume')",
                              (h, json.dumps(run_config, sort_keys=True), time.time()))
         return cls(conn, p, stored, stored_config)
-
-    @staticmethod
-    def _connect(p: Path) -> sqlite3.Connection:
-        try:
-            conn = sqlite3.connect(str(p), isolation_level=None, timeout=30.0)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.Error as exc:
-            raise LedgerError(f"{p}: cannot open ledger ({exc})") from None
-        # Autocommit mode: `with conn` below opens nothing, so wrap writes explicitly.
-        conn.isolation_level = "DEFERRED"
-        return conn
 
     def close(self) -> None:
         self._conn.close()
@@ -328,8 +158,8 @@ class Ledger:
 
     def record_round_start(self, round: int, participants: Iterable[str]) -> None:
         """Start ``round`` with its participant markets; rounds start in increasing order."""
-        r = _check_round(round)
-        parts = sorted({_check_market(m) for m in participants})
+        r = check_round(round)
+        parts = sorted({check_market(m) for m in participants})
         (last,) = self._q("SELECT MAX(round) FROM rounds").fetchone()
         if last is not None and r <= last:
             raise LedgerError(f"round {r} must be greater than the last started round {last}")
@@ -344,7 +174,7 @@ class Ledger:
 
     def record_event(self, market: str, round: int, event: SubsampledGaussianEvent) -> None:
         """Record spent privacy. Call BEFORE the round's result leaves the market."""
-        m, r = _check_market(market), _check_round(round)
+        m, r = check_market(market), check_round(round)
         if not isinstance(event, SubsampledGaussianEvent):
             raise ConfigError("event", f"unsupported DP event {type(event).__name__}")
         self._require_open_round(r)
@@ -356,7 +186,7 @@ class Ledger:
 
     def record_epsilon(self, market: str, round: int, epsilon: float, delta: float,
                        accountant: str, *, certified: bool = True) -> None:
-        m, r = _check_market(market), _check_round(round)
+        m, r = check_market(market), check_round(round)
         if not isinstance(epsilon, (int, float)) or math.isnan(epsilon) or epsilon < 0:
             raise ConfigError("epsilon", f"must be a number >= 0, got {epsilon!r}")
         if self._status(r) is None:
@@ -368,7 +198,7 @@ class Ledger:
 
     def record_skip(self, market: str, round: int, reason: str) -> None:
         """A market sits this round out (e.g. its budget would be exceeded)."""
-        m, r = _check_market(market), _check_round(round)
+        m, r = check_market(market), check_round(round)
         if not isinstance(reason, str) or not reason:
             raise ConfigError("reason", "a skip needs a reason")
         if self._status(r) is None:
@@ -378,7 +208,7 @@ class Ledger:
 
     def record_decision(self, market: str, round: int, decision: Any) -> None:
         """Store a :class:`~fedmm_secure.privacy.budget.Decision` (allowed or not, and why)."""
-        m, r = _check_market(market), _check_round(round)
+        m, r = check_market(market), check_round(round)
         self._write(
             "INSERT INTO decisions (round, market, allowed, epsilon_if_run, epsilon_budget, delta,"
             " reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -386,14 +216,14 @@ class Ledger:
              float(decision.epsilon_budget), float(decision.delta), str(decision.reason), time.time()))
 
     def commit_round(self, round: int) -> None:
-        r = _check_round(round)
+        r = check_round(round)
         self._require_open_round(r)
         self._write("INSERT INTO rounds (round, status, reason, at) VALUES (?, 'committed', NULL, ?)",
                     (r, time.time()))
 
     def skip_round(self, round: int, reason: str) -> None:
         """Close a started round without result (its events, if any, still count)."""
-        r = _check_round(round)
+        r = check_round(round)
         if not isinstance(reason, str) or not reason:
             raise ConfigError("reason", "a skip needs a reason")
         self._require_open_round(r)
@@ -404,7 +234,7 @@ class Ledger:
     def events_for(self, market: str, *, committed_only: bool = False) -> list[SubsampledGaussianEvent]:
         """Every event of ``market`` in write order, INCLUDING those of uncommitted rounds
         (spent privacy counts whether or not the round finished)."""
-        m = _check_market(market)
+        m = check_market(market)
         rows = self._q(
             "SELECT round, event_json FROM events WHERE market = ? ORDER BY id", (m,)).fetchall()
         committed = {r for r, in self._q(
@@ -432,38 +262,12 @@ class Ledger:
 
     def rebuild_accountant(self, market: str, accountant: str = "pld", **options) -> PrivacyAccountant:
         """A fresh accountant that has composed every event of ``market`` in the ledger."""
-        acc = make_accountant(accountant, **options)
-        for e in self.events_for(market):
-            acc.compose(e)
-        return acc
+        return accounting.rebuild_accountant(self.events_for(market), accountant, **options)
 
     def spent(self, *, delta: float | None = None,
               accountant: str | None = None) -> dict[str, EpsilonReport]:
-        """Epsilon actually spent per market, recomputed from the ledger's events (uncommitted
-        rounds included) and never less than an epsilon the run recorded for that market.
-        ``delta`` and ``accountant`` default to the last ones recorded for that market (delta:
-        else for any market; accountant: else ``pld``); with no recorded delta at all, pass one.
-        For ``budget check``."""
-        out: dict[str, EpsilonReport] = {}
-        every = self.epsilons()
-        for m in self.markets():
-            recs = [r for r in every if r.market == m]
-            # delta is run-level: fall back to the last one recorded for any market.
-            d = delta if delta is not None else (recs or every or [None])[-1]
-            d = d.delta if isinstance(d, EpsilonRecord) else d
-            if d is None:
-                raise ConfigError("delta", f"market {m!r} has no recorded delta; pass one")
-            name = accountant or (recs[-1].accountant if recs else "pld")
-            rep = self.rebuild_accountant(m, name).report(d)
-            # The run's accountant composes round by round and the discretised PLD depends
-            # slightly on that history (~0.1%), so a recomputation can land just below an
-            # epsilon the run already reported. Both are upper bounds; the spend on record is
-            # never less than what was released with the same accountant and delta.
-            released = [r.epsilon for r in recs if r.accountant == name and r.delta == d]
-            if released and max(released) > rep.epsilon:
-                rep = dataclasses.replace(rep, epsilon=max(released))
-            out[m] = rep
-        return out
+        """Epsilon spent per market (see :func:`.accounting.spent`); for ``budget check``."""
+        return accounting.spent(self, delta=delta, accountant=accountant)
 
     def last_committed_round(self) -> int | None:
         (r,) = self._q("SELECT MAX(round) FROM rounds WHERE status = 'committed'").fetchone()
@@ -500,11 +304,4 @@ class Ledger:
         return [DecisionRecord(r, m, bool(a), e, b, d, why) for r, m, a, e, b, d, why in rows]
 
     def resume_state(self) -> ResumeState:
-        recs = self.rounds()
-        last_started = max((r.round for r in recs), default=None)
-        return ResumeState(
-            last_committed_round=self.last_committed_round(),
-            next_round=0 if last_started is None else last_started + 1,
-            incomplete_rounds=tuple(r.round for r in recs if r.status == "started"),
-            markets=self.markets(),
-        )
+        return accounting.resume_state(self)
