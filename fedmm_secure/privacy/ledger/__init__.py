@@ -13,16 +13,25 @@ What it guarantees:
   of its append-only status rows (started -> committed | skipped).
 * **Same run.** The run configuration's SHA-256 (canonical JSON) is stored; opening an
   existing ledger with a different configuration raises :class:`LedgerError`.
+* **Tamper-evident.** Every row is an entry of one SHA-256 hash chain that starts from the
+  run's configuration hash and a random run id; :func:`verify_ledger` recomputes it and names
+  the first edited, deleted, inserted or reordered entry. The head (entry count and last hash)
+  goes into ``results.json`` with the run's results, so removing the last rows is detected
+  too. With a market's Ed25519 identity key the head is also signed at every round commit and
+  at the end of the run, so a rewritten chain cannot be passed off without that key.
 
-Modules: :mod:`.schema` (file format), :mod:`.records` (what reads return), :mod:`.store`
-(the :class:`Ledger`), :mod:`.accounting` (spent epsilon and resume position).
+Modules: :mod:`.schema` (file format), :mod:`.chain` (entry hashing and signed heads),
+:mod:`.records` (what reads return), :mod:`.store` (the :class:`Ledger`), :mod:`.verify`
+(:func:`verify_ledger`), :mod:`.accounting` (spent epsilon and resume position).
 """
 
 from __future__ import annotations
 
-from .records import DecisionRecord, EpsilonRecord, ResumeState, RoundRecord
+from .records import (DecisionRecord, EpsilonRecord, EventRecord, LedgerAnchor, ResumeState,
+                      RoundRecord)
 from .schema import LEDGER_FILENAME, config_hash
 from .store import Ledger
+from .verify import OLD_LEDGER_MESSAGE, BadEntry, LedgerVerification, verify_ledger
 
 __all__ = [
     "LEDGER_FILENAME",
@@ -31,5 +40,11 @@ __all__ = [
     "EpsilonRecord",
     "DecisionRecord",
     "ResumeState",
+    "EventRecord",
+    "LedgerAnchor",
+    "BadEntry",
+    "LedgerVerification",
+    "OLD_LEDGER_MESSAGE",
+    "verify_ledger",
     "config_hash",
 ]

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
-from ...errors import ConfigError
+from ...errors import ConfigError, LedgerError
+from ..events import SubsampledGaussianEvent
 
 __all__ = [
     "RoundRecord",
     "EpsilonRecord",
     "DecisionRecord",
     "ResumeState",
+    "EventRecord",
+    "LedgerAnchor",
     "check_round",
     "check_market",
 ]
@@ -32,6 +36,15 @@ class EpsilonRecord:
     delta: float
     accountant: str
     certified: bool
+    entry: int | None = None  # index of the ledger entry that holds it
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    entry: int  # index of the ledger entry that holds it
+    round: int
+    market: str
+    event: SubsampledGaussianEvent
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,37 @@ class ResumeState:
     next_round: int
     incomplete_rounds: tuple[int, ...]
     markets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LedgerAnchor:
+    """The ledger's head as the run released it (``results.json``): how many entries, the hash
+    of the last one, which ledger, how many rounds were committed, whether heads are signed.
+    A copy outside the ledger is what makes removing its last rows detectable."""
+
+    entries: int
+    head: str
+    run_id: str
+    committed_rounds: int
+    signed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entries": self.entries, "head": self.head, "run_id": self.run_id,
+                "committed_rounds": self.committed_rounds, "signed": self.signed}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LedgerAnchor":
+        try:
+            out = cls(entries=d["entries"], head=d["head"], run_id=d["run_id"],
+                      committed_rounds=d["committed_rounds"], signed=d["signed"])
+        except (KeyError, TypeError):
+            raise LedgerError(f"malformed ledger anchor {d!r}") from None
+        ints_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                      for v in (out.entries, out.committed_rounds))
+        if not (ints_ok and isinstance(out.head, str) and isinstance(out.run_id, str)
+                and isinstance(out.signed, bool)):
+            raise LedgerError(f"malformed ledger anchor {d!r}")
+        return out
 
 
 def check_round(r: int) -> int:
