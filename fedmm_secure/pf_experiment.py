@@ -192,6 +192,8 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             results["timing_s"][method] = round(time.perf_counter() - t0, 2)
             if progress is not None:
                 progress(f"{method}: done", (i + 1) / len(methods))
+        if ledger is not None:  # the head travels with the results (see experiment.py)
+            results["ledger"] = ledger.finish().to_dict()
     finally:
         if ledger is not None:
             ledger.close()

@@ -2,7 +2,8 @@
 
 The ledger is the source of truth: epsilon is recomputed from the DP events it holds (rounds cut
 short by a crash included), never copied from results.json, so a report can not under-state
-what was spent.
+what was spent. Neither output is produced from a ledger that fails verification
+(:mod:`.run_verification`: hash chain, head against results.json, epsilons against the events).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import ConfigError, LedgerError
+from .run_verification import ledger_dirs, require_verified_run
 
 __all__ = ["budget_table", "write_privacy_report", "POST_PROCESSING_STEPS", "ACCOUNTED_STEPS"]
 
@@ -27,24 +29,12 @@ POST_PROCESSING_STEPS = (
 )
 
 
-def _ledger_dirs(run_dir: Path) -> list[Path]:
-    """The run's ledger directories: ``run_dir`` itself (embedded runtime: one ledger for every
-    market) or ``run_dir/ledgers/<market>`` (Flower runtime: each market keeps its own)."""
-    if (run_dir / "ledger.sqlite").exists():
-        return [run_dir]
-    found = sorted(p.parent for p in (run_dir / "ledgers").glob("*/ledger.sqlite"))
-    if not found:
-        raise LedgerError(f"{run_dir} has no ledger.sqlite (nor ledgers/*/ledger.sqlite): "
-                          "the run was not private (epsilon = inf)")
-    return found
-
-
 def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
     """Ledger directories, spend, epsilon history, rounds, skips and decisions over all of the
     run's ledgers."""
     from ..privacy.ledger import Ledger
 
-    dirs = _ledger_dirs(run_dir)
+    dirs = ledger_dirs(run_dir)
     out: dict = {"dirs": dirs, "spent": {}, "records": [], "rounds": [], "skips": [], "decisions": []}
     for d in dirs:
         with Ledger.open(d) as ledger:
@@ -63,6 +53,7 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
 def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> tuple[str, bool]:
     if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
         raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
+    verified = require_verified_run(run_dir)
     spent = _read_ledgers(run_dir, delta=delta)["spent"]
     if not spent:
         raise LedgerError(f"the ledger(s) of {run_dir} record no DP event")
@@ -74,7 +65,9 @@ def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> t
         lines.append(f"| {m} | {rep.epsilon:.4f} | {rep.delta:g} | {rep.accountant} | {rep.certified} | "
                      f"{max_epsilon:g} | {'OK' if within else 'OVER BUDGET'} |")
     worst = max(r.epsilon for r in spent.values())
-    lines.append(f"\nmaximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
+    lines.append("")
+    lines += verified.lines()
+    lines.append(f"maximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
     return "\n".join(lines), ok
 
 
@@ -98,6 +91,7 @@ def _plot_epsilon(per_market: dict[str, list[tuple[int, float]]], path: Path, bu
 
 
 def write_privacy_report(run_dir: Path) -> Path:
+    verified = require_verified_run(run_dir)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     priv = results.get("privacy", {})
@@ -116,9 +110,10 @@ def write_privacy_report(run_dir: Path) -> Path:
         "",
         f"Run directory: `{run_dir}`. Source of truth: "
         + ", ".join(f"`{(d / 'ledger.sqlite').relative_to(run_dir)}`" for d in read["dirs"])
-        + " (append-only; epsilon below is recomputed from the DP events, including any round cut short by a "
-        "crash).",
+        + " (append-only, hash-chained; epsilon below is recomputed from the DP events, including any round cut "
+        "short by a crash).",
         "",
+        *[f"- {line}" for line in verified.lines()],
         f"- unit of privacy: **{anyp.get('unit', 'record')}**-level",
         f"- delta: {next(iter(spent.values())).delta:g}" if spent else "- delta: n/a",
         f"- accountant: {anyp.get('accountant', 'pld')} ({anyp.get('bound', 'certified upper bound')})",
