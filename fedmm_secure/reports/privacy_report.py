@@ -35,7 +35,8 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
     from ..privacy.ledger import Ledger
 
     dirs = ledger_dirs(run_dir)
-    out: dict = {"dirs": dirs, "spent": {}, "records": [], "rounds": [], "skips": [], "decisions": []}
+    out: dict = {"dirs": dirs, "spent": {}, "records": [], "rounds": [], "skips": [], "decisions": [],
+                 "configs": []}
     for d in dirs:
         with Ledger.open(d) as ledger:
             spent = ledger.spent(delta=delta)
@@ -47,14 +48,32 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
             out["rounds"] += ledger.rounds()
             out["skips"] += ledger.skips()
             out["decisions"] += ledger.decisions()
+            out["configs"].append(ledger.run_config)
     return out
+
+
+def _reproducible_noise(run_dir: Path, ledger_configs: list[dict]) -> bool:
+    """True when the run drew its DP noise from seeded generators (``privacy.randomness``), by
+    config.json or by the configuration a ledger's first entry commits to (config.json is not
+    covered by the hash chain; editing it must not turn a NOT PRIVATE run into a PASS)."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cfg = {}  # runs without a config.json predate the setting, whose only value was seeded
+    return any(isinstance(c, dict) and isinstance(c.get("privacy"), dict)
+               and c["privacy"].get("randomness") == "reproducible" for c in [cfg, *ledger_configs])
+
+
+_NOT_PRIVATE = ("NOT PRIVATE: DP noise reproducible from the seed (privacy.randomness: reproducible); "
+                "the epsilon above is not a guarantee")
 
 
 def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> tuple[str, bool]:
     if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
         raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
     verified = require_verified_run(run_dir)
-    spent = _read_ledgers(run_dir, delta=delta)["spent"]
+    read = _read_ledgers(run_dir, delta=delta)
+    spent = read["spent"]
     if not spent:
         raise LedgerError(f"the ledger(s) of {run_dir} record no DP event")
     lines = ["| market | epsilon | delta | accountant | certified | max | status |", "|---|---|---|---|---|---|---|"]
@@ -66,6 +85,9 @@ def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> t
                      f"{max_epsilon:g} | {'OK' if within else 'OVER BUDGET'} |")
     worst = max(r.epsilon for r in spent.values())
     lines.append("")
+    if _reproducible_noise(run_dir, read["configs"]):
+        ok = False
+        lines.append(_NOT_PRIVATE)
     lines += verified.lines()
     lines.append(f"maximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
     return "\n".join(lines), ok
@@ -96,6 +118,7 @@ def write_privacy_report(run_dir: Path) -> Path:
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     priv = results.get("privacy", {})
     read = _read_ledgers(run_dir)
+    not_private = _reproducible_noise(run_dir, read["configs"])
     spent, records, rounds = read["spent"], read["records"], read["rounds"]
     skips, decisions = read["skips"], read["decisions"]
     per_market: dict[str, list[tuple[int, float]]] = {}
@@ -119,6 +142,7 @@ def write_privacy_report(run_dir: Path) -> Path:
         f"- accountant: {anyp.get('accountant', 'pld')} ({anyp.get('bound', 'certified upper bound')})",
         f"- budget per market: {budget if budget is not None else 'none set'}",
         f"- secure aggregation: {results.get('secagg', {}).get('backend', 'n/a')}",
+        f"- DP randomness: {'**' + _NOT_PRIVATE + '**' if not_private else 'secure (OS-keyed AES-256-CTR)'}",
         "",
         "## Epsilon per market",
         "",

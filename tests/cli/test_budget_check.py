@@ -239,3 +239,17 @@ def test_crashed_run_fails_until_resumed_then_passes(tmp_path, capsys, monkeypat
     rows = entries(out)
     assert [(i, v["kind"]) for i, t, v in rows if t == "runs"] == [(0, "create"), (before, "resume")]
     assert _results(out)["ledger"]["entries"] == len(rows)
+
+
+def test_editing_config_json_does_not_make_a_reproducible_noise_run_pass(tmp_path, capsys):
+    """config.json is outside the chain; the configuration the ledger's first entry commits to
+    still says the noise was seeded."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({**SMALL, "privacy": {**SMALL["privacy"], "randomness": "reproducible"}}))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    written = json.loads((out / "config.json").read_text())
+    written["privacy"]["randomness"] = "secure"
+    (out / "config.json").write_text(json.dumps(written))
+    code, stdout, _ = _budget_check(capsys, out)
+    assert code == 1 and "NOT PRIVATE" in stdout and "-> FAIL" in stdout
