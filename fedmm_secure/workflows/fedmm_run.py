@@ -118,6 +118,9 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
         for meth in cfg.methods
     }
     if ledger is not None:
+        # The ledger's head travels with the results: without this copy, removing the
+        # ledger's last rows could not be detected.
+        results["ledger"] = ledger.finish().to_dict()
         ledger.close()
     write_json_atomic(out_dir / "results.json", results)
     write_run_report(results, out_dir)

@@ -201,6 +201,8 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             log.info("%s done in %.1f s", method, results["timing_s"][method])
             if progress is not None:
                 progress(f"{method}: done", (i + 1) / len(methods))
+        if ledger is not None:  # the head travels with the results (see fedmm_run.py)
+            results["ledger"] = ledger.finish().to_dict()
     finally:
         if ledger is not None:
             ledger.close()
