@@ -7,7 +7,8 @@ the workflows they call lazily, so ``--help`` and bad flags answer without loadi
 
 Bad flags, bad config values and bad input of any kind (missing or corrupt files, tampered
 messages) end with one line on stderr naming what is wrong, and exit code 2; no traceback. Exit 1
-means a check ran and failed (``budget check`` FAIL, ``run --fail-on-skip``), 3 that a run was
+means a check ran and failed (``budget check`` FAIL, a ledger that fails verification,
+``run --fail-on-skip``), 3 that a run was
 stopped by its budget policy, 130 an interrupt. Library modules print nothing: they log to the
 ``fedmm_secure.*`` loggers, which the CLI sends to stderr (warnings and errors by default;
 ``FEDMM_LOG_LEVEL=INFO`` or ``DEBUG`` shows more). Results go to stdout.
@@ -20,7 +21,7 @@ import logging
 import os
 import sys
 
-from ..errors import BudgetExceededError, ConfigError, FedMMError
+from ..errors import BudgetExceededError, ConfigError, FedMMError, VerificationError
 from . import audit, bench, budget, flower, run
 
 __all__ = ["main", "build_parser"]
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetExceededError as e:
         print(f"fedmm-secure: budget exceeded: {e}", file=sys.stderr)
         return 3
+    except VerificationError as e:
+        print(f"fedmm-secure: error: {e}", file=sys.stderr)
+        return 1
     except FedMMError as e:
         # Bad or tampered input of any kind (data, files, messages): one line, exit 2. Exit 1 is
         # kept for checks that ran and failed (budget check FAIL, --fail-on-skip).

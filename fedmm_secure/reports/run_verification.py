@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, LedgerError
+from ..errors import ConfigError, LedgerError, VerificationError
 from ..primitives.keys import IdentityPublicKey
 from ..privacy.ledger import LEDGER_FILENAME, Ledger, LedgerAnchor, LedgerVerification, verify_ledger
 from ..privacy.ledger.accounting import rebuild_accountant
@@ -188,5 +188,5 @@ def require_verified_run(run_dir: Path, *,
     """:func:`verify_run`, raising LedgerError (one line, the first bad entry) unless it passed."""
     check = verify_run(run_dir, public_keys=public_keys)
     if not check.ok:
-        raise LedgerError(f"ledger verification FAILED: {check.problem}")
+        raise VerificationError(f"ledger verification FAILED: {check.problem}")
     return check
