@@ -105,7 +105,7 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier,
-                          target_epsilon=p.epsilon if p.noise_multiplier is None else None,
+                          target_epsilon=p.target_epsilon,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness,
                           noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
@@ -125,6 +125,7 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
     settings, pf_methods, data_overrides = pf_settings(cfg.pf)
     methods = _methods(cfg, pf_methods)
     out_dir = Path(out_dir)
+    markets = load_scenarios(cfg, data_overrides)   # a bad data path fails before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = None
     resume_offset, prior = 0, None
@@ -144,7 +145,6 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
     elif resume:
         raise ConfigError("--resume", "only private runs have a ledger to resume from")
     write_json_atomic(out_dir / "config.json", cfg.to_dict())
-    markets = load_scenarios(cfg, data_overrides)
     names = [m.name for m in markets]
     results: dict = {
         "config": cfg.to_dict(),
@@ -202,6 +202,8 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             log.info("%s done in %.1f s", method, results["timing_s"][method])
             if progress is not None:
                 progress(f"{method}: done", (i + 1) / len(methods))
+        if ledger is not None:  # the head travels with the results (see fedmm_run.py)
+            results["ledger"] = ledger.finish().to_dict()
     finally:
         if ledger is not None:
             ledger.close()
