@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ...config import ModelConfig
 from ...metrics import evaluate_ctr
-from ...models.ctr import DeepFM
+from ...models.registry import create_ctr_model
 from ..catalogue import apply_keyed_sum, keyed_upload
 from ..hooks import RoundHooks
 from ..training import TrainerFactory, TrainSettings, seeded
@@ -147,7 +147,8 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
     _columns(r, cfg, keyed=keyed, with_codes=with_codes, meta=meta)
     settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
     with seeded(r.generator):
-        r.ctr = DeepFM(fields=ctr_fields(r, cfg, True), dim=cfg.ctr_dim, hidden=tuple(cfg.ctr_hidden))
+        r.ctr = create_ctr_model(cfg.ctr_model, fields=ctr_fields(r, cfg, True), dim=cfg.ctr_dim,
+                                 hidden=tuple(cfg.ctr_hidden))
     r.history["valid_auc"] = []
     has_key = any(n == "key" for n, *_ in r.columns)
     # FedAvg'd: what means the same in every market (attribute tables, the interaction MLP);
