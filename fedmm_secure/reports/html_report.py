@@ -226,7 +226,7 @@ def render_html_report(data: dict, plot_png: bytes, *, generated_by: str = "fedm
                           ["budget per market", _num(data["budget"], "g") if data["budget"] is not None else "none set"],
                           ["DP randomness", _e(data["randomness"]["note"])],
                           ["secure aggregation", f"{_e(data['secure_aggregation']['backend'])}: "
-                                                 f"{_e(data['secure_aggregation']['note'])}"]]),
+                                                 f"{_e(data['secure_aggregation']['note'])}"]], table_id="guarantee"),
         "<h2>Ledger chain</h2>", _ledgers(data),
         "<h2>Epsilon per market</h2>", _markets(data),
         "<h2>Across methods</h2>", _methods(data),
