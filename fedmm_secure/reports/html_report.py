@@ -229,6 +229,9 @@ def render_html_report(data: dict, plot_png: bytes, *, generated_by: str = "fedm
                                                  f"{_e(data['secure_aggregation']['note'])}"]], table_id="guarantee"),
         "<h2>Ledger chain</h2>", _ledgers(data),
         "<h2>Epsilon per market</h2>", _markets(data),
+        '<p class="muted">epsilon: the ledger\'s events recomputed, or the largest epsilon the run recorded if '
+        "that is larger (the PLD grid depends on the composition history, so the two can differ in the fourth "
+        "digit; both are certified upper bounds).</p>",
         "<h2>Across methods</h2>", _methods(data),
         "<h2>Epsilon per round</h2>",
         f'<img class="plot" alt="epsilon after each round per market, stages shaded, refused rounds marked x, '
