@@ -159,9 +159,29 @@ def _rounds(data: dict) -> str:
                                                    "refusal"], rows, row_classes=classes, table_id="rounds")
 
 
+def _total_across_methods(data: dict) -> list[str]:
+    total = data.get("total_across_methods") or {}
+    markets = total.get("markets") or {}
+    if not markets:
+        return []
+    rows = []
+    for m, t in markets.items():
+        dp = t.get("dp_methods") if isinstance(t.get("dp_methods"), Mapping) else {}
+        rows.append([_e(m), _td_num(t.get("deployed_epsilon")),
+                     _badge("INFINITE", "bad") if t.get("infinite") else _td_num(t.get("epsilon")),
+                     _td_num(t.get("delta"), "g"), _e(t.get("accountant")), "yes" if t.get("certified") else "no",
+                     _e(t.get("unit")), _e(", ".join(f"{k}: {v} steps" for k, v in dp.items()) or "-"),
+                     _e(", ".join(map(str, t.get("non_private_methods") or [])) or "none")])
+    return [f"<p>Total epsilon spent on each market's data, composed over every method the run trained on it "
+            f"(the deployed model is <b>{_e(total.get('deployed_method') or 'n/a')}</b>); infinite when a "
+            "method read raw rows without DP.</p>",
+            _table(["market", "deployed epsilon", "total epsilon", "delta", "accountant", "certified", "unit",
+                    "DP methods", "non-private methods"], rows, table_id="total")]
+
+
 def _methods(data: dict) -> str:
     by_method = data.get("privacy_by_method") or {}
-    out = []
+    out = _total_across_methods(data)
     if by_method:
         markets = list(dict.fromkeys(m for per in by_method.values() if isinstance(per, Mapping) for m in per))
         rows = [[_e(meth)] + [_td_num(per.get(m)) if isinstance(per, Mapping) else _e(per) for m in markets]

@@ -188,6 +188,8 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
     secure = bool(sec.get("secure", backend not in ("plain", "n/a"))) and backend != "plain"
     by_method = results.get("privacy_by_method") if isinstance(results.get("privacy_by_method"), Mapping) else {}
     totals = {k: v for k, v in results.items() if k.startswith("privacy_total")}
+    accounting = results.get("accounting") if isinstance(results.get("accounting"), Mapping) else {}
+    total = accounting.get("total") if isinstance(accounting.get("total"), Mapping) else {}
     return {
         "kind": REPORT_KIND, "version": 1, "run_dir": run_dir.name,
         "verification": {"ok": verified.ok, "ledgers": _ledger_status(run_dir, verified)},
@@ -206,5 +208,10 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
         "rounds": rows,
         "privacy_by_method": json.loads(json.dumps(by_method)),
         "privacy_totals": json.loads(json.dumps(totals)),
+        # Each market's spend over every method trained on its data (results.json's accounting
+        # section, when the run wrote one), next to the deployed method's.
+        "total_across_methods": {
+            "deployed_method": accounting.get("deployed_method"),
+            "markets": {str(m): dict(v) for m, v in total.items() if isinstance(v, Mapping)}},
         "audits": find_audits(run_dir),
     }

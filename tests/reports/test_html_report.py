@@ -169,8 +169,18 @@ def test_any_shape_of_cross_method_totals_renders(budgeted_run):
     data = json.loads((budgeted_run / "privacy_report.json").read_text())
     data["privacy_totals"] = {"privacy_total": {"big": {"epsilon": 4.5, "methods": ["local", "fedmm"]},
                                                 "small": HOSTILE}}
+    data["total_across_methods"] = {"deployed_method": "fedmm", "markets": {
+        "big": {"epsilon": 4.25, "infinite": False, "deployed_epsilon": 3.5, "delta": 1e-5, "accountant": "pld",
+                "certified": True, "unit": "record", "dp_methods": {"local": 10, "fedmm": 20},
+                "non_private_methods": []},
+        "small": {"epsilon": None, "infinite": True, "dp_methods": {}, "non_private_methods": ["centralized"]}}}
     out = render_html_report(data, b"\x89PNG\r\n\x1a\n")
     assert "privacy_total" in out and "4.5000" in out and "<script>" not in out
+    page = _Page()
+    page.feed(out)
+    rows = [c for _, c in page.tables["total"]]
+    assert rows[0][:3] == ["big", "3.5000", "4.2500"] and rows[0][7] == "local: 10 steps, fedmm: 20 steps"
+    assert rows[1][2] == "INFINITE" and rows[1][8] == "centralized"
 
 
 def _chromium() -> str | None:
