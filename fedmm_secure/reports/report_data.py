@@ -191,7 +191,7 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
     accounting = results.get("accounting") if isinstance(results.get("accounting"), Mapping) else {}
     total = accounting.get("total") if isinstance(accounting.get("total"), Mapping) else {}
     return {
-        "kind": REPORT_KIND, "version": 1, "run_dir": run_dir.name,
+        "kind": REPORT_KIND, "version": 1, "run_dir": run_dir.resolve().name,
         "verification": {"ok": verified.ok, "ledgers": _ledger_status(run_dir, verified)},
         "unit": units[0] if len(units) == 1 else units, "delta": deltas[0] if len(deltas) == 1 else deltas,
         "accountant": {"name": ", ".join(sorted({v["accountant"] for v in markets.values()})) or "n/a",
