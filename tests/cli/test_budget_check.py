@@ -20,7 +20,7 @@ from ..privacy.ledger_tamper import (TABLES, drop_triggers, entries, forge_appen
                                      write_v1_ledger)
 from .test_resume import TINY
 
-SMALL = dict(TINY, rounds=2, model=dict(TINY["model"], vq_epochs=2))
+SMALL = dict(TINY, rounds=2, model=dict(TINY["model"], vq_epochs=2, design="staged"))  # two DP stages on the ledger
 STAGE_ROUNDS = SMALL["rounds"]   # FedMM: CF rounds 0..R-1 on the ledger, then CTR rounds R..2R-1
 
 
