@@ -25,13 +25,16 @@ from .run_verification import RunVerification, ledger_dirs, require_verified_run
 __all__ = ["budget_table", "write_privacy_report", "POST_PROCESSING_STEPS", "ACCOUNTED_STEPS"]
 
 ACCOUNTED_STEPS = (
-    ("CF embeddings (stage 1)", "reads raw clicks: DP-SGD, one event per market per round"),
-    ("CTR model (stage 3)", "reads raw clicks: DP-SGD, one event per market per round"),
+    ("CTR model (joint design: the only raw-data stage; staged design: stage 3)",
+     "reads raw clicks: DP-SGD, one event per market per round"),
+    ("CF embeddings (staged design only, stage 1)", "reads raw clicks: DP-SGD, one event per market per round"),
 )
 POST_PROCESSING_STEPS = (
     ("RQ-VAE training on item embeddings (stage 2)", "inputs are the DP-trained CF embeddings"),
     ("level-1 codebook statistics and their secure sum", "computed from DP-trained embeddings"),
     ("averaging of shared parameters through the secure sum", "function of DP-trained parameters"),
+    ("joint design: row-wise averaging of shared-key rows, codes from the CTR model's embeddings",
+     "function of DP-trained parameters and the public catalogue"),
     ("item codes fed to the CTR model", "function of the DP-trained RQ-VAE and embeddings"),
 )
 

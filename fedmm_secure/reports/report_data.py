@@ -49,13 +49,19 @@ def _finite(x: Any) -> float | None:
 
 def _stage_of(round_id: int, market: str, privacy: Mapping, run_config: Mapping) -> str:
     """The stage label of a ledger round: as results.json records it, else inferred from the
-    configuration the ledger commits to (FedMM runs CF rounds, then CTR rounds; valid only for a
+    configuration the ledger commits to (FedMM's joint design runs CTR rounds only, the staged
+    design CF rounds then CTR rounds; valid only for a
     run that was never resumed, which the caller checks), else unknown."""
     stages = privacy.get(market, {}).get("round_stages") if isinstance(privacy.get(market), Mapping) else None
     if isinstance(stages, Mapping) and isinstance(stages.get(str(round_id)), str):
         return stages[str(round_id)]
     rounds = run_config.get("rounds") if isinstance(run_config, Mapping) else None
     if isinstance(rounds, int) and rounds > 0 and run_config.get("model_family", "fedmm") == "fedmm":
+        model = run_config.get("model") if isinstance(run_config.get("model"), Mapping) else {}
+        # Joint design: CTR rounds only. Configs written before the design setting existed
+        # were staged runs: CF rounds, then CTR rounds.
+        if model.get("design", "staged") == "joint":
+            return "ctr" if round_id < rounds else "unknown"
         return "cf" if round_id < rounds else "ctr" if round_id < 2 * rounds else "unknown"
     return "unknown"
 

@@ -22,7 +22,7 @@ from ..cli.test_resume import TINY
 
 ROUNDS = 2   # FedMM: CF rounds 0..1 on the ledger, then CTR rounds 2..3
 # A budget the small market reaches during the CTR stage, so the run has refused rounds.
-BUDGETED = dict(TINY, rounds=ROUNDS, methods=["local", "fedmm"], model=dict(TINY["model"], vq_epochs=2),
+BUDGETED = dict(TINY, rounds=ROUNDS, methods=["local", "fedmm"], model=dict(TINY["model"], vq_epochs=2, design="staged"),
                 privacy=dict(TINY["privacy"], epsilon_budget=5.0))
 INSECURE = dict(TINY, rounds=1, model=dict(TINY["model"], vq_epochs=1), secagg="plain",
                 privacy=dict(TINY["privacy"], randomness="reproducible"))
