@@ -14,9 +14,9 @@ from fedmm_secure.errors import IntegrityError, ProtocolError
 from fedmm_secure.secagg import RoundContext, Roster
 from fedmm_secure.secagg.codec import Envelope, decode_envelope, encode_envelope
 from fedmm_secure.secagg.masking import (ADVERTISE, CONSISTENCY, MASKED_INPUT, SHARE_KEYS,
-                                         UNMASK, MaskingAggregator, _pack_ids, _pack_items,
-                                         _pack_sections, _sign_message, _unpack_items,
-                                         _unpack_sections)
+                                         UNMASK, MaskingAggregator)
+from fedmm_secure.secagg.masking.wire import (pack_ids, pack_items, pack_sections, sign_message,
+                                              unpack_items, unpack_sections)
 
 N, LENGTH = 5, 64
 
@@ -138,7 +138,7 @@ def test_wrong_length_masked_input_signed_by_a_real_market():
     session = decode_envelope(replies["m2"]).payload[:32]
     ident = h.markets["m2"]._identity  # a market that misbehaves with its own valid key
     for body in (bytes(4 * LENGTH - 4), bytes(4 * LENGTH + 4), bytes(8 * LENGTH)):
-        forged = _sign_message(ident, h.ctx, MASKED_INPUT, "m2", session, body)
+        forged = sign_message(ident, h.ctx, MASKED_INPUT, "m2", session, body)
         with pytest.raises(ProtocolError):
             h.server.handle(dict(replies, m2=forged))
     h.step(replies)
@@ -198,8 +198,8 @@ def test_relay_tampering_with_advertisements_or_shares_is_detected():
 def _unmask_request(h, m, *, want_b, want_s):
     msg = h.outbox[m]
     env = decode_envelope(msg)
-    sigs, _, _ = _unpack_sections(env.payload, 3)
-    return _rewrap(msg, _pack_sections(sigs, _pack_ids(want_b), _pack_ids(want_s)))
+    sigs, _, _ = unpack_sections(env.payload, 3)
+    return _rewrap(msg, pack_sections(sigs, pack_ids(want_b), pack_ids(want_s)))
 
 
 def test_client_refuses_to_reveal_both_shares_of_a_peer():
@@ -225,11 +225,11 @@ def test_client_rejects_inconsistent_survivor_views():
     msgs = dict(h.outbox)
     env = decode_envelope(msgs["m0"])
     with pytest.raises(ProtocolError):  # survivor set without the recipient
-        h.clients["m0"].handle(_rewrap(msgs["m0"], _pack_ids(("m1", "m2", "m3", "m4"))))
+        h.clients["m0"].handle(_rewrap(msgs["m0"], pack_ids(("m1", "m2", "m3", "m4"))))
     with pytest.raises(ProtocolError):  # unknown market in the survivor set
         h.clients["m0"].handle(_rewrap(msgs["m0"], env.payload[:-2] + b"m9"))
     # Show m0 a smaller survivor set than everyone else: its signature will not match theirs.
-    small = _pack_ids(("m0", "m1", "m2", "m3"))
+    small = pack_ids(("m0", "m1", "m2", "m3"))
     replies = {m: h.clients[m].handle(msg if m != "m0" else _rewrap(msg, small))
                for m, msg in msgs.items()}
     with pytest.raises(ProtocolError):  # the aggregator itself sees the mismatch
@@ -249,13 +249,13 @@ def test_consistency_signature_mismatch_detected_by_client():
     # different survivor set (a forged view): m1 must refuse.
     msg = h.outbox["m1"]
     env = decode_envelope(msg)
-    sigs, want_b, want_s = _unpack_sections(env.payload, 3)
+    sigs, want_b, want_s = unpack_sections(env.payload, 3)
     session = decode_envelope(h.last_replies["m2"]).payload[:32]
-    forged = _sign_message(h.markets["m2"]._identity, h.ctx, CONSISTENCY, "m2", session,
-                           _pack_ids(("m0", "m1", "m2", "m3")))
-    items = _unpack_items(sigs)
+    forged = sign_message(h.markets["m2"]._identity, h.ctx, CONSISTENCY, "m2", session,
+                           pack_ids(("m0", "m1", "m2", "m3")))
+    items = unpack_items(sigs)
     items["m2"] = forged
-    bad = _rewrap(msg, _pack_sections(_pack_items(sorted(items.items())), want_b, want_s))
+    bad = _rewrap(msg, pack_sections(pack_items(sorted(items.items())), want_b, want_s))
     with pytest.raises(IntegrityError):
         h.clients["m1"].handle(bad)
     h.finish()
@@ -268,7 +268,7 @@ def test_market_cannot_impersonate_another():
     env = decode_envelope(replies["m1"])
     session, body = env.payload[:32], env.payload[32:-64]
     # m2 signs m1's (or any) upload under m1's name with its own identity key
-    forged = _sign_message(h.markets["m2"]._identity, h.ctx, MASKED_INPUT, "m1", session, body)
+    forged = sign_message(h.markets["m2"]._identity, h.ctx, MASKED_INPUT, "m1", session, body)
     with pytest.raises(IntegrityError):
         h.server.handle(dict(replies, m1=forged))
     h.step(replies)
