@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,16 +17,23 @@ from ...primitives.keys import (PUBLIC_KEY_SIZE, SIGNATURE_SIZE, AgreementPublic
 from ..base import RoundContext, Roster
 from ..codec import Envelope, encode_envelope
 
-__all__ = ["BACKEND", "KEYS", "UPLOAD", "RESULT", "DONE", "AGGREGATOR", "KEY_ID_SIZE", "SIG_DOMAIN",
+__all__ = ["AGREE", "NONCE_SIZE", "TAG_SLOTS", "TAG_TOLERANCE", "TAG_KEY_SIZE", "session_digest",
+           "session_with_nonces", "tags", "pack_map", "unpack_map",
+           "BACKEND", "KEYS", "UPLOAD", "RESULT", "DONE", "AGGREGATOR", "KEY_ID_SIZE", "SIG_DOMAIN",
            "KDF_DOMAIN", "BUNDLE_MAGIC", "Entropy", "pack", "unpack", "u64", "parse_ascii", "envelope_for", "signed",
            "verify", "MarketBundle", "parse_roster", "epoch_of", "key_holder", "kdf_label",
            "CkksOptions", "roster_entry", "normalised", "nonce_source"]
 
 BACKEND = "ckks"
-KEYS, UPLOAD, RESULT = 0, 1, 2
+KEYS, UPLOAD, RESULT, AGREE = 0, 1, 2, 3
 DONE = -1
 AGGREGATOR = "aggregator"
 KEY_ID_SIZE = 16
+NONCE_SIZE = 32
+TAG_KEY_SIZE = 32
+TAG_SLOTS = 4
+# CKKS sums carry ~1e-7 error; a substituted or partial sum misses by O(1) in every tag slot.
+TAG_TOLERANCE = 1e-4
 SIG_DOMAIN = b"fedmm-secure/v1/ckks/message\x00"
 KDF_DOMAIN = b"fedmm-secure/v1/ckks/key-distribution\x00"
 BUNDLE_MAGIC = b"FMCK\x01"
@@ -55,6 +64,55 @@ def unpack(data: bytes, count: int) -> list[bytes]:
 
 def u64(v: int) -> bytes:
     return struct.pack(">Q", v)
+
+
+def pack_map(items: Mapping[str, bytes]) -> bytes:
+    """Sorted ``name -> bytes`` pairs: ``u32 count`` then one length-prefixed pair each."""
+    keys = sorted(items)
+    return struct.pack(">I", len(keys)) + pack(*[pack(k.encode("ascii"), items[k]) for k in keys])
+
+
+def unpack_map(data: bytes) -> dict[str, bytes]:
+    if len(data) < 4:
+        raise ProtocolError("message truncated")
+    (count,) = struct.unpack(">I", data[:4])
+    if count > len(data):
+        raise ProtocolError("malformed list")
+    out: dict[str, bytes] = {}
+    for f in unpack(data[4:], count):
+        k, v = unpack(f, 2)
+        name = parse_ascii(k)
+        if out and name <= max(out):
+            raise ProtocolError("names must be sorted and distinct")
+        out[name] = v
+    return out
+
+
+def session_digest(ctx: RoundContext, roster: bytes, epoch_rounds: int) -> bytes:
+    """The round's public configuration and the pinned roster (with the aggregator's key)."""
+    bound = np.asarray(ctx.max_abs, dtype="<f8").tobytes()
+    return hashlib.sha256(SIG_DOMAIN + b"session" + pack(
+        ctx.run_id.encode(), u64(ctx.round_id), ctx.label.encode(),
+        ",".join(ctx.participants).encode(), u64(ctx.length), bound, roster,
+        u64(epoch_rounds))).digest()
+
+
+def session_with_nonces(base: bytes, nonces: Mapping[str, bytes]) -> bytes:
+    """Every stage after KEYS is bound to this, so nothing from another execution of an
+    identical round verifies."""
+    return hashlib.sha256(SIG_DOMAIN + b"session-nonces" + base + pack_map(nonces)).digest()
+
+
+def tags(tag_key: bytes, session: bytes, market: str) -> np.ndarray:
+    """The market's tag values in [-1, 1], known to every key holder and never to the aggregator.
+
+    Every upload carries its tags in TAG_SLOTS extra slots; the decrypted sum's tag slots must
+    equal the sum of the listed survivors' tags, so a "sum" that is one market's upload, a
+    multiple of it, or a sum over other markets than claimed is refused before it is used.
+    """
+    raw = hmac.new(tag_key, SIG_DOMAIN + b"tag" + session + market.encode(), hashlib.sha512).digest()
+    words = np.frombuffer(raw[:8 * TAG_SLOTS], dtype=">u8").astype(np.float64)
+    return words / 2.0 ** 63 - 1.0
 
 
 def parse_ascii(b: bytes) -> str:

@@ -1,34 +1,43 @@
-"""``masking``: pairwise-mask secure summation (Bonawitz et al., CCS'17) with dropout recovery.
+"""``masking``: pairwise-mask secure summation (Bonawitz et al., CCS'17) with dropout recovery,
+hardened against an active aggregator.
 
 One round, driven by the aggregator (stage numbers are the envelope's ``stage`` field and the
 driver's ``drop_at`` indices):
 
-0. ADVERTISE     market u draws fresh X25519 keys c_u (share encryption) and s_u (mask seeds)
-                 and signs both public keys with its long-term Ed25519 identity (the roster).
-1. SHARE_KEYS    u checks every advertisement's signature, draws a self-mask seed b_u, Shamir-
+0. NONCE         market u checks the round against its own policy (pinned roster, minimum cohort,
+                 threshold rule 2t > n + c) and sends a fresh 32-byte nonce.
+1. ADVERTISE     u checks every nonce's signature and that its own came back; from here on every
+                 message is bound to the session *and every nonce*, so nothing from another
+                 execution of an identical round verifies. u draws fresh X25519 keys c_u (share
+                 encryption) and s_u (mask seeds) and signs both public keys.
+2. SHARE_KEYS    u checks every advertisement's signature, draws a self-mask seed b_u, Shamir-
                  shares b_u and the private scalar of s_u t-of-n, and sends peer v its two
                  shares AES-GCM-sealed under HKDF(X25519(c_u, c_v)); the aggregator only relays.
-                 u also commits to b_u (SHA-256) so a corrupted reconstruction is detected.
-2. MASKED_INPUT  u opens the shares addressed to it and uploads
+                 u commits to b_u and to every share it dealt (SHA-256, in its signed message),
+                 so the aggregator can skip a corrupt revealed share instead of aborting.
+3. MASKED_INPUT  u opens the shares addressed to it and uploads
                  y_u = q(x_u) + PRG(b_u) + sum_{v in U2, v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)
                  in Z_2^k, 4 bytes per coordinate; s_uv = HKDF(X25519(s_u, s_v)) with a context
                  naming the session and the pair, PRG = AES-256-CTR.
-3. CONSISTENCY   the aggregator announces U3 (who uploaded); each u signs U3.
-4. UNMASK        the aggregator forwards the U3 signatures and asks, explicitly, for b-shares of
-                 U3 and s-shares of U2 \\ U3. u checks that at least t markets signed the same U3
-                 and that the request is exactly that split; it never reveals both shares of
-                 one peer (that would unmask the peer's input).
-5. RESULT        the aggregator rebuilds the missing seeds, removes every mask, and sends the ring
-                 sum and U3 to the markets that answered; each decodes the float64 sum.
+4. CONSISTENCY   the aggregator announces U3 (who uploaded); each u signs U3.
+5. UNMASK        the aggregator forwards the U3 signatures and asks, explicitly, for b-shares of
+                 U3 and s-shares of U2 \\ U3. u checks that at least max(t, min cohort) markets
+                 signed the same U3 and that the request is exactly that split; it never reveals
+                 both shares of one peer (that would unmask the peer's input).
+6. RESULT        the aggregator rebuilds the missing seeds from any t committed shares, removes
+                 every mask, and sends U3, the recipients R and the ring sum; each u decodes the
+                 sum but keeps it, and echoes a signature on the digest of the RESULT message.
+7. AGREE         the aggregator forwards every echo; u releases the sum only if every market in R
+                 confirmed the very same RESULT message.
 
-Every market message is an envelope (:mod:`..codec`) whose payload ends with an Ed25519
-signature over the domain tag and the SHA-256 digest of every envelope byte before it
-(hash-then-sign: one fast pass over a megabyte upload instead of Ed25519's two SHA-512 passes,
-the same layout as the ``ckks`` backend); every payload starts with a digest of the session (run,
-round, label, participants, length, bounds, threshold, ring), so nothing can be replayed into
-another round, stage or configuration. Fewer than t markets at any stage aborts the round
-(:class:`AbortError`) and nothing is released. Invalid messages raise :class:`ProtocolError` /
-:class:`IntegrityError` before any state changes.
+Every message, the aggregator's included, is an envelope (:mod:`..codec`) whose payload is
+``session | body | signature``: Ed25519 (the sender's roster key) over the domain tag and the
+SHA-256 digest of every envelope byte before it (hash-then-sign: one fast pass over a megabyte
+upload instead of Ed25519's two SHA-512 passes). The session digest covers run, round, label,
+participants, length, bounds, threshold, ring, the pinned roster and, after NONCE, every nonce.
+Fewer than t markets at any stage aborts the round (:class:`AbortError`), fewer than a market's
+minimum cohort makes that market refuse (:class:`PolicyError`), and nothing is released.
+Invalid messages raise :class:`ProtocolError` / :class:`IntegrityError` before any state changes.
 """
 
 from __future__ import annotations
@@ -38,24 +47,25 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ...errors import ConfigError, ProtocolError
+from ...errors import ConfigError, PolicyError, ProtocolError
 from ...primitives.keys import IdentityPrivateKey, IdentityPublicKey
 from ...primitives.quantization import ROUNDING_MODES, Quantizer, make_quantizer
 from ..base import (AggregatorEndpoint, ClientRound, MarketEndpoint, RoundContext, Roster,
                     SecureAggregator, ServerRound)
+from ..policy import DEFAULT_COLLUDERS, MarketPolicy
 from ..registry import register_backend
 from .client import MaskingClient
 from .server import MaskingServer
-from .wire import (ADVERTISE, CONSISTENCY, MASKED_INPUT, RESULT, SHARE_KEYS, UNMASK, Entropy,
-                   default_threshold)
+from .wire import (ADVERTISE, AGREE, BACKEND, CONSISTENCY, MASKED_INPUT, NONCE, RESULT, SHARE_KEYS,
+                   UNMASK, Entropy, default_threshold)
 
-__all__ = ["MaskingAggregator", "default_threshold", "ADVERTISE", "SHARE_KEYS", "MASKED_INPUT",
-           "CONSISTENCY", "UNMASK", "RESULT"]
+__all__ = ["MaskingAggregator", "default_threshold", "NONCE", "ADVERTISE", "SHARE_KEYS",
+           "MASKED_INPUT", "CONSISTENCY", "UNMASK", "RESULT", "AGREE"]
 
 
 class _Options:
     def __init__(self, threshold: int | None, ring_bits: int, rounding: str, entropy: Entropy,
-                 max_error: float | None) -> None:
+                 max_error: float | None, colluders: int) -> None:
         if threshold is not None and (not isinstance(threshold, int) or threshold < 1):
             raise ConfigError("threshold", f"got {threshold!r}", allowed="a positive int or None")
         if not isinstance(ring_bits, int) or not 8 <= ring_bits <= 32:
@@ -66,10 +76,14 @@ class _Options:
             raise ConfigError("entropy", "must be a callable n -> n random bytes")
         self.threshold, self.ring_bits, self.rounding = threshold, ring_bits, rounding
         self.entropy, self.max_error = entropy, max_error
+        if not isinstance(colluders, int) or isinstance(colluders, bool) or colluders < 0:
+            raise ConfigError("colluders", f"got {colluders!r}", allowed="an int >= 0")
+        self.colluders = colluders
 
     def for_round(self, ctx: RoundContext) -> tuple[int, Quantizer]:
         n = len(ctx.participants)
-        t = default_threshold(n) if self.threshold is None else self.threshold
+        t = (default_threshold(n, colluders=self.colluders) if self.threshold is None
+             else self.threshold)
         if not (n / 2 < t <= n):
             raise ConfigError("threshold", f"{t} with {n} participants",
                               allowed=f"n/2 < t <= n, i.e. {n // 2 + 1}..{n}")
@@ -99,15 +113,22 @@ class _MaskingMarket(MarketEndpoint):
         self._options = options
         self._identity = IdentityPrivateKey.generate(entropy=options.entropy)
         self._keys: dict[str, IdentityPublicKey] = {}
+        self._aggregator: IdentityPublicKey | None = None
+        self._policy: MarketPolicy | None = None
 
     def public_bundle(self) -> bytes:
         return self._identity.public_key().to_bytes()
 
-    def install_roster(self, roster: Roster) -> None:
+    def install_roster(self, roster: Roster, *, policy: MarketPolicy) -> None:
+        policy.check_backend(BACKEND)
+        policy.check_roster(roster)
         keys = _roster_keys(roster)
         if keys.get(self.market_id) != self._identity.public_key():
             raise ProtocolError(f"the roster does not hold {self.market_id!r}'s identity key")
-        self._keys = keys
+        if not roster.aggregator:
+            raise PolicyError("the roster names no aggregator key; its messages cannot be checked")
+        self._keys, self._policy = keys, policy
+        self._aggregator = IdentityPublicKey.from_bytes(roster.aggregator)
 
     def begin_round(self, ctx: RoundContext, vector: np.ndarray) -> ClientRound:
         if self.market_id not in ctx.participants:
@@ -115,32 +136,44 @@ class _MaskingMarket(MarketEndpoint):
         _check_round(ctx, self._keys)
         t, q = self._options.for_round(ctx)
         return MaskingClient(self.market_id, ctx, np.asarray(vector, dtype=np.float64),
-                              identity=self._identity, keys=self._keys, threshold=t, quantizer=q,
-                              entropy=self._options.entropy)
+                             identity=self._identity, keys=self._keys,
+                             aggregator_key=self._aggregator, policy=self._policy, threshold=t,
+                             quantizer=q, entropy=self._options.entropy)
 
 
 class _MaskingAggregatorEndpoint(AggregatorEndpoint):
     def __init__(self, options: _Options) -> None:
         self._options = options
+        self._identity = IdentityPrivateKey.generate(entropy=options.entropy)
         self._keys: dict[str, IdentityPublicKey] = {}
+        self._roster_digest = b""
+
+    def public_bundle(self) -> bytes:
+        return self._identity.public_key().to_bytes()
 
     def install_roster(self, roster: Roster) -> None:
-        self._keys = _roster_keys(roster)
+        keys = _roster_keys(roster)
+        if roster.aggregator != self.public_bundle():
+            raise ProtocolError("the roster holds another aggregator key")
+        self._keys, self._roster_digest = keys, roster.digest()
 
     def begin_round(self, ctx: RoundContext) -> ServerRound:
         _check_round(ctx, self._keys)
         t, q = self._options.for_round(ctx)
-        return MaskingServer(ctx, self._keys, threshold=t, quantizer=q)
+        return MaskingServer(ctx, self._keys, identity=self._identity,
+                             roster_digest=self._roster_digest, threshold=t, quantizer=q)
 
 
 class MaskingAggregator(SecureAggregator):
     """Pairwise-mask secure summation with t-of-n dropout recovery.
 
-    ``threshold``: shares needed to rebuild a seed (default ``n - n // 3``; must satisfy
-    n/2 < t <= n). ``ring_bits``: the ring Z_2^k the sum lives in (8..32; uploads are 4 bytes per
-    coordinate). ``rounding``: ``"nearest"`` or ``"stochastic"``. ``entropy``: randomness source
-    for every key, seed, share and nonce (default ``os.urandom``). ``max_error``: optional
-    ceiling on the decoded sum's quantization error, checked when a round starts.
+    ``threshold``: shares needed to rebuild a seed (default :func:`default_threshold`; must
+    satisfy n/2 < t <= n, and every market checks 2t > n + c against its own policy).
+    ``colluders``: the c the default threshold is sized for. ``ring_bits``: the ring Z_2^k the
+    sum lives in (8..32; uploads are 4 bytes per coordinate). ``rounding``: ``"nearest"`` or
+    ``"stochastic"``. ``entropy``: randomness source for every key, seed, share and nonce
+    (default ``os.urandom``). ``max_error``: optional ceiling on the decoded sum's quantization
+    error, checked when a round starts.
     """
 
     name = "masking"
@@ -148,8 +181,8 @@ class MaskingAggregator(SecureAggregator):
 
     def __init__(self, *, threshold: int | None = None, ring_bits: int = 32,
                  rounding: str = "nearest", entropy: Entropy = os.urandom,
-                 max_error: float | None = None) -> None:
-        self._options = _Options(threshold, ring_bits, rounding, entropy, max_error)
+                 max_error: float | None = None, colluders: int = DEFAULT_COLLUDERS) -> None:
+        self._options = _Options(threshold, ring_bits, rounding, entropy, max_error, colluders)
 
     def create_market(self, market_id: str) -> MarketEndpoint:
         return _MaskingMarket(market_id, self._options)

@@ -1,4 +1,10 @@
-"""Market side of the ``masking`` backend: one market's state machine for one round."""
+"""Market side of the ``masking`` backend: one market's state machine for one round.
+
+Every message from the aggregator must carry the aggregator's roster signature over the session;
+every stage is checked against the market's own :class:`~fedmm_secure.secagg.policy.MarketPolicy`
+before anything leaves the market, and the decoded sum is released only after every market that
+received the result has echoed, signed, the digest of the very same result message.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +22,13 @@ from ...primitives.quantization import Quantizer
 from ...primitives.shamir import SHARE_SIZE, Share, split_key
 from ..base import ClientRound, RoundContext
 from ..codec import decode_envelope, expect
-from .wire import (ADVERTISE, BACKEND, CONSISTENCY, DOMAIN, FINISHED, KIND_B, KIND_S, MASKED_INPUT,
-                   RESULT, SEALED_SHARES, SERVER, SHARE_KEYS, UNMASK, Entropy, b_commitment, context,
-                   open_signed, pack_ids, pack_items, pair, parse_advert, ring_vector, share_x,
-                   session_digest, sign_message, signed_head, unpack_ids, unpack_items,
-                   unpack_sections)
+from ..policy import MarketPolicy
+from .wire import (ADVERTISE, AGREE, BACKEND, CONSISTENCY, DOMAIN, FINISHED, KIND_B, KIND_S,
+                   MASKED_INPUT, NONCE, NONCE_SIZE, RESULT, SEALED_SHARES, SERVER, SHARE_KEYS,
+                   UNMASK, Entropy, b_commitment, context, open_signed, open_signed_digest,
+                   pack_ids, pack_items, pack_sections, pair, parse_advert, ring_vector,
+                   session_digest, session_with_nonces, share_commitment, share_x, sign_message,
+                   signed_head, unpack_ids, unpack_items, unpack_sections)
 
 __all__ = ["MaskingClient"]
 
@@ -28,19 +36,27 @@ __all__ = ["MaskingClient"]
 class MaskingClient(ClientRound):
     def __init__(self, market: str, ctx: RoundContext, vector: np.ndarray, *,
                  identity: IdentityPrivateKey, keys: Mapping[str, IdentityPublicKey],
-                 threshold: int, quantizer: Quantizer, entropy: Entropy) -> None:
+                 aggregator_key: IdentityPublicKey, policy: MarketPolicy, threshold: int,
+                 quantizer: Quantizer, entropy: Entropy) -> None:
         if vector.shape != (ctx.length,):
             raise ProtocolError(f"input of shape {vector.shape}, expected ({ctx.length},)")
-        self._market, self._ctx = market, ctx
+        # The market's own rules, before any key or nonce is drawn.
+        policy.check_cohort(ctx.participants, "round")
+        policy.check_threshold(threshold, len(ctx.participants))
+        self._market, self._ctx, self._policy = market, ctx, policy
         self._identity, self._keys = identity, keys
+        self._server_keys = {SERVER: aggregator_key}
         self._t, self._q, self._entropy = threshold, quantizer, entropy
-        self._session = session_digest(ctx, threshold, quantizer)
+        self._base = session_digest(ctx, threshold, quantizer, policy.roster_digest)
+        self._session = self._base
         rng = None
         if quantizer.rounding == "stochastic":
             # Dither only (not a secret): seeded from the entropy source, never from global state.
             rng = np.random.Generator(np.random.PCG64(int.from_bytes(entropy(32), "big")))
         self._encoded, self._clipped = quantizer.quantize(vector, rng=rng)
-        self._stage = ADVERTISE
+        self._stage = NONCE
+        self._nonce = b""
+        self._u0: tuple[str, ...] = ()
         self._c_key: AgreementPrivateKey | None = None
         self._s_key: AgreementPrivateKey | None = None
         self._peers: dict[str, tuple[AgreementPublicKey, AgreementPublicKey]] = {}
@@ -50,6 +66,9 @@ class MaskingClient(ClientRound):
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
         self._revealed: dict[str, bytes] = {}
+        self._pending: np.ndarray | None = None
+        self._result_digest = b""
+        self._recipients: tuple[str, ...] = ()
         self._result: np.ndarray | None = None
 
     # -- helpers
@@ -61,9 +80,10 @@ class MaskingClient(ClientRound):
 
     def _share_key(self, peer: str, peer_key: AgreementPublicKey) -> SymmetricKey:
         return self._c_key.derive(peer_key, context=context(self._session, b"share-enc",
-                                                             *pair(self._market, peer)))
+                                                            *pair(self._market, peer)))
 
     def _check_quorum(self, ids: Sequence[str], what: str) -> None:
+        self._policy.check_cohort(ids, what)
         if len(ids) < self._t:
             raise AbortError(f"{what}: {len(ids)} markets, threshold is {self._t}")
 
@@ -74,24 +94,54 @@ class MaskingClient(ClientRound):
             raise ProtocolError("round already finished")
         expect(env, backend=BACKEND, stage=self._stage, round_id=self._ctx.round_id,
                run_id=self._ctx.run_id, label=self._ctx.label, sender=SERVER)
-        handler = (self._advertise, self._share_keys, self._masked_input, self._consistency,
-                   self._unmask, self._finish)[self._stage]
-        return handler(env.payload)
+        # The aggregator signs every message over the session this market is in: a relayed,
+        # altered or foreign message fails here, before any handler looks at it.
+        body, digest = open_signed_digest(message, ctx=self._ctx, stage=self._stage, sender=SERVER,
+                                          session=self._session, keys=self._server_keys,
+                                          view=self._stage == RESULT)
+        if self._stage == RESULT:
+            return self._finish(body, digest)
+        handler = (self._send_nonce, self._advertise, self._share_keys, self._masked_input,
+                   self._consistency, self._unmask, None, self._agree)[self._stage]
+        return handler(bytes(body))
+
+    def _send_nonce(self, payload: bytes) -> bytes:
+        if payload:
+            raise ProtocolError("nonce request must be empty")
+        nonce = self._entropy(NONCE_SIZE)
+        reply = self._sign(NONCE, nonce)
+        self._nonce, self._stage = bytes(nonce), ADVERTISE
+        return reply
 
     def _advertise(self, payload: bytes) -> bytes:
-        if payload:
-            raise ProtocolError("advertise request must be empty")
+        signed = unpack_items(payload)
+        u0 = tuple(signed)
+        if self._market not in u0 or not set(u0) <= set(self._ctx.participants):
+            raise ProtocolError("nonce set must contain this market and participants only")
+        self._check_quorum(u0, "nonce")
+        nonces = {}
+        for v, blob in signed.items():
+            body = open_signed(blob, ctx=self._ctx, stage=NONCE, sender=v, session=self._base,
+                               keys=self._keys)
+            if len(body) != NONCE_SIZE:
+                raise ProtocolError("nonce of the wrong length")
+            nonces[v] = bytes(body)
+        if nonces[self._market] != self._nonce:
+            raise IntegrityError()  # our own nonce was replaced: a replayed or spliced session
+        session = session_with_nonces(self._base, nonces)
         c_key = AgreementPrivateKey.generate(entropy=self._entropy)
         s_key = AgreementPrivateKey.generate(entropy=self._entropy)
-        reply = self._sign(ADVERTISE, c_key.public_key().to_bytes() + s_key.public_key().to_bytes())
-        self._c_key, self._s_key, self._stage = c_key, s_key, SHARE_KEYS
+        body = c_key.public_key().to_bytes() + s_key.public_key().to_bytes()
+        reply = sign_message(self._identity, self._ctx, ADVERTISE, self._market, session, body)
+        self._session, self._c_key, self._s_key, self._stage = session, c_key, s_key, SHARE_KEYS
+        self._u0 = u0
         return reply
 
     def _share_keys(self, payload: bytes) -> bytes:
         adverts = unpack_items(payload)
         u1 = tuple(adverts)
-        if self._market not in u1 or not set(u1) <= set(self._ctx.participants):
-            raise ProtocolError("advertised set must contain this market and participants only")
+        if self._market not in u1 or not set(u1) <= set(self._u0):
+            raise ProtocolError("advertised set must contain this market and nonce senders only")
         self._check_quorum(u1, "advertise")
         peers = {}
         for v, blob in adverts.items():
@@ -104,16 +154,21 @@ class MaskingClient(ClientRound):
         xs = [share_x(self._ctx, v) for v in u1]
         b_shares = split_key(b, threshold=self._t, xs=xs, entropy=self._entropy)
         s_shares = split_key(self._s_key, threshold=self._t, xs=xs, entropy=self._entropy)
-        sealed = []
+        sealed, commits = [], []
         for v, sb, ss in zip(u1, b_shares, s_shares):
+            rb, rs = sb.to_bytes(), ss.to_bytes()
+            # Signed commitments let the aggregator tell a corrupt revealed share from a good
+            # one and rebuild from any t good shares instead of aborting.
+            commits.append((v, share_commitment(self._session, self._market, v, KIND_B, rb)
+                            + share_commitment(self._session, self._market, v, KIND_S, rs)))
             if v == self._market:
                 own = (sb, ss)
                 continue
-            ct = seal(self._share_key(v, peers[v][0]), sb.to_bytes() + ss.to_bytes(),
+            ct = seal(self._share_key(v, peers[v][0]), rb + rs,
                       associated_data=self._aad(self._market, v), entropy=self._entropy)
             sealed.append((v, ct))
-        reply = self._sign(SHARE_KEYS, b_commitment(self._session, self._market, b)
-                           + pack_items(sealed))
+        reply = self._sign(SHARE_KEYS, pack_sections(b_commitment(self._session, self._market, b),
+                                                     pack_items(commits), pack_items(sealed)))
         self._peers, self._b, self._own_shares, self._stage = peers, b, own, MASKED_INPUT
         return reply
 
@@ -198,14 +253,33 @@ class MaskingClient(ClientRound):
         self._stage = RESULT
         return reply
 
-    def _finish(self, payload: bytes) -> None:
-        ids_raw, vec_raw = unpack_sections(memoryview(payload), 2)  # views: no 4 MB copies
+    def _finish(self, payload: memoryview, digest: bytes) -> bytes:
+        ids_raw, to_raw, vec_raw = unpack_sections(payload, 3)  # views: no 4 MB copies
         if unpack_ids(bytes(ids_raw)) != self._u3:
             raise ProtocolError("result is over a different survivor set")
+        recipients = unpack_ids(bytes(to_raw))
+        if self._market not in recipients or not set(recipients) <= set(self._u3):
+            raise ProtocolError("result recipients must be survivors, including this market")
+        if len(recipients) < self._t:
+            raise ProtocolError("result recipients fewer than the threshold")
         ring = ring_vector(self._ctx, self._q, vec_raw).astype(np.uint32, copy=False)
-        total = self._q.dequantize_sum(ring)
-        self._result, self._stage = total, FINISHED
-        self._held = {}
+        pending = self._q.dequantize_sum(ring)
+        # Not released yet: only once every recipient has confirmed the same result message.
+        reply = self._sign(RESULT, digest)
+        self._pending, self._result_digest, self._recipients = pending, digest, recipients
+        self._held, self._stage = {}, AGREE
+        return reply
+
+    def _agree(self, payload: bytes) -> None:
+        echoes = unpack_items(payload)
+        if tuple(echoes) != self._recipients:
+            raise ProtocolError("result confirmations must come from every recipient")
+        for v, blob in echoes.items():
+            body = open_signed(blob, ctx=self._ctx, stage=RESULT, sender=v, session=self._session,
+                               keys=self._keys)
+            if body != self._result_digest:
+                raise IntegrityError()  # v was shown another result
+        self._result, self._pending, self._stage = self._pending, None, FINISHED
         return None
 
     def report(self) -> dict:

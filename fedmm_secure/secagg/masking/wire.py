@@ -23,20 +23,22 @@ from ..base import RoundContext
 from ..codec import Envelope, decode_envelope, encode_envelope, expect
 
 __all__ = [
-    "ADVERTISE", "SHARE_KEYS", "MASKED_INPUT", "CONSISTENCY", "UNMASK", "RESULT", "FINISHED",
+    "NONCE", "ADVERTISE", "SHARE_KEYS", "MASKED_INPUT", "CONSISTENCY", "UNMASK", "RESULT", "AGREE",
+    "FINISHED", "NONCE_SIZE", "session_with_nonces", "share_commitment",
     "BACKEND", "SERVER", "DOMAIN", "DIGEST", "SHARE_PLAIN", "SEALED_SHARES", "KIND_B", "KIND_S",
     "Entropy", "default_threshold", "pack_ids", "unpack_ids", "pack_items", "unpack_items",
     "pack_sections", "unpack_sections", "session_digest", "context", "pair", "b_commitment",
-    "signed_digest", "signed_head", "sign_message", "open_signed", "server_message", "share_x",
+    "signed_digest", "signed_head", "sign_message", "open_signed", "open_signed_digest", "share_x",
     "ring_vector", "parse_advert", "blame",
 ]
 
-ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK, RESULT = range(6)
+NONCE, ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK, RESULT, AGREE = range(8)
 FINISHED = -1
 BACKEND = "masking"
 SERVER = "aggregator"
 DOMAIN = b"fedmm-secure/masking/v1"
 DIGEST = 32
+NONCE_SIZE = 32
 SHARE_PLAIN = 2 * SHARE_SIZE
 SEALED_SHARES = SHARE_PLAIN + OVERHEAD
 KIND_B, KIND_S = b"b", b"s"
@@ -44,10 +46,11 @@ KIND_B, KIND_S = b"b", b"s"
 Entropy = Callable[[int], bytes]
 
 
-def default_threshold(n: int) -> int:
-    """t = n - floor(n/3): any floor(n/3) markets (>= 1/3 for n divisible by 3) may drop at any
-    stage, and t > n/2 so two disjoint quorums cannot both exist."""
-    return n - n // 3
+def default_threshold(n: int, *, colluders: int) -> int:
+    """t = n - floor(n/3) (a third of the markets may drop at any stage), raised where needed to
+    the smallest t with 2t > n + c, below which an aggregator with c colluding markets can show
+    two groups different survivor sets and collect both shares of one market."""
+    return max(n - n // 3, (n + colluders) // 2 + 1)
 
 
 def pack_ids(ids: Sequence[str]) -> bytes:
@@ -150,14 +153,25 @@ def lp(b: bytes) -> bytes:
     return struct.pack(">I", len(b)) + b
 
 
-def session_digest(ctx: RoundContext, threshold: int, q: Quantizer) -> bytes:
+def session_digest(ctx: RoundContext, threshold: int, q: Quantizer, roster: bytes) -> bytes:
+    """The public configuration of a round, including the pinned roster (and with it the
+    aggregator's key). Only the NONCE stage is bound to this alone."""
     h = hashlib.sha256(DOMAIN + b"/session")
     for part in (ctx.run_id.encode(), struct.pack(">Q", ctx.round_id), ctx.label.encode(),
                  pack_ids(ctx.participants), struct.pack(">QII", ctx.length, threshold, q.ring_bits),
-                 q.rounding.encode()):
+                 q.rounding.encode(), roster):
         h.update(lp(part))
     bound = np.asarray(ctx.max_abs, dtype="<f8")
     h.update(lp(bound.tobytes()))
+    return h.digest()
+
+
+def session_with_nonces(base: bytes, nonces: Mapping[str, bytes]) -> bytes:
+    """Every stage after NONCE is bound to this: the configuration plus every market's fresh
+    nonce, so a message from another execution of an identical round never verifies."""
+    h = hashlib.sha256(DOMAIN + b"/session-nonces")
+    h.update(base)
+    h.update(pack_items(sorted(nonces.items())))
     return h.digest()
 
 
@@ -171,6 +185,13 @@ def pair(u: str, v: str) -> tuple[str, str]:
 
 def b_commitment(session: bytes, market: str, b: SymmetricKey) -> bytes:
     return hashlib.sha256(context(session, b"b-commit", market) + b._hazmat_bytes()).digest()
+
+
+def share_commitment(session: bytes, dealer: str, holder: str, kind: bytes, share: bytes) -> bytes:
+    """Hash commitment to one Shamir share, signed by its dealer at SHARE_KEYS, against which the
+    aggregator checks the share when the holder reveals it (shares are uniform 256-bit values
+    below the threshold, so the hash hides them)."""
+    return hashlib.sha256(context(session, b"share-commit", dealer, holder) + kind + share).digest()
 
 
 def signed_digest(parts: Sequence[bytes | memoryview]) -> bytes:
@@ -201,9 +222,18 @@ def sign_message(identity: IdentityPrivateKey, ctx: RoundContext, stage: int, se
 
 
 def open_signed(data: bytes, *, ctx: RoundContext, stage: int, sender: str, session: bytes,
-                 keys: Mapping[str, IdentityPublicKey], view: bool = False) -> bytes | memoryview:
-    """Verify a market's signed message and return its body (between session digest and
-    signature); ``view`` returns a zero-copy view, for megabyte uploads."""
+                keys: Mapping[str, IdentityPublicKey], view: bool = False) -> bytes | memoryview:
+    """Verify a signed message (a market's or the aggregator's) and return its body (between
+    session digest and signature); ``view`` returns a zero-copy view, for megabyte messages."""
+    return open_signed_digest(data, ctx=ctx, stage=stage, sender=sender, session=session,
+                              keys=keys, view=view)[0]
+
+
+def open_signed_digest(data: bytes, *, ctx: RoundContext, stage: int, sender: str, session: bytes,
+                       keys: Mapping[str, IdentityPublicKey], view: bool = False
+                       ) -> tuple[bytes | memoryview, bytes]:
+    """:func:`open_signed`, also returning the signed digest (what markets echo to agree on a
+    result without hashing it twice)."""
     env = decode_envelope(data)
     if len(env.payload) < DIGEST + SIGNATURE_SIZE:
         raise ProtocolError("message truncated")
@@ -212,20 +242,15 @@ def open_signed(data: bytes, *, ctx: RoundContext, stage: int, sender: str, sess
         raise ProtocolError(f"message from {env.sender!r}, who is not on the roster")
     # Signature before content checks: any flipped byte of a well-formed message is reported as
     # the one opaque IntegrityError.
-    key.verify(env.payload[-SIGNATURE_SIZE:],
-               signed_digest([memoryview(data)[:-SIGNATURE_SIZE]]))
+    digest = signed_digest([memoryview(data)[:-SIGNATURE_SIZE]])
+    key.verify(env.payload[-SIGNATURE_SIZE:], digest)
     expect(env, backend=BACKEND, stage=stage, round_id=ctx.round_id, run_id=ctx.run_id,
            label=ctx.label, sender=sender)
     if env.payload[:DIGEST] != session:
         raise ProtocolError("message belongs to another session configuration")
     if view:
-        return memoryview(env.payload)[DIGEST:-SIGNATURE_SIZE]
-    return env.payload[DIGEST:-SIGNATURE_SIZE]
-
-
-def server_message(ctx: RoundContext, stage: int, payload: bytes) -> bytes:
-    return encode_envelope(Envelope(BACKEND, stage, ctx.round_id, ctx.run_id, ctx.label, SERVER,
-                                    payload))
+        return memoryview(env.payload)[DIGEST:-SIGNATURE_SIZE], digest
+    return env.payload[DIGEST:-SIGNATURE_SIZE], digest
 
 
 def share_x(ctx: RoundContext, market: str) -> int:
