@@ -16,17 +16,22 @@ survives to the next stage. Two ways to connect it to the SuperNode:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..config import config_from_dict
-from ..errors import ConfigError, ProtocolError
+from ..errors import ConfigError, PolicyError, ProtocolError
 from ..federation.market_pipeline import Barrier, BroadcastRequest, PublicMeta, SumRequest, market_pipeline
-from ..secagg import Roster, RoundContext, create_backend
+from ..secagg import (DEFAULT_COLLUDERS, MarketPolicy, Roster, RoundContext, create_backend,
+                      default_min_cohort)
+from ..secagg.policy import canonical_privacy
 from .flower_wire import (
     b64,
     encode_bound,
@@ -41,7 +46,29 @@ from .flower_wire import (
 )
 from .workloads import secure_sum_pipeline
 
-__all__ = ["MarketWorker", "HangAt", "serve"]
+__all__ = ["MarketWorker", "MarketRules", "HangAt", "serve"]
+
+
+@dataclass(frozen=True)
+class MarketRules:
+    """The market's own say over a run, set on the market's machine (never by the aggregator).
+
+    ``backends``: the secure-aggregation backends this market runs (``plain`` only if named).
+    ``privacy``: this market's privacy settings; the run config's must equal them (``None``
+    accepts only a non-private run). ``min_cohort``: fewest markets in any sum (default
+    max(3, ceil(2n/3)) of the roster). ``colluders``: the c of the threshold rule.
+    ``roster_digest``: the pinned roster (SHA-256 of every bundle and the aggregator's key),
+    obtained out of band; ``None`` trusts the roster the first ``start`` hands out.
+    """
+
+    backends: frozenset[str] = frozenset({"masking", "ckks"})
+    privacy: Mapping | None = None
+    min_cohort: int | None = None
+    colluders: int = DEFAULT_COLLUDERS
+    roster_digest: bytes | None = None
+
+    def privacy_settings(self) -> dict:
+        return dict(self.privacy) if self.privacy is not None else {"enabled": False}
 
 
 class HangAt:
@@ -53,9 +80,10 @@ class HangAt:
 
 
 class MarketWorker:
-    def __init__(self, *, market: str, hang_at: HangAt | None = None, ledger_dir: Path | None = None,
-                 resume: bool = False) -> None:
+    def __init__(self, *, market: str, rules: MarketRules, hang_at: HangAt | None = None,
+                 ledger_dir: Path | None = None, resume: bool = False) -> None:
         self.market = market
+        self.rules = rules
         # This market's privacy ledger (DP runs): on the market's own machine, written before
         # any upload that depends on the round's DP-trained parameters leaves the worker.
         self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
@@ -89,7 +117,15 @@ class MarketWorker:
     def _hello(self, msg: dict) -> bytes:
         from ..experiment import load_data  # heavy (data generators); only the worker needs it
 
-        self._cfg = config_from_dict(msg["config"])
+        cfg = config_from_dict(msg["config"])
+        # The aggregator's run config may not pick this market's backend or privacy settings.
+        if cfg.secagg not in self.rules.backends:
+            raise PolicyError(f"backend {cfg.secagg!r} is not allowed by this market's rules")
+        own = canonical_privacy(self.rules.privacy_settings())
+        asked = dataclasses.asdict(cfg.privacy) if cfg.privacy.enabled else {"enabled": False}
+        if canonical_privacy(asked) != own:
+            raise PolicyError("the run's privacy settings differ from this market's own")
+        self._cfg = cfg
         self._run_id = str(msg["run_id"])
         # The SuperNode's node config (``market``, optionally ``data``) is the market's own say:
         # the aggregator's run config cannot point a market at another market's data.
@@ -117,7 +153,9 @@ class MarketWorker:
             # Synthetic data is generated for all markets from the seed; keep only ours.
             self._data = markets[self._index]
             del markets
-        backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain")
+        # The market's own c sizes the threshold it computes (the aggregator must use the same).
+        options = {"colluders": self.rules.colluders} if self._cfg.secagg == "masking" else {}
+        backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain", **options)
         self._endpoint = backend.create_market(self.market)
         return pack_json({"market": self.market, "index": self._index, "bundle": b64(self._endpoint.public_bundle()),
                           "n_train": len(self._data.train), "n_items": int(self._data.n_items),
@@ -126,8 +164,18 @@ class MarketWorker:
     def _start(self, msg: dict) -> tuple[str, bytes]:
         if self._endpoint is None:
             raise ProtocolError("start before hello")
-        roster = Roster({m: unb64(b) for m, b in msg["roster"].items()})
-        self._endpoint.install_roster(roster)
+        roster = Roster({m: unb64(b) for m, b in msg["roster"].items()},
+                        aggregator=unb64(msg.get("aggregator", "")))
+        rules = self.rules
+        if rules.roster_digest is not None and roster.digest() != rules.roster_digest:
+            raise PolicyError("the roster differs from the one this market pinned")
+        n = len(roster.markets)
+        min_cohort = default_min_cohort(n) if rules.min_cohort is None else rules.min_cohort
+        if min_cohort > n:
+            raise PolicyError(f"{n} markets on the roster, this market's minimum cohort is {min_cohort}")
+        policy = MarketPolicy.pin(roster, backends=rules.backends, privacy=rules.privacy_settings(),
+                                  min_cohort=min_cohort, colluders=rules.colluders)
+        self._endpoint.install_roster(roster, policy=policy)
         meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
         workload = msg.get("workload", {"name": "fedmm"})
         if workload.get("name") == "fedmm":
@@ -268,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the ledger already in --ledger-dir (an interrupted run); its events stay spent")
+    p.add_argument("--allow-backend", action="append", default=None,
+                   help="a secure-aggregation backend this market runs (repeat; default masking and ckks)")
+    p.add_argument("--privacy-json", help="this market's own privacy settings (JSON; default: not private)")
+    p.add_argument("--min-cohort", type=int, help="fewest markets in any sum (default max(3, 2/3 of the roster))")
+    p.add_argument("--colluders", type=int, default=DEFAULT_COLLUDERS, help="c in the threshold rule 2t > n + c")
+    p.add_argument("--roster-sha256", help="the pinned roster digest, obtained out of band")
     p.add_argument("--ready-file")
     p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
     p.add_argument("--hang-marker")
@@ -278,7 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.hang_at:
         label, rnd, stage = args.hang_at.split(":")
         hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
-    worker = MarketWorker(market=args.market, hang_at=hang,
+    import json
+    rules = MarketRules(backends=frozenset(args.allow_backend or ("masking", "ckks")),
+                        privacy=json.loads(args.privacy_json) if args.privacy_json else None,
+                        min_cohort=args.min_cohort, colluders=args.colluders,
+                        roster_digest=bytes.fromhex(args.roster_sha256) if args.roster_sha256 else None)
+    worker = MarketWorker(market=args.market, rules=rules, hang_at=hang,
                           ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume)
     ready = Path(args.ready_file) if args.ready_file else None
     if args.listen:

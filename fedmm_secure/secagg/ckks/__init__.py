@@ -4,28 +4,27 @@ Per epoch (``epoch_rounds`` consecutive rounds) one market, the *key holder*, ow
 the holder of epoch ``e`` is ``participants[e % len(participants)]`` (participants are sorted),
 so the role rotates with the epoch and every party computes it from the round context alone.
 
-Round (stage numbers are envelope stages):
+Round (stage numbers are envelope stages; every aggregator message is signed with the
+aggregator's roster key, and markets check each stage against their own policy):
 
-0. aggregator -> holder: "distribute keys". The holder creates (or reuses, within its epoch) the
-   secret-key context and answers with the *public* context (parameters only: no secret key,
-   no evaluation keys) and, for every other participant, the secret-key context sealed to that
-   market's static X25519 key (ephemeral-static X25519 -> HKDF with a context label binding
-   run, aggregation label, round, epoch, holder, recipient and key id -> AES-256-GCM). Each
-   sealed item is signed by the holder's Ed25519 identity key.
-1. aggregator -> every participant: its sealed key item (the holder gets an empty one). Each
-   market clips its vector to ``ctx.bounds()``, divides by the bound (inputs in [-1, 1]),
-   encrypts and uploads the ciphertext, signed with its identity key.
-2. aggregator -> uploaders: the homomorphic sum and the survivor list. Markets decrypt and
-   scale back; the aggregator never holds the secret key and never learns the sum
-   (``ServerRound.result()`` raises).
+0. aggregator -> every participant: "begin". Each market answers a signed fresh nonce; the
+   holder also creates (or reuses, within its epoch) the secret-key context and a tag key and
+   answers with the *public* context (parameters only) and, for every other participant, the
+   secret key and tag key sealed to that market's static X25519 key (ephemeral-static X25519 ->
+   HKDF with a label binding run, aggregation label, round, epoch, holder, recipient and key id
+   -> AES-256-GCM), each item signed by the holder.
+1. aggregator -> every market that sent a nonce: all signed nonces and its sealed key item.
+   Every later message is bound to the nonces. Each market clips its vector, divides by the
+   bound, appends its tag slots, encrypts and uploads the signed ciphertext.
+2. aggregator -> uploaders: the homomorphic sum and the survivor list. Markets decrypt, check
+   that the tag slots are the listed survivors' tags, and echo a signed digest of the message.
+3. aggregator -> survivors: every echo; a market uses the sum only if all survivors confirmed
+   the same result. The aggregator never holds the secret key and never learns the sum.
 
 Every market message is an envelope (``secagg/codec.py``) whose payload ends with an Ed25519
-signature over the whole envelope, so a tampered, replayed (other round / stage / run) or
-re-attributed message is refused with :class:`IntegrityError` / :class:`ProtocolError`, and a
-refused message leaves the receiver's state unchanged. The aggregator has no identity key on the
-roster, so its messages are authenticated only by what they carry (signed key items); a
-tampered *result* ciphertext can at worst make the decrypted sum wrong, which an
-honest-but-curious aggregator does not do (see ``threat_model/ckks.md``).
+signature over the whole envelope, so a tampered, replayed or re-attributed message is refused
+with :class:`IntegrityError` / :class:`ProtocolError`, and a refused message leaves the
+receiver's state unchanged.
 
 Dropouts: a market that does not upload is simply absent from the sum (ciphertext sums need no
 recovery) and the survivor list says who is in it. If the key holder does not answer stage 0

@@ -134,6 +134,7 @@ class _MaskingMarket(MarketEndpoint):
         if self.market_id not in ctx.participants:
             raise ProtocolError(f"{self.market_id!r} is not a participant of this round")
         _check_round(ctx, self._keys)
+        self._policy.check_cohort(ctx.participants, "round")  # before any option is looked at
         t, q = self._options.for_round(ctx)
         return MaskingClient(self.market_id, ctx, np.asarray(vector, dtype=np.float64),
                              identity=self._identity, keys=self._keys,
