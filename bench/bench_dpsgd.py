@@ -10,7 +10,10 @@ batch and data; ratios are printed against the plain (non-private) step:
 * ``large``: 2 tables of 100,000 rows (users, items) + codebook codes + side features, dim 32,
   batch ~1024, MLP 128-64-1 + FM. Opacus hooks mode is not run here: its per-sample embedding
   gradients are B x V x D = 1024 x 100,000 x 32 floats (13 GB) per table.
-``fast_user`` is our fast mode at user level (Poisson sampling of users, 4 records each,
+``fast`` draws noise and samples from the default unpredictable source (``SecureRandom``, an
+OS-keyed AES-256-CTR stream); ``fast_seeded`` is the same step with seeded torch generators (the
+reproducible mode, and what ``fast`` drew before the secure source became the default): their
+ratio is what unpredictable randomness costs. ``fast_user`` is our fast mode at user level (Poisson sampling of users, 4 records each,
 same expected batch; each user's summed gradient clipped).
 
 * ``medium``: the same with 50,000-row tables, dim 16 (the light end of the target range).
@@ -41,6 +44,7 @@ from torch import nn
 
 from fedmm_secure.privacy.dpsgd import DPTrainer
 from fedmm_secure.privacy.fast_clipping import AddBias
+from fedmm_secure.privacy.randomness import SecureRandom
 from fedmm_secure.privacy.sampling import PoissonRecordSampler, PoissonUserSampler
 
 torch.set_num_threads(1)
@@ -48,11 +52,11 @@ warnings.filterwarnings("ignore")
 
 CONFIGS = {
     "large": dict(vocab=100_000, dim=32, batch=1024,
-                  modes=("plain", "fast", "fast_user", "opacus_ghost")),
+                  modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost")),
     "medium": dict(vocab=50_000, dim=16, batch=1024,
                    modes=("plain", "fast", "fast_user", "opacus_ghost")),
     "small": dict(vocab=5_000, dim=16, batch=256,
-                  modes=("plain", "fast", "fast_user", "opacus_ghost", "opacus_hooks")),
+                  modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost", "opacus_hooks")),
 }
 RECORDS_PER_BATCH = 20  # N = 20 * batch, q = 1/20
 RECORDS_PER_USER = 4    # fast_user: user-level DP, users of 4 records, same expected batch
@@ -110,16 +114,21 @@ def make_step(config: str, mode: str, seed: int = 0):
             # Free the gradients as DPTrainer does, so both start a step from the same state.
             opt.zero_grad(set_to_none=True)
         return step
+    # Opacus's modes and fast_seeded draw from seeded torch generators; fast and fast_user from
+    # the unpredictable default source, as runs do.
+    seeded = mode not in ("fast", "fast_user")
+    source = SecureRandom() if not seeded else None
+    sample_gen = g if seeded else source
     if mode == "fast_user":
         sampler = PoissonUserSampler(user_of_record=torch.arange(n) // RECORDS_PER_USER,
-                                     sample_rate=1 / RECORDS_PER_BATCH, generator=g)
+                                     sample_rate=1 / RECORDS_PER_BATCH, generator=sample_gen)
     else:
         sampler = PoissonRecordSampler(num_records=n, sample_rate=1 / RECORDS_PER_BATCH,
-                                       generator=g)
+                                       generator=sample_gen)
     trainer = DPTrainer(model, opt, loss_fn=loss_fn, noise_multiplier=1.0, max_grad_norm=1.0,
                         sampler=sampler, on_event=lambda e: None,
-                        generator=torch.Generator().manual_seed(seed + 1),
-                        mode="fast" if mode == "fast_user" else mode)
+                        generator=torch.Generator().manual_seed(seed + 1) if seeded else source,
+                        mode="fast" if mode in ("fast_user", "fast_seeded") else mode)
 
     def dp_step() -> None:
         d = trainer.sample()

@@ -54,6 +54,7 @@ from .models.ctr import DeepFM
 from .privacy.accountant import make_accountant
 from .privacy.dpsgd import DPTrainer, dp_train_epoch
 from .privacy.events import SubsampledGaussianEvent
+from .privacy.randomness import SecureRandom
 from .privacy.sampling import PoissonRecordSampler
 
 __all__ = ["AuditedRun", "CtrMechanism", "load_run", "ctr_stage_epsilon", "fedmm_codes",
@@ -219,8 +220,10 @@ class _CtrTrainFn:
                          settings=TrainSettings(mech.epochs, mech.batch_size, mech.lr),
                          generator=gen).train_epochs(mech.epochs)
         else:
-            noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            sampler = PoissonRecordSampler(num_records=n, sample_rate=mech.sample_rate, generator=gen)
+            # Audited as deployed: noise and sampling unknown to the attacker (the seed only fixes
+            # the membership draw and the initial model).
+            noise_gen = SecureRandom()
+            sampler = PoissonRecordSampler(num_records=n, sample_rate=mech.sample_rate, generator=noise_gen)
             optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=mech.lr)
             steps: list[int] = []
             trainer = DPTrainer(model, optimizer, loss_fn=loss, noise_multiplier=mech.noise_multiplier,

@@ -51,8 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--unit", help="unit of privacy: record (default) or user")
     run.add_argument("--market-noise", dest="market_noise_multiplier", type=float,
                      help="market-level protection: noise multiplier of the Gaussian each market adds to its uploads")
-    run.add_argument("--secure-mode", dest="secure_mode", action="store_true", default=None,
-                     help="draw DP-SGD noise from a cryptographic generator (slower)")
+    run.add_argument("--randomness", choices=("secure", "reproducible"),
+                     help="source of DP-SGD noise and batch sampling: secure (default; an OS-keyed "
+                          "AES-CTR stream) or reproducible (seeded from --seed: NOT PRIVATE, for "
+                          "experiments that must repeat bit for bit)")
     run.add_argument("--resume", metavar="DIR", help="continue the private run in DIR from its ledger")
     run.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -105,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 _PRIVACY_FLAGS = (("epsilon", "epsilon"), ("noise_multiplier", "noise_multiplier"),
                   ("max_grad_norm", "max_grad_norm"), ("delta", "delta"), ("epsilon_budget", "epsilon_budget"),
                   ("on_exceed", "on_exceed"), ("unit", "unit"),
-                  ("market_noise_multiplier", "market_noise_multiplier"), ("secure_mode", "secure_mode"))
+                  ("market_noise_multiplier", "market_noise_multiplier"), ("randomness", "randomness"))
 
 
 def _stderr_line(line: str) -> None:
@@ -200,6 +202,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     sec = results.get("secagg")
     if sec and not sec["secure"]:
         print("secure aggregation: plain (NOT SECURE: baseline only)")
+    if results.get("randomness", {}).get("private") is False:
+        print("DP noise: " + results["randomness"]["note"])
     print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
     return 0
 

@@ -28,6 +28,7 @@ SECAGG_BACKENDS = ("masking", "ckks", "plain")
 UNITS = ("record", "user")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
+RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
 
 
 def _positive(name: str, value: Any, *, integer: bool) -> None:
@@ -85,11 +86,17 @@ class PrivacyConfig:
     on_exceed: str = "skip"
     accountant: str = "pld"
     market_noise_multiplier: float | None = None  # distributed DP on every upload (market level)
-    secure_mode: bool = False    # DP-SGD noise from a cryptographic generator (AES-CTR), slower
+    # Where DP-SGD noise and batch sampling come from. "secure": an AES-256-CTR stream keyed from
+    # the OS, unknown to anyone (default). "reproducible": torch generators seeded from `seed`, so
+    # anyone who knows the seed can remove the noise: every output of such a run says NOT PRIVATE.
+    randomness: str = "secure"
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise ConfigError("privacy.unit", f"unknown unit {self.unit!r}", allowed=", ".join(UNITS))
+        if self.randomness not in RANDOMNESS:
+            raise ConfigError("privacy.randomness", f"unknown source {self.randomness!r}",
+                              allowed=", ".join(RANDOMNESS))
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError("privacy.accountant", f"unknown accountant {self.accountant!r}",
                               allowed=", ".join(ACCOUNTANTS))

@@ -68,8 +68,8 @@ def privacy_session(cfg: RunConfig, markets: list[MarketData], *, method: str, l
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier, target_epsilon=p.epsilon if p.noise_multiplier is None else None,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
-                          prior_events=prior_events, noise_seed=cfg.seed * 7_919 + method_index,
-                          market_noise_multiplier=p.market_noise_multiplier, secure_mode=p.secure_mode,
+                          prior_events=prior_events, randomness=p.randomness, noise_seed=cfg.seed * 7_919 + method_index,
+                          market_noise_multiplier=p.market_noise_multiplier,
                           federation_size=federation_size,
                           # Upload noise must be unpredictable to the other parties: OS entropy.
                           upload_rng=np.random.default_rng(secrets.randbits(128)))
@@ -112,6 +112,9 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
         "nmi_level1_pooled": {},
         "timing_s": {},
     }
+    if cfg.privacy.enabled:
+        from .privacy.randomness import describe
+        results["randomness"] = describe(cfg.privacy.randomness)
     steps_total = len(cfg.methods)
     secagg_summary = None
     for i, method in enumerate(cfg.methods):

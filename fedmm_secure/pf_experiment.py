@@ -102,7 +102,8 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
                           noise_multiplier=p.noise_multiplier,
                           target_epsilon=p.epsilon if p.noise_multiplier is None else None,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
-                          prior_events=prior_events, noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
+                          prior_events=prior_events, randomness=p.randomness,
+                          noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
 
 
 def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
@@ -153,6 +154,9 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
         "personalization": {},
         "timing_s": {},
     }
+    if cfg.privacy.enabled:
+        from .privacy.randomness import describe
+        results["randomness"] = describe(cfg.privacy.randomness)
     secagg: dict = {}
     try:
         for i, method in enumerate(methods):
@@ -221,6 +225,9 @@ def render_report(results: dict) -> str:
                      + ", ".join(f"{m} {v['epsilon']:.3f}" for m, v in priv.items()))
     else:
         lines.append("Privacy: no DP (epsilon = inf)")
+    rnd = results.get("randomness")
+    if rnd and not rnd["private"]:
+        lines.append(f"DP noise: **{rnd['note']}**")
     sec = results.get("secagg")
     lines.append(f"Secure aggregation: {sec['backend'] if sec else 'none (no federated method)'}")
     if results.get("pf_settings", {}).get("calibrate"):

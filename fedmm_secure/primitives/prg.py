@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from ..errors import ProtocolError
 from .keys import SymmetricKey
 
-__all__ = ["RING_DTYPE", "expand", "accumulate_masks", "keystream_into"]
+__all__ = ["RING_DTYPE", "Keystream", "expand", "accumulate_masks", "keystream_into"]
 
 RING_DTYPE = np.dtype("<u4")
 _ZERO_IV = bytes(16)
@@ -104,3 +104,31 @@ def accumulate_masks(acc: np.ndarray, *, add: Sequence[SymmetricKey],
             op(part, view[:m], out=part)
         if finish_chunk is not None:
             finish_chunk(part)
+
+
+class Keystream:
+    """One long AES-256-CTR keystream of ``key``, read piece by piece; no byte is read twice.
+
+    The source of unpredictable randomness for the privacy layer (DP noise, Poisson sampling):
+    what it yields is determined by the key alone, and the key never leaves this object. Reads
+    reuse one buffer, so a returned view is valid only until the next :meth:`read`.
+    """
+
+    __slots__ = ("_enc", "_zeros", "_out")
+
+    def __init__(self, key: SymmetricKey) -> None:
+        if not isinstance(key, SymmetricKey):
+            raise ProtocolError("key must be a SymmetricKey")
+        self._enc = _encryptor(key._hazmat_bytes())
+        self._zeros = b""
+        self._out = bytearray(_BLOCK - 1)
+
+    def read(self, nbytes: int) -> memoryview:
+        """The next ``nbytes`` bytes of keystream (a view into a reused buffer)."""
+        _check_length(nbytes)
+        if len(self._zeros) < nbytes:
+            self._zeros = bytes(nbytes)
+            self._out = bytearray(nbytes + _BLOCK - 1)
+        # CTR state carries over between calls: consecutive reads continue one stream.
+        self._enc.update_into(memoryview(self._zeros)[:nbytes], self._out)
+        return memoryview(self._out)[:nbytes]

@@ -36,7 +36,7 @@ from ..errors import ConfigError, FedMMError
 from .events import SubsampledGaussianEvent
 from .fast_clipping import AddBias, GhostClipper, check_supported
 from .sampling import PoissonDraw, PoissonRecordSampler, PoissonUserSampler
-from .secure_noise import CsprngNormal
+from .randomness import RandomSource, SecureRandom, normal_
 
 __all__ = ["AccountingBypassError", "DPTrainer", "LossFn", "MODES", "dp_train_epoch"]
 
@@ -48,21 +48,6 @@ LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 class AccountingBypassError(FedMMError, RuntimeError):
     """An optimizer step on a DP-trained model was attempted without a privacy event."""
-
-
-def _fill_noise(buf: torch.Tensor, std: float, generator: torch.Generator | CsprngNormal,
-                secure: bool) -> torch.Tensor:
-    """Gaussian noise into ``buf``; same stream as Opacus's ``_generate_noise`` when not secure."""
-    if std == 0:
-        return buf.zero_()
-    if not secure:
-        return buf.normal_(0.0, std, generator=generator)
-    # Cryptographic source, plus Opacus's defence against floating-point attacks (Holohan et
-    # al.): the sum of 4 draws of std sigma, halved, has std sigma.
-    buf.zero_()
-    for _ in range(4):
-        buf.add_(generator.normal(buf.shape, std, dtype=buf.dtype))
-    return buf.div_(2)
 
 
 def _register_opacus_samplers() -> None:
@@ -93,15 +78,17 @@ class DPTrainer:
     e.g. ``F.binary_cross_entropy_with_logits(..., reduction="none")``); the trainer does the
     reduction. ``sampler`` is a :class:`PoissonRecordSampler` (record-level DP) or a
     :class:`PoissonUserSampler` (user-level DP); it fixes ``sample_rate`` and ``unit`` of the
-    reported events. ``generator`` drives the noise (pass a dedicated, seeded one).
+    reported events. ``generator`` drives the noise: a
+    :class:`~fedmm_secure.privacy.randomness.SecureRandom` (unpredictable; what runs use) or,
+    for the named reproducible mode and the Opacus reference modes, a seeded ``torch.Generator``
+    (the same noise stream Opacus draws).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, loss_fn: LossFn,
                  noise_multiplier: float, max_grad_norm: float,
                  sampler: PoissonRecordSampler | PoissonUserSampler,
                  on_event: Callable[[SubsampledGaussianEvent], None],
-                 generator: torch.Generator, secure_mode: bool = False,
-                 mode: str = "fast") -> None:
+                 generator: RandomSource, mode: str = "fast") -> None:
         if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
                 and noise_multiplier > 0):
             raise ConfigError("noise_multiplier",
@@ -118,13 +105,14 @@ class DPTrainer:
                               allowed="PoissonRecordSampler, PoissonUserSampler")
         if mode not in MODES:
             raise ConfigError("mode", f"unknown mode {mode!r}", allowed=", ".join(MODES))
-        if mode != "fast" and secure_mode:
-            raise ConfigError("secure_mode", f"{mode} would need torchcsprng (Opacus's secure RNG), which has "
-                              "no release for this torch", allowed="mode='fast' (cryptographic noise built in)")
+        if mode != "fast" and not isinstance(generator, torch.Generator):
+            raise ConfigError("generator", f"{mode} draws from a torch.Generator (Opacus's secure RNG needs "
+                              "torchcsprng, which has no release for this torch)",
+                              allowed="mode='fast' for SecureRandom")
         if mode != "fast" and sampler.unit != "record":
             raise ConfigError("mode", f"{mode} supports record-level DP only", allowed="fast")
-        if not isinstance(generator, torch.Generator):
-            raise ConfigError("generator", "a torch.Generator must be passed in (no global RNG)")
+        if not isinstance(generator, (SecureRandom, torch.Generator)):
+            raise ConfigError("generator", "a SecureRandom or torch.Generator must be passed in (no global RNG)")
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt_params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         if {id(p) for p in trainable} != {id(p) for p in opt_params} \
@@ -139,8 +127,7 @@ class DPTrainer:
         self.max_grad_norm = float(max_grad_norm)
         self.sampler = sampler
         self.mode = mode
-        self.secure_mode = bool(secure_mode)
-        self.generator = CsprngNormal() if secure_mode else generator
+        self.generator = generator
         self.steps_taken = 0
         self._prepaid = 0
         self._on_event = on_event
@@ -202,8 +189,7 @@ class DPTrainer:
         _register_opacus_samplers()
         common = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
                       expected_batch_size=self.sampler.expected_batch_size,
-                      loss_reduction="mean", generator=self.generator,
-                      secure_mode=self.secure_mode)
+                      loss_reduction="mean", generator=self.generator, secure_mode=False)
         if mode == "opacus_hooks":
             from opacus import GradSampleModule
             from opacus.optimizers import DPOptimizer
@@ -240,7 +226,7 @@ class DPTrainer:
         # Opacus: grad = (clipped sum + N(0, (sigma C)^2)) / (q N). The division is folded into
         # the noise std and the clip factors (same noise stream, one pass less per table).
         std = self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
-        return {p: _fill_noise(torch.empty_like(p), std, self.generator, self.secure_mode)
+        return {p: normal_(self.generator, torch.empty_like(p), std)
                 for p in self._params}
 
     def _fast_grads(self, batch: Any, draw: PoissonDraw) -> torch.Tensor:
@@ -253,7 +239,7 @@ class DPTrainer:
             std = self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
 
             def into(p: nn.Parameter) -> torch.Tensor:
-                return _fill_noise(torch.empty_like(p), std, self.generator, self.secure_mode)
+                return normal_(self.generator, torch.empty_like(p), std)
         else:
             pending: dict[nn.Parameter, torch.Tensor] = {}
 

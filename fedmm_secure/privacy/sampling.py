@@ -2,7 +2,9 @@
 
 The accountant's subsampled-Gaussian bound assumes every unit joins each step's batch
 independently with probability ``q``; these samplers do exactly that, with the generator passed
-in, and stamp every draw with the rate so the trainer can report it.
+in, and stamp every draw with the rate so the trainer can report it. The generator is a
+:class:`~fedmm_secure.privacy.randomness.SecureRandom` (unpredictable; the default of every run)
+or a seeded ``torch.Generator`` (the named reproducible mode).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, DataError
+from .randomness import RandomSource, SecureRandom, bernoulli_indices, uniform
 
 __all__ = ["PoissonDraw", "PoissonRecordSampler", "PoissonUserSampler"]
 
@@ -44,9 +47,9 @@ def _check_rate(sample_rate: float) -> float:
     return float(sample_rate)
 
 
-def _check_generator(generator: object) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
-        raise ConfigError("generator", "a torch.Generator must be passed in (no global RNG)")
+def _check_generator(generator: object) -> RandomSource:
+    if not isinstance(generator, (SecureRandom, torch.Generator)):
+        raise ConfigError("generator", "a SecureRandom or torch.Generator must be passed in (no global RNG)")
     return generator
 
 
@@ -56,7 +59,7 @@ class PoissonRecordSampler:
     unit = "record"
 
     def __init__(self, *, num_records: int, sample_rate: float,
-                 generator: torch.Generator) -> None:
+                 generator: RandomSource) -> None:
         if not isinstance(num_records, int) or num_records <= 0:
             raise ConfigError("num_records", f"must be a positive int, got {num_records!r}")
         self.num_records = num_records
@@ -77,8 +80,7 @@ class PoissonRecordSampler:
         return max(1, math.ceil(1 / self.sample_rate))
 
     def sample(self) -> PoissonDraw:
-        mask = torch.rand(self.num_records, generator=self.generator) < self.sample_rate
-        idx = mask.nonzero().flatten()
+        idx = bernoulli_indices(self.generator, self.num_records, self.sample_rate)
         return PoissonDraw(idx, torch.arange(idx.numel()), int(idx.numel()),
                            self.sample_rate, self.unit, id(self))
 
@@ -95,7 +97,7 @@ class PoissonUserSampler:
     unit = "user"
 
     def __init__(self, *, user_of_record: torch.Tensor, sample_rate: float,
-                 generator: torch.Generator, max_records_per_user: int | None = None) -> None:
+                 generator: RandomSource, max_records_per_user: int | None = None) -> None:
         if not isinstance(user_of_record, torch.Tensor) or user_of_record.dim() != 1 \
                 or user_of_record.numel() == 0 or user_of_record.is_floating_point():
             raise DataError("user_of_record must be a non-empty 1-D integer tensor")
@@ -129,8 +131,7 @@ class PoissonUserSampler:
         return max(1, math.ceil(1 / self.sample_rate))
 
     def sample(self) -> PoissonDraw:
-        chosen = (torch.rand(self.num_users, generator=self.generator)
-                  < self.sample_rate).nonzero().flatten()
+        chosen = bernoulli_indices(self.generator, self.num_users, self.sample_rate)
         counts = self._counts[chosen]
         group = torch.arange(chosen.numel()).repeat_interleave(counts)
         offset = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[group]
@@ -138,8 +139,7 @@ class PoissonUserSampler:
         k = self.max_records_per_user
         if k is not None and group.numel() and int(counts.max()) > k:
             # Random order within each user (group-major), then keep each user's first k.
-            order = torch.argsort(group.double() + torch.rand(group.numel(), dtype=torch.float64,
-                                                              generator=self.generator))
+            order = torch.argsort(group.double() + uniform(self.generator, group.numel()))
             group, idx = group[order], idx[order]
             pos = torch.arange(group.numel()) - (torch.cumsum(counts, 0) - counts)[group]
             keep = pos < k

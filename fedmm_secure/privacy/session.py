@@ -28,6 +28,7 @@ from .calibration import calibrate_noise_multiplier
 from .dpsgd import DPTrainer, dp_train_epoch
 from .events import SubsampledGaussianEvent
 from .ledger import Ledger
+from .randomness import RANDOMNESS, RandomSource, SecureRandom
 from .sampling import PoissonRecordSampler, PoissonUserSampler
 
 __all__ = ["MarketPlan", "PrivacySession", "plan_markets"]
@@ -68,7 +69,7 @@ class PrivacySession:
                  noise_multiplier: float | None, target_epsilon: float | None, accountant: str,
                  policy: BudgetPolicy | None, ledger: Ledger | None, ledger_round_offset: int = 0,
                  prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
-                 noise_seed: int, secure_mode: bool = False, market_noise_multiplier: float | None = None,
+                 randomness: str, noise_seed: int | None = None, market_noise_multiplier: float | None = None,
                  upload_rng: np.random.Generator | None = None, federation_size: int | None = None) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("privacy.noise_multiplier", "give exactly one of a noise multiplier or a target epsilon")
@@ -76,7 +77,11 @@ class PrivacySession:
         self.plans = dict(plans)
         self.policy, self.ledger = policy, ledger
         self.accountant_name = accountant
-        self.secure_mode = secure_mode
+        if randomness not in RANDOMNESS:
+            raise ConfigError("privacy.randomness", f"unknown source {randomness!r}", allowed=", ".join(RANDOMNESS))
+        if randomness == "reproducible" and noise_seed is None:
+            raise ConfigError("noise_seed", "the reproducible mode needs a noise seed")
+        self.randomness = randomness
         self._noise_seed = noise_seed
         self.accountants: dict[str, PrivacyAccountant] = {m: make_accountant(accountant) for m in plans}
         for m, events in (prior_events or {}).items():
@@ -118,17 +123,25 @@ class PrivacySession:
                  users: torch.Tensor, settings, generator: torch.Generator):
         plan = self.plans[market]
         q = plan.sample_rate
-        noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator))
-                                                  ^ self._noise_seed)
-        if self.unit == "record":
-            sampler = PoissonRecordSampler(num_records=n_records, sample_rate=q, generator=generator)
+        noise_gen: RandomSource
+        sample_gen: RandomSource
+        if self.randomness == "secure":
+            # Fresh OS-keyed stream per trainer: nothing in the run's config or outputs (the seed
+            # included) determines the noise or which records each step samples.
+            noise_gen = sample_gen = SecureRandom()
         else:
-            sampler = PoissonUserSampler(user_of_record=users, sample_rate=q, generator=generator)
+            noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator))
+                                                      ^ self._noise_seed)
+            sample_gen = generator
+        if self.unit == "record":
+            sampler = PoissonRecordSampler(num_records=n_records, sample_rate=q, generator=sample_gen)
+        else:
+            sampler = PoissonUserSampler(user_of_record=users, sample_rate=q, generator=sample_gen)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
         trainer = DPTrainer(model, optimizer, loss_fn=lambda mdl, idx: loss_fn(mdl, idx),
                             noise_multiplier=self.noise_multipliers[market], max_grad_norm=self.max_grad_norm,
                             sampler=sampler, on_event=lambda e, m=market: self._on_event(m, e),
-                            generator=noise_gen, secure_mode=self.secure_mode)
+                            generator=noise_gen)
         return _DPLocal(trainer)
 
     def _on_event(self, market: str, event: SubsampledGaussianEvent) -> None:

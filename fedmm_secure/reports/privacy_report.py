@@ -60,6 +60,19 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
     return out
 
 
+def _reproducible_noise(run_dir: Path) -> bool:
+    """True when the run drew its DP noise from seeded generators (``privacy.randomness``)."""
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False  # runs without a config.json predate the setting, whose only value was seeded
+    return cfg.get("privacy", {}).get("randomness") == "reproducible"
+
+
+_NOT_PRIVATE = ("NOT PRIVATE: DP noise reproducible from the seed (privacy.randomness: reproducible); "
+                "the epsilon above is not a guarantee")
+
+
 def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> tuple[str, bool]:
     if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
         raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
@@ -74,6 +87,9 @@ def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> t
         lines.append(f"| {m} | {rep.epsilon:.4f} | {rep.delta:g} | {rep.accountant} | {rep.certified} | "
                      f"{max_epsilon:g} | {'OK' if within else 'OVER BUDGET'} |")
     worst = max(r.epsilon for r in spent.values())
+    if _reproducible_noise(run_dir):
+        ok = False
+        lines.append("\n" + _NOT_PRIVATE)
     lines.append(f"\nmaximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
     return "\n".join(lines), ok
 
@@ -124,6 +140,7 @@ def write_privacy_report(run_dir: Path) -> Path:
         f"- accountant: {anyp.get('accountant', 'pld')} ({anyp.get('bound', 'certified upper bound')})",
         f"- budget per market: {budget if budget is not None else 'none set'}",
         f"- secure aggregation: {results.get('secagg', {}).get('backend', 'n/a')}",
+        f"- DP randomness: {'**' + _NOT_PRIVATE + '**' if _reproducible_noise(run_dir) else 'secure (OS-keyed AES-256-CTR)'}",
         "",
         "## Epsilon per market",
         "",

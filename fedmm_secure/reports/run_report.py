@@ -94,6 +94,9 @@ def write_run_report(results: dict, out_dir: Path) -> Path:
             f"{m}: eps={v['epsilon']:.3g} ({v['unit']}-level, delta={v['delta']:g})" for m, v in priv.items()))
     else:
         lines.append("- privacy: **no DP** (epsilon = infinity)")
+    rnd = results.get("randomness")
+    if rnd and not rnd["private"]:
+        lines.append(f"- DP noise: **{rnd['note']}**")
     if "centralized" in results.get("methods", []):
         lines.append("- `centralized` pools every market's raw data: a non-private upper bound, never a deployment")
     lines += ["", "## Test AUC and LogLoss", ""]

@@ -109,3 +109,13 @@ def test_finish_chunk_sees_every_final_chunk_in_order():
     assert np.array_equal(acc, ref & np.uint32(0xFFFF))
     assert sum(seen) == length and len(seen) == 2
     assert h.digest() == hashlib.sha256(acc.tobytes()).digest()
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=6))
+def test_keystream_reads_continue_one_aes_ctr_stream(sizes):
+    from fedmm_secure.primitives.prg import Keystream
+    ks = Keystream(SymmetricKey(NIST_KEY))
+    got = b"".join(bytes(ks.read(n)) for n in sizes)
+    enc = Cipher(algorithms.AES(NIST_KEY), modes.CTR(bytes(16))).encryptor()
+    assert got == enc.update(bytes(sum(sizes)))

@@ -11,6 +11,7 @@ from torch import nn
 from fedmm_secure.errors import ConfigError
 from fedmm_secure.privacy.dpsgd import AccountingBypassError, DPTrainer, dp_train_epoch
 from fedmm_secure.privacy.events import SubsampledGaussianEvent
+from fedmm_secure.privacy.randomness import SecureRandom
 from fedmm_secure.privacy.sampling import PoissonRecordSampler, PoissonUserSampler
 from .test_dpsgd_models import TinyCF, TinyCTR, bce_loss, reference_clipped_sum
 
@@ -149,24 +150,24 @@ def test_required_arguments_and_validation():
                   mode="opacus_hooks")
 
 
-def test_secure_mode_needs_the_fast_mode():
+def test_opacus_reference_modes_refuse_secure_randomness():
     model = TinyCTR()
     with pytest.raises(ConfigError, match="torchcsprng"):
         DPTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=bce_loss,
                   noise_multiplier=1.0, max_grad_norm=1.0,
                   sampler=PoissonRecordSampler(num_records=N, sample_rate=0.1,
                                                generator=torch.Generator()),
-                  on_event=print, generator=torch.Generator(), secure_mode=True, mode="opacus_hooks")
+                  on_event=print, generator=SecureRandom(), mode="opacus_hooks")
 
 
-def test_secure_mode_draws_cryptographic_noise_of_the_right_scale():
+def test_secure_randomness_draws_noise_of_the_right_scale_and_never_repeats():
     model = TinyCTR()
     events = []
+    source = SecureRandom()
     trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn=bce_loss,
                         noise_multiplier=2.0, max_grad_norm=0.5,
-                        sampler=PoissonRecordSampler(num_records=N, sample_rate=0.1,
-                                                     generator=torch.Generator().manual_seed(0)),
-                        on_event=events.append, generator=torch.Generator(), secure_mode=True)
+                        sampler=PoissonRecordSampler(num_records=N, sample_rate=0.1, generator=source),
+                        on_event=events.append, generator=source)
     noise = trainer._noise_into_grads()
     flat = torch.cat([v.flatten() for v in noise.values()]).double()
     expected = 2.0 * 0.5 / trainer.sampler.expected_batch_size
@@ -177,17 +178,24 @@ def test_secure_mode_draws_cryptographic_noise_of_the_right_scale():
     assert abs(flat.std().item() / expected - 1) < 5 * (0.5 / n) ** 0.5
     assert abs(flat.mean().item()) < 5 * expected / n ** 0.5
     again = torch.cat([v.flatten() for v in trainer._noise_into_grads().values()])
-    assert not torch.equal(again.to(flat.dtype), flat)  # fresh sub-key per draw
+    assert not torch.equal(again.to(flat.dtype), flat)  # the stream moves on
 
 
-def test_csprng_normal_is_standard_normal():
-    from scipy import stats
-
-    from fedmm_secure.privacy.secure_noise import CsprngNormal
-    z = CsprngNormal().normal((20_000,), 1.0, dtype=torch.float64).numpy()
-    assert stats.kstest(z, "norm").pvalue > 1e-3
-    fixed = CsprngNormal(entropy=lambda n: bytes(n)).normal((8,), 1.0, dtype=torch.float64)
-    assert torch.equal(fixed, CsprngNormal(entropy=lambda n: bytes(n)).normal((8,), 1.0, dtype=torch.float64))
+def test_two_trainers_with_the_same_seeded_model_get_different_noise():
+    """The run's seed fixes the model's initial state, never the noise or the sampling."""
+    x, y = _data()
+    params = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = TinyCTR()
+        source = SecureRandom()
+        trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn=bce_loss,
+                            noise_multiplier=1.0, max_grad_norm=1.0,
+                            sampler=PoissonRecordSampler(num_records=N, sample_rate=0.25, generator=source),
+                            on_event=lambda e: None, generator=source)
+        dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]), steps=3)
+        params.append(_flat(model))
+    assert not torch.equal(params[0], params[1])
 
 
 @pytest.mark.parametrize("mode", ["opacus_hooks", "opacus_ghost"])

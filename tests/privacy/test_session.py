@@ -22,7 +22,7 @@ def _session(markets, **kw):
                          rounds=2, n_records={m.name: len(m.train) for m in markets},
                          n_users={m.name: m.n_users for m in markets})
     args = dict(unit="record", delta=1e-5, max_grad_norm=1.0, plans=plans, noise_multiplier=1.0, target_epsilon=None,
-                accountant="pld", policy=None, ledger=None, noise_seed=1)
+                accountant="pld", policy=None, ledger=None, randomness="secure")
     args.update(kw)
     return PrivacySession(**args), plans
 
