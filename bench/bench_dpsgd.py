@@ -54,7 +54,7 @@ CONFIGS = {
     "large": dict(vocab=100_000, dim=32, batch=1024,
                   modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost")),
     "medium": dict(vocab=50_000, dim=16, batch=1024,
-                   modes=("plain", "fast", "fast_user", "opacus_ghost")),
+                   modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost")),
     "small": dict(vocab=5_000, dim=16, batch=256,
                   modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost", "opacus_hooks")),
 }
@@ -232,6 +232,9 @@ def test_report():
         t, t0 = _times.get((config, mode)), _times.get((config, "plain"))
         m, m0 = _mem.get((config, mode)), _mem.get((config, "plain"))
         if t is None or m is None or t0 is None or m0 is None:
+            if (config, mode) in _ratios:  # interleaved ratios alone (-k interleaved)
+                lines.append(f"| {config} | {mode} | | | {_ratios[(config, mode)]:.2f} | "
+                             f"{_cpu_ms[(config, mode)]:.1f} | {_cpu_ratios[(config, mode)]:.2f} | | | | |")
             continue
         inc, inc0 = m["peak_kb"] - m["base_kb"], m0["peak_kb"] - m0["base_kb"]
         lines.append(f"| {config} | {mode} | {t * 1e3:.1f} | {t / t0:.2f} | "

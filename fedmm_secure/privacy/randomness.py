@@ -54,8 +54,8 @@ class SecureRandom:
     # Small tensors (biases, MLP layers) are served from a pool of standard normals drawn in
     # bulk: a draw has a fixed cost of ~30 us that would otherwise dominate them. Every value
     # of the pool is handed out once.
-    _POOL = 1 << 17
-    _SMALL = 1 << 12
+    _POOL = 1 << 18
+    _SMALL = 1 << 15
 
     def __init__(self, *, entropy: Callable[[int], bytes] | None = None) -> None:
         self._stream = Keystream(SymmetricKey.generate(entropy=entropy or os.urandom))
