@@ -280,6 +280,47 @@ def test_f_messages_replayed_into_an_identical_session_are_refused():
     assert not (SECRET_STAGES & third.stages_sent("m3"))
 
 
+def test_f_a_forged_peer_nonce_is_caught_before_any_share_leaves():
+    # Markets do not verify their peers' nonce signatures (redundant, see masking.read_nonce):
+    # the aggregator forges m1's nonce in what it shows m0. m0 advertises (public keys only)
+    # but refuses at SHARE_KEYS, since m1's advertisement is signed over the genuine nonce set.
+    ids = [f"m{i}" for i in range(4)]
+    agg, markets, _, _ = federation(MaskingAggregator(entropy=det_entropy(b"fn")), ids)
+    r = Round(agg, markets, _ctx(ids), _vectors(ids))
+    r.step()                          # nonces -> ADVERTISE requests carrying the nonce set
+    nonces = unpack_items(_body(r.outbox["m0"]))
+    forged = bytearray(nonces["m1"])
+    forged[-65] ^= 0x01               # last byte of m1's nonce (its signature no longer holds)
+    shown = _resign(agg, r.ctx, r.outbox["m0"],
+                    pack_items(sorted(dict(nonces, m1=bytes(forged)).items())))
+    adverts = r.answer(dict(r.outbox, m0=shown))
+    m0_session = decode_envelope(adverts["m0"]).payload[:32]
+    assert m0_session != decode_envelope(adverts["m1"]).payload[:32]
+    req = sign_message(agg._identity, r.ctx, SHARE_KEYS, "aggregator", m0_session,
+                       pack_items(sorted(adverts.items())))
+    with pytest.raises(ProtocolError, match="another session"):
+        r.clients["m0"].handle(req)
+    assert not (SECRET_STAGES & r.stages_sent("m0"))
+
+
+def test_own_entries_must_come_back_byte_for_byte():
+    # Markets compare their own entry of each relayed set with what they sent instead of
+    # verifying their own signature: a substituted own entry is an IntegrityError.
+    ids = [f"m{i}" for i in range(4)]
+    agg, markets, _, _ = federation(MaskingAggregator(entropy=det_entropy(b"own")), ids)
+    r = Round(agg, markets, _ctx(ids), _vectors(ids))
+    r.step()
+    r.step()                          # SHARE_KEYS requests carry every advertisement
+    adverts = unpack_items(_body(r.outbox["m2"]))
+    other = sign_message(markets["m2"]._identity, r.ctx, ADVERTISE, "m2",
+                         decode_envelope(adverts["m2"]).payload[:32], bytes(64))
+    msg = _resign(agg, r.ctx, r.outbox["m2"], pack_items(sorted(dict(adverts, m2=other).items())))
+    with pytest.raises(IntegrityError):
+        r.clients["m2"].handle(msg)
+    r.step()                          # the genuine request still works
+    assert SHARE_KEYS in r.stages_sent("m2")
+
+
 # -- robust reconstruction ------------------------------------------------------------------------
 
 def test_one_corrupt_share_with_enough_valid_ones_still_gives_the_exact_sum():

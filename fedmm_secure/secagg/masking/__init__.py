@@ -6,9 +6,10 @@ driver's ``drop_at`` indices):
 
 0. NONCE         market u checks the round against its own policy (pinned roster, minimum cohort,
                  threshold rule 2t > n + c) and sends a fresh 32-byte nonce.
-1. ADVERTISE     u checks every nonce's signature and that its own came back; from here on every
-                 message is bound to the session *and every nonce*, so nothing from another
-                 execution of an identical round verifies. u draws fresh X25519 keys c_u (share
+1. ADVERTISE     u checks that its own nonce came back unchanged; from here on every message is
+                 bound to the session *and every nonce*, so nothing from another execution of an
+                 identical round verifies (a forged peer nonce makes that peer's advertisement
+                 fail at SHARE_KEYS, so the nonce signatures need no check of their own). u draws fresh X25519 keys c_u (share
                  encryption) and s_u (mask seeds) and signs both public keys.
 2. SHARE_KEYS    u checks every advertisement's signature, draws a self-mask seed b_u, Shamir-
                  shares b_u and the private scalar of s_u t-of-n, and sends peer v its two
