@@ -116,7 +116,9 @@ class FlowerLocalDeployment:
     def _market_rules(self) -> list[str]:
         """Each market's own rules, which this launcher sets as the operator of every market:
         the run's backend and privacy settings, and a minimum cohort that lets the run go on
-        after one dropout (at least 2 markets: a local demo, not a private federation of 2)."""
+        after one dropout (at least 2 markets: a local demo, not a private federation of 2).
+        The threshold rule 2t > n + c (default c = 1) still applies on top: with 3 markets t = 3,
+        so a dropout aborts the round; from 4 markets on, one dropout is recovered."""
         n = len(self.markets)
         args = ["--allow-backend", self.cfg.secagg, "--min-cohort", str(max(2, min(n - 1, -(-2 * n // 3))))]
         if self.cfg.privacy.enabled:
