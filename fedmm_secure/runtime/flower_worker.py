@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import config_from_dict
+from ..config import DEFAULT_MAX_GRAD_NORM, PrivacyConfig, RunConfig, config_from_dict
 from ..errors import ConfigError, PolicyError, ProtocolError
 from ..federation.market_pipeline import Barrier, BroadcastRequest, PublicMeta, SumRequest, market_pipeline
 from ..secagg import (DEFAULT_COLLUDERS, MarketPolicy, Roster, RoundContext, create_backend,
                       default_min_cohort)
-from ..secagg.policy import canonical_privacy
 from .flower_wire import (
     b64,
     encode_bound,
@@ -46,7 +45,7 @@ from .flower_wire import (
 )
 from .workloads import secure_sum_pipeline
 
-__all__ = ["MarketWorker", "MarketRules", "HangAt", "serve"]
+__all__ = ["MarketWorker", "MarketRules", "HangAt", "serve", "own_privacy", "run_with_own_privacy"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +68,50 @@ class MarketRules:
 
     def privacy_settings(self) -> dict:
         return dict(self.privacy) if self.privacy is not None else {"enabled": False}
+
+
+# The worker always trains FedMM, so an unset clip norm means FedMM's default, whatever model
+# family the aggregator's run config names.
+_WORKER_FAMILY = "fedmm"
+
+
+def _pin_clip(p: PrivacyConfig) -> PrivacyConfig:
+    if p.max_grad_norm is not None:
+        return p
+    return dataclasses.replace(p, max_grad_norm=float(DEFAULT_MAX_GRAD_NORM[_WORKER_FAMILY]))
+
+
+def own_privacy(rules: MarketRules) -> PrivacyConfig:
+    """The market's own privacy settings, complete: every field it does not name takes its
+    default (``randomness`` "secure" above all) and an unset clip norm is written out."""
+    try:
+        own = config_from_dict({"privacy": rules.privacy_settings()}).privacy
+    except ConfigError as e:
+        raise PolicyError(f"this market's own privacy settings are invalid: {e}") from None
+    return _pin_clip(own)
+
+
+def run_with_own_privacy(cfg: RunConfig, rules: MarketRules) -> RunConfig:
+    """``cfg`` (the aggregator's run config) carrying this market's own privacy settings.
+
+    The run's settings must agree with the market's (every market of a run must train alike and
+    account alike), but they are only compared: what the market trains and accounts with is its
+    own :class:`PrivacyConfig`, so nothing of the aggregator's (its seed-driven
+    ``reproducible`` randomness in particular) reaches the DP noise unless the market's own
+    settings say so. A mismatch raises :class:`PolicyError` naming the fields.
+    """
+    own = own_privacy(rules)
+    asked = _pin_clip(cfg.privacy)
+    if own.enabled or asked.enabled:
+        mine, theirs = dataclasses.asdict(own), dataclasses.asdict(asked)
+        diff = sorted(k for k in mine if mine[k] != theirs[k])
+        if diff:
+            detail = ", ".join(f"{k}: run {theirs[k]!r}, market {mine[k]!r}" for k in diff)
+            why = (" (reproducible randomness lets anyone with the seed remove the DP noise; a "
+                   "market uses it only if its own settings say so)"
+                   if "randomness" in diff else "")
+            raise PolicyError(f"the run's privacy settings differ from this market's own: {detail}{why}")
+    return dataclasses.replace(cfg, privacy=own)
 
 
 class HangAt:
@@ -118,14 +161,12 @@ class MarketWorker:
         from ..experiment import load_data  # heavy (data generators); only the worker needs it
 
         cfg = config_from_dict(msg["config"])
-        # The aggregator's run config may not pick this market's backend or privacy settings.
+        # The aggregator's run config may not pick this market's backend or privacy settings:
+        # the backend must be one the market runs, and from here on the privacy settings are the
+        # market's own object (the run's must agree with them, see run_with_own_privacy).
         if cfg.secagg not in self.rules.backends:
             raise PolicyError(f"backend {cfg.secagg!r} is not allowed by this market's rules")
-        own = canonical_privacy(self.rules.privacy_settings())
-        asked = dataclasses.asdict(cfg.privacy) if cfg.privacy.enabled else {"enabled": False}
-        if canonical_privacy(asked) != own:
-            raise PolicyError("the run's privacy settings differ from this market's own")
-        self._cfg = cfg
+        self._cfg = run_with_own_privacy(cfg, self.rules)
         self._run_id = str(msg["run_id"])
         # The SuperNode's node config (``market``, optionally ``data``) is the market's own say:
         # the aggregator's run config cannot point a market at another market's data.
@@ -173,18 +214,24 @@ class MarketWorker:
         min_cohort = default_min_cohort(n) if rules.min_cohort is None else rules.min_cohort
         if min_cohort > n:
             raise PolicyError(f"{n} markets on the roster, this market's minimum cohort is {min_cohort}")
-        policy = MarketPolicy.pin(roster, backends=rules.backends, privacy=rules.privacy_settings(),
+        # Market-level DP noise shares are sized by the federation size: it is the size of the
+        # roster this market installs (pinned, where the deployment pins one), never a number
+        # the aggregator states (claiming 1000 markets would shrink every market's share).
+        if int(msg.get("n_markets", n)) != n:
+            raise PolicyError(f"the aggregator says {msg['n_markets']} markets, the roster has {n}")
+        policy = MarketPolicy.pin(roster, backends=rules.backends,
+                                  privacy=dataclasses.asdict(self._cfg.privacy),
                                   min_cohort=min_cohort, colluders=rules.colluders)
         self._endpoint.install_roster(roster, policy=policy)
         meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
         workload = msg.get("workload", {"name": "fedmm"})
         if workload.get("name") == "fedmm":
-            trainers, hooks = self._privacy(int(msg["n_markets"]))
+            trainers, hooks = self._privacy(n)
             self._pipeline = market_pipeline(self._data, self._cfg.model, method="fedmm", rounds=self._cfg.rounds,
                                              seed=self._cfg.seed, meta=meta, trainers=trainers, hooks=hooks)
         elif workload.get("name") == "secure-sum":
             self._pipeline = secure_sum_pipeline(length=int(workload["length"]), rounds=int(workload["rounds"]),
-                                                 seed=self._cfg.seed, meta=meta, n_markets=int(msg["n_markets"]))
+                                                 seed=self._cfg.seed, meta=meta, n_markets=n)
         else:
             raise ProtocolError(f"unknown workload {workload.get('name')!r}")
         return self._advance(None, first=True)
