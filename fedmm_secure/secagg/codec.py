@@ -18,6 +18,7 @@ __all__ = ["Envelope", "encode_envelope", "decode_envelope", "VERSION", "BACKEND
 MAGIC = b"FMSA"
 VERSION = 1
 BACKEND_CODES = {"plain": 1, "masking": 2, "ckks": 3}
+_NAMES = {v: k for k, v in BACKEND_CODES.items()}
 _HEAD = struct.Struct(">4sBBBQ")
 
 
@@ -63,7 +64,7 @@ def decode_envelope(data: bytes, *, view: bool = False) -> Envelope:
         raise ProtocolError("not a fedmm-secure message")
     if version != VERSION:
         raise ProtocolError(f"unsupported message version {version} (expected {VERSION})")
-    names = {v: k for k, v in BACKEND_CODES.items()}
+    names = _NAMES
     if code not in names:
         raise ProtocolError(f"unknown backend code {code}")
     pos = _HEAD.size

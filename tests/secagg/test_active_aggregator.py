@@ -213,6 +213,31 @@ def test_e_masking_result_altered_in_transit_or_shown_differently_is_refused():
             r.clients[m].result()
 
 
+def test_e_masking_confirmations_cannot_be_forged_or_reflected():
+    # Markets check each other's confirmations by pairwise tags (not by signatures): the
+    # aggregator, without the pair's key, can neither forge m1's tag to m0 nor pass off m0's own
+    # tag to m1 as m1's tag to m0.
+    agg, r = _masking_to_result(b"e2")
+    echoes = r.answer()
+    env = decode_envelope(echoes["m1"])
+    digest, tags_raw = unpack_sections(env.payload[32:-64], 2)
+    m0_tags = unpack_items(unpack_sections(decode_envelope(echoes["m0"]).payload[32:-64], 2)[1])
+    for fake_tag in (bytes(32), m0_tags["m1"]):
+        tags = dict(unpack_items(tags_raw), m0=fake_tag)
+        # "From m1", signed with the aggregator's key (it has no other).
+        forged = sign_message(agg._identity, r.ctx, RESULT, "m1", env.payload[:32],
+                              pack_sections(digest, pack_items(sorted(tags.items()))))
+        agree = sign_message(agg._identity, r.ctx, AGREE, "aggregator",
+                             decode_envelope(r.outbox["m0"]).payload[:32],
+                             pack_items(sorted(dict(echoes, m1=forged).items())))
+        with pytest.raises(IntegrityError):
+            r.clients["m0"].handle(agree)
+        assert not r.clients["m0"].done
+    r.step(echoes)                    # the genuine confirmations still release the sum
+    assert all(v is None for v in r.answer().values())
+    assert np.allclose(r.clients["m0"].result(), sum(r.vecs.values()), atol=1e-6)
+
+
 def test_e_ckks_result_replaced_by_one_markets_upload_is_refused():
     pytest.importorskip("tenseal")
     from fedmm_secure.secagg.ckks.wire import RESULT as CK_RESULT
@@ -250,6 +275,30 @@ def test_e_ckks_result_replaced_by_one_markets_upload_is_refused():
     assert all(v is None for v in ans(server.handle(echoes)).values())
     expected = sum(np.clip(v, -2, 2) for v in vecs.values())
     assert np.allclose(clients["us"].result(), expected, atol=1e-5)
+
+
+def test_result_is_decoded_exactly_and_malformed_results_are_refused():
+    # Markets hash and decode the RESULT in one chunked pass (several chunks at this length);
+    # what they release must equal the aggregator's own decoding bit for bit, and a signed
+    # RESULT with a short vector or values outside the ring is refused after the signature.
+    ids = [f"m{i}" for i in range(4)]
+    length = 150_000
+    agg, markets, _, _ = federation(MaskingAggregator(entropy=det_entropy(b"res"), ring_bits=20), ids)
+    r = Round(agg, markets, _ctx(ids, length=length), _vectors(ids, length=length))
+    for _ in range(6):
+        r.step()
+    genuine = dict(r.outbox)
+    ids_raw, to_raw, vec = unpack_sections(_body(genuine["m0"]), 3)
+    high = bytearray(vec)
+    high[4 * 140_000 + 3] |= 0x80     # one coordinate outside Z_2^20, in the last chunk
+    for body, match in ((pack_sections(ids_raw, to_raw, bytes(vec[:-4])), "bytes, expected"),
+                        (pack_sections(ids_raw, to_raw, bytes(high)), "outside")):
+        with pytest.raises(ProtocolError, match=match):
+            r.clients["m0"].handle(_resign(agg, r.ctx, genuine["m0"], body))
+    r.step()
+    assert all(v is None for v in r.answer().values())
+    for m in ids:
+        assert np.array_equal(r.clients[m].result(), r.server.result())
 
 
 # -- (f) replay into an otherwise identical session ----------------------------------------------

@@ -27,14 +27,16 @@ driver's ``drop_at`` indices):
                  both shares of one peer (that would unmask the peer's input).
 6. RESULT        the aggregator rebuilds the missing seeds from any t committed shares, removes
                  every mask, and sends U3, the recipients R and the ring sum; each u decodes the
-                 sum but keeps it, and echoes a signature on the digest of the RESULT message.
-7. AGREE         the aggregator forwards every echo; u releases the sum only if every market in R
-                 confirmed the very same RESULT message.
+                 sum but keeps it, and confirms the digest of the RESULT message: signed, to the
+                 aggregator, and with an HMAC tag under a pair key to every other market in R.
+7. AGREE         the aggregator forwards every confirmation; u releases the sum only if every
+                 market in R tagged the very same RESULT message to u.
 
 Every message, the aggregator's included, is an envelope (:mod:`..codec`) whose payload is
 ``session | body | signature``: Ed25519 (the sender's roster key) over the domain tag and the
 SHA-256 digest of every envelope byte before it (hash-then-sign: one fast pass over a megabyte
-upload instead of Ed25519's two SHA-512 passes). The session digest covers run, round, label,
+upload instead of Ed25519's two SHA-512 passes). Markets check the aggregator's signature where
+it is the only authentication (nonce set, survivor set, result; see ``client``). The session digest covers run, round, label,
 participants, length, bounds, threshold, ring, the pinned roster and, after NONCE, every nonce.
 Fewer than t markets at any stage aborts the round (:class:`AbortError`), fewer than a market's
 minimum cohort makes that market refuse (:class:`PolicyError`), and nothing is released.

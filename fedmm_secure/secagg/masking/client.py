@@ -9,6 +9,7 @@ received the result has echoed, signed, the digest of the very same result messa
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,12 +26,23 @@ from ..codec import Envelope, decode_envelope, expect
 from ..policy import MarketPolicy
 from .wire import (ADVERTISE, AGREE, BACKEND, CONSISTENCY, DOMAIN, FINISHED, KIND_B, KIND_S,
                    MASKED_INPUT, NONCE, NONCE_SIZE, RESULT, SEALED_SHARES, SERVER, SHARE_KEYS,
-                   UNMASK, Entropy, b_commitment, context, open_signed, open_signed_digest,
-                   pack_ids, pack_items, pack_sections, pair, parse_advert, read_nonce,
-                   ring_vector, session_digest, session_with_nonces, share_commitment, share_x, sign_message,
-                   signed_head, unpack_ids, unpack_items, unpack_sections)
+                   UNMASK, Entropy, b_commitment, context, echo_tag, open_signed,
+                   open_signed_digest, open_signed_streamed, pack_ids, pack_items, pack_sections, pair, parse_advert,
+                   read_nonce, read_unverified, session_digest, session_with_nonces, share_commitment, share_x,
+                   sign_message, signed_head, unpack_ids, unpack_items, unpack_sections)
 
 __all__ = ["MaskingClient"]
+
+# The aggregator signs every message; a market checks that signature where it is the only
+# authentication of what the market acts on, i.e. where the aggregator asserts something: the
+# nonce set (peer nonce signatures are not checked, see read_nonce), the survivor set U3 and
+# the result. Every field of the other messages is authenticated by the markets themselves or
+# checked against the market's own state, so checking the aggregator's signature there too
+# would only cost an Ed25519 verification (the signatures stay on the wire as evidence):
+# NONCE is empty; SHARE_KEYS relays signed advertisements; MASKED_INPUT relays AES-GCM-sealed
+# shares under keys from those advertisements; UNMASK relays signed consistency signatures and
+# a request that must equal the split of the market's own U3; AGREE relays pairwise tags.
+_AGGREGATOR_ASSERTS = frozenset({ADVERTISE, CONSISTENCY, RESULT})
 
 
 class MaskingClient(ClientRound):
@@ -60,6 +72,7 @@ class MaskingClient(ClientRound):
         # instead of re-verifying our own signature (one Ed25519 verification saved per set).
         self._sent: dict[int, bytes] = {}
         self._enc_keys: dict[str, SymmetricKey] = {}
+        self._echo_keys: dict[str, SymmetricKey] = {}
         self._u0: tuple[str, ...] = ()
         self._c_key: AgreementPrivateKey | None = None
         self._s_key: AgreementPrivateKey | None = None
@@ -109,16 +122,22 @@ class MaskingClient(ClientRound):
             raise ProtocolError("round already finished")
         expect(env, backend=BACKEND, stage=self._stage, round_id=self._ctx.round_id,
                run_id=self._ctx.run_id, label=self._ctx.label, sender=SERVER)
-        # The aggregator signs every message over the session this market is in: a relayed,
-        # altered or foreign message fails here, before any handler looks at it.
-        body, digest = open_signed_digest(message, ctx=self._ctx, stage=self._stage, sender=SERVER,
-                                          session=self._session, keys=self._server_keys,
-                                          view=True, env=env)
-        if self._stage == RESULT:
-            reply = self._finish(body, digest)
+        stage = self._stage
+        if stage == RESULT:
+            reply = self._finish(message, env)
         else:
+            if stage in _AGGREGATOR_ASSERTS:
+                # Signed by the aggregator over the session this market is in: an altered or
+                # foreign message fails here, before any handler looks at it.
+                body, _ = open_signed_digest(message, ctx=self._ctx, stage=stage, sender=SERVER,
+                                             session=self._session, keys=self._server_keys,
+                                             view=True, env=env)
+            else:
+                # Still bound to this session (checked); the handler authenticates the content.
+                body = read_unverified(message, ctx=self._ctx, stage=stage, sender=SERVER,
+                                       session=self._session, env=env)
             handler = (self._send_nonce, self._advertise, self._share_keys, self._masked_input,
-                       self._consistency, self._unmask, None, self._agree)[self._stage]
+                       self._consistency, self._unmask, None, self._agree)[stage]
             reply = handler(bytes(body))
         if env.stage in (NONCE, ADVERTISE, CONSISTENCY, RESULT):  # see self._sent
             self._sent[env.stage] = reply
@@ -229,6 +248,10 @@ class MaskingClient(ClientRound):
         accumulate_masks(y, add=add, subtract=sub, finish_chunk=finish)
         sig = self._identity.sign(DOMAIN + b"/sig" + digest.digest())
         reply = b"".join([head, self._session, memoryview(y).cast("B"), sig])
+        # Result confirmations to and from each peer are MACed under a key only the pair holds
+        # (see echo_tag); derived here, where the pair's share-encryption key is dropped.
+        self._echo_keys = {v: self._enc_keys[v].derive(
+            context=context(self._session, b"echo-mac", *pair(self._market, v))) for v in incoming}
         self._held, self._u2, self._stage = held, u2, CONSISTENCY
         self._encoded, self._enc_keys = np.zeros(0, dtype=np.uint32), {}
         return reply
@@ -267,8 +290,31 @@ class MaskingClient(ClientRound):
         self._stage = RESULT
         return reply
 
-    def _finish(self, payload: memoryview, digest: bytes) -> bytes:
-        ids_raw, to_raw, vec_raw = unpack_sections(payload, 3)  # views: no 4 MB copies
+    def _finish(self, message: bytes, env: Envelope) -> bytes:
+        q, n = self._q, self._ctx.length
+        pending = np.empty(n, dtype=np.float64)
+        outside: list[int] = []
+
+        def decode(part: memoryview, offset: int) -> None:
+            # Called while the chunk is in cache, before the signature is known to hold: never
+            # raises (the range check is reported after it), and `pending` is dropped on failure.
+            ring = np.frombuffer(part, dtype="<u4").astype(np.uint32, copy=False)
+            i = offset // 4
+            if q.ring_bits < 32 and np.any(ring >> np.uint32(q.ring_bits)):
+                outside.append(i)
+            q.dequantize_into(ring, pending[i:i + ring.shape[0]], start=i)
+
+        # One pass over the megabyte RESULT: hashed for the aggregator's signature (and the
+        # digest every recipient echoes) and decoded chunk by chunk in the same pass.
+        opened = open_signed_streamed(message, env, ctx=self._ctx, stage=RESULT, sender=SERVER,
+                                      session=self._session, keys=self._server_keys, tail=4 * n,
+                                      consume=decode)
+        if opened is None:   # too short to hold the vector: verify it anyway, then refuse
+            opened = open_signed_digest(message, ctx=self._ctx, stage=RESULT, sender=SERVER,
+                                        session=self._session, keys=self._server_keys, view=True,
+                                        env=env)
+        payload, digest = opened
+        ids_raw, to_raw, vec_raw = unpack_sections(payload, 3)  # views: no megabyte copies
         if unpack_ids(bytes(ids_raw)) != self._u3:
             raise ProtocolError("result is over a different survivor set")
         recipients = unpack_ids(bytes(to_raw))
@@ -276,10 +322,16 @@ class MaskingClient(ClientRound):
             raise ProtocolError("result recipients must be survivors, including this market")
         if len(recipients) < self._t:
             raise ProtocolError("result recipients fewer than the threshold")
-        ring = ring_vector(self._ctx, self._q, vec_raw).astype(np.uint32, copy=False)
-        pending = self._q.dequantize_sum(ring)
-        # Not released yet: only once every recipient has confirmed the same result message.
-        reply = self._sign(RESULT, digest)
+        # The vector is the last section, so at the right length it is exactly the decoded tail.
+        if len(vec_raw) != 4 * n:
+            raise ProtocolError(f"vector of {len(vec_raw)} bytes, expected {4 * n}")
+        if outside:
+            raise ProtocolError(f"vector holds values outside Z_2^{q.ring_bits}")
+        # Not released yet: only once every recipient has confirmed the same result message. The
+        # signed digest is for the aggregator; each other recipient gets its own tag.
+        tags = [(v, echo_tag(self._echo_keys[v], self._market, v, digest))
+                for v in recipients if v != self._market]
+        reply = self._sign(RESULT, pack_sections(digest, pack_items(tags)))
         self._pending, self._result_digest, self._recipients = pending, digest, recipients
         self._held, self._stage = {}, AGREE
         return reply
@@ -288,10 +340,21 @@ class MaskingClient(ClientRound):
         echoes = unpack_items(payload)
         if tuple(echoes) != self._recipients:
             raise ProtocolError("result confirmations must come from every recipient")
-        for v, body in self._open_peers(echoes, RESULT).items():
-            if v != self._market and body != self._result_digest:
+        if echoes[self._market] != self._sent[RESULT]:
+            raise IntegrityError()
+        for v, blob in echoes.items():
+            if v == self._market:
+                continue
+            # v's signature is for the aggregator; what convinces this market is v's tag to it,
+            # which only v could compute and only over the digest v itself received.
+            _, tags_raw = unpack_sections(read_unverified(blob, ctx=self._ctx, stage=RESULT,
+                                                          sender=v, session=self._session), 2)
+            tag = unpack_items(tags_raw).get(self._market, b"")
+            want = echo_tag(self._echo_keys[v], v, self._market, self._result_digest)
+            if not hmac.compare_digest(tag, want):
                 raise IntegrityError()  # v was shown another result
         self._result, self._pending, self._stage = self._pending, None, FINISHED
+        self._echo_keys = {}
         return None
 
     def report(self) -> dict:

@@ -274,8 +274,13 @@ class MaskingServer(ServerRound):
 
     def _on_result(self, bodies, replies) -> dict[str, bytes]:
         def check(m: str, body: bytes) -> None:
-            if body != self._result_digest:
+            digest, tags_raw = unpack_sections(body, 2)
+            if digest != self._result_digest:
                 raise ProtocolError("market confirmed another result")
+            # Tags for the other recipients, under pair keys the aggregator does not hold.
+            tags = unpack_items(tags_raw)
+            if set(tags) != set(self._expected) - {m} or any(len(t) != DIGEST for t in tags.values()):
+                raise ProtocolError("result confirmation must tag every other recipient")
 
         self._validate_each(bodies, check)
         if tuple(sorted(bodies)) != self._expected:

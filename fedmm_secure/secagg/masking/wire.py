@@ -8,6 +8,7 @@ Everything here is shared by the market side (:mod:`.client`) and the aggregator
 from __future__ import annotations
 
 import hashlib
+import hmac
 import struct
 from collections.abc import Callable, Mapping, Sequence
 
@@ -29,7 +30,8 @@ __all__ = [
     "Entropy", "default_threshold", "pack_ids", "unpack_ids", "pack_items", "unpack_items",
     "pack_sections", "unpack_sections", "session_digest", "context", "pair", "b_commitment",
     "signed_digest", "signed_head", "sign_message", "open_signed", "open_signed_digest",
-    "read_nonce", "share_x",
+    "open_signed_streamed", "read_unverified", "read_nonce", "echo_tag", "STREAM_CHUNK",
+    "share_x",
     "ring_vector", "parse_advert", "blame",
 ]
 
@@ -43,6 +45,8 @@ NONCE_SIZE = 32
 SHARE_PLAIN = 2 * SHARE_SIZE
 SEALED_SHARES = SHARE_PLAIN + OVERHEAD
 KIND_B, KIND_S = b"b", b"s"
+# 256 KiB (64 Ki ring elements): a chunk and its decoded float64 copy stay in L2.
+STREAM_CHUNK = 1 << 18
 
 Entropy = Callable[[int], bytes]
 
@@ -255,8 +259,60 @@ def open_signed_digest(data: bytes, *, ctx: RoundContext, stage: int, sender: st
     return (body if view else bytes(body)), digest
 
 
+def open_signed_streamed(data: bytes, env: Envelope, *, ctx: RoundContext, stage: int, sender: str,
+                         session: bytes, keys: Mapping[str, IdentityPublicKey], tail: int,
+                         consume: Callable[[memoryview, int], None]
+                         ) -> tuple[memoryview, bytes] | None:
+    """:func:`open_signed_digest` (views only) for a message whose body ends with ``tail``
+    bytes of vector: each chunk of the vector is handed to ``consume(chunk, offset)`` right
+    after it is hashed, while it is in cache, so a megabyte RESULT is read from memory once
+    instead of once to verify and once to decode.
+
+    ``consume`` runs before the signature is checked: it must not raise, and whatever it
+    produced must be dropped if this raises. Returns ``None`` (``consume`` never called) when
+    the message is too short to end with such a vector; the caller then opens it normally.
+    """
+    if len(env.payload) < DIGEST + tail + SIGNATURE_SIZE:
+        return None
+    key = keys.get(env.sender)
+    if key is None:
+        raise ProtocolError(f"message from {env.sender!r}, who is not on the roster")
+    mv = memoryview(data)
+    end = len(mv) - SIGNATURE_SIZE
+    first = end - tail
+    h = hashlib.sha256(mv[:first])
+    for off in range(0, tail, STREAM_CHUNK):
+        part = mv[first + off:min(first + off + STREAM_CHUNK, end)]
+        h.update(part)
+        consume(part, off)
+    digest = DOMAIN + b"/sig" + h.digest()   # what signed_digest gives for the same bytes
+    key.verify(bytes(env.payload[-SIGNATURE_SIZE:]), digest)
+    expect(env, backend=BACKEND, stage=stage, round_id=ctx.round_id, run_id=ctx.run_id,
+           label=ctx.label, sender=sender)
+    if env.payload[:DIGEST] != session:
+        raise ProtocolError("message belongs to another session configuration")
+    return memoryview(env.payload)[DIGEST:-SIGNATURE_SIZE], digest
+
+
+def read_unverified(data: bytes, *, ctx: RoundContext, stage: int, sender: str,
+                    session: bytes, env: Envelope | None = None) -> bytes:
+    """The body of a signed message, parsed strictly but deliberately *not* signature-checked:
+    only where every field is authenticated otherwise (:func:`read_nonce`; result confirmations,
+    whose pairwise tags are the proof; the aggregator messages the market client lists as
+    relaying only authenticated content)."""
+    if env is None:
+        env = decode_envelope(data)
+    if len(env.payload) < DIGEST + SIGNATURE_SIZE:
+        raise ProtocolError("message truncated")
+    expect(env, backend=BACKEND, stage=stage, round_id=ctx.round_id, run_id=ctx.run_id,
+           label=ctx.label, sender=sender)
+    if env.payload[:DIGEST] != session:
+        raise ProtocolError("message belongs to another session configuration")
+    return bytes(env.payload[DIGEST:-SIGNATURE_SIZE])
+
+
 def read_nonce(data: bytes, *, ctx: RoundContext, sender: str, session: bytes) -> bytes:
-    """A peer's NONCE message, parsed strictly but deliberately *not* signature-checked.
+    """A peer's NONCE message, parsed strictly but not signature-checked.
 
     Checking it would be redundant: every later message of the peer is signed over the session
     hash of the whole nonce set, after the peer checked its own nonce is in it. So one verified
@@ -264,14 +320,23 @@ def read_nonce(data: bytes, *, ctx: RoundContext, sender: str, session: bytes) -
     included, before anything secret leaves this market; a forged nonce only makes that check
     fail. (Skipping it saves one Ed25519 verification per peer and round.)
     """
-    env = decode_envelope(data)
-    if len(env.payload) != DIGEST + NONCE_SIZE + SIGNATURE_SIZE:
+    body = read_unverified(data, ctx=ctx, stage=NONCE, sender=sender, session=session)
+    if len(body) != NONCE_SIZE:
         raise ProtocolError("nonce of the wrong length")
-    expect(env, backend=BACKEND, stage=NONCE, round_id=ctx.round_id, run_id=ctx.run_id,
-           label=ctx.label, sender=sender)
-    if env.payload[:DIGEST] != session:
-        raise ProtocolError("message belongs to another session configuration")
-    return env.payload[DIGEST:DIGEST + NONCE_SIZE]
+    return body
+
+
+def echo_tag(key: SymmetricKey, sender: str, recipient: str, digest: bytes) -> bytes:
+    """``sender``'s confirmation to ``recipient`` that it got the RESULT with ``digest``.
+
+    HMAC-SHA256 under a key only the two markets hold (derived from their share-encryption
+    agreement, whose public halves are in their signed advertisements), so the aggregator cannot
+    forge it; the direction is in the input, so a tag cannot be reflected back to its sender.
+    Markets need to convince only each other, not a third party: a MAC does, at a fraction of
+    an Ed25519 verification per peer.
+    """
+    msg = b"".join([DOMAIN, b"/echo", lp(sender.encode()), lp(recipient.encode()), digest])
+    return hmac.new(key._hazmat_bytes(), msg, hashlib.sha256).digest()
 
 
 def share_x(ctx: RoundContext, market: str) -> int:
