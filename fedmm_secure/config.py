@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict",
-           "dataclass_from_overrides", "METHODS", "DEFAULT_MAX_GRAD_NORM"]
+           "dataclass_from_overrides", "METHODS", "DEFAULT_EPSILON", "DEFAULT_MAX_GRAD_NORM"]
 
 METHODS = ("local", "local_codes", "fedmm", "centralized")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
@@ -29,12 +30,16 @@ UNITS = ("record", "user")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
 RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
+# A run is private unless asked not to be (--no-dp): with no epsilon, noise multiplier or budget
+# named, each market's noise is calibrated to this target (a budget alone caps it).
+DEFAULT_EPSILON = 8.0
 
 
 def _positive(name: str, value: Any, *, integer: bool) -> None:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ConfigError(name, f"must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    # NaN compares False with everything and inf is no setting: both are named, not passed on.
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(name, f"must be a finite positive {'integer' if integer else 'number'}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    enabled: bool = False
+    enabled: bool = True
     unit: str = "record"
     delta: float = 1e-5
     epsilon: float | None = None           # calibrate the noise multiplier for the planned rounds
@@ -110,11 +115,34 @@ class PrivacyConfig:
                 _positive(f"privacy.{f}", v, integer=False)
         if self.max_grad_norm is not None:
             _positive("privacy.max_grad_norm", self.max_grad_norm, integer=False)
-        if self.market_noise_multiplier is not None and not self.enabled:
-            raise ConfigError("privacy.market_noise_multiplier", "market-level noise needs a private run",
-                              allowed="set --epsilon or --noise-multiplier too")
-        if self.enabled and self.epsilon is None and self.noise_multiplier is None:
-            raise ConfigError("privacy.noise_multiplier", "a private run needs --epsilon or a noise multiplier")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("privacy.enabled", f"must be true or false, got {self.enabled!r}")
+        if not self.enabled:
+            # A setting that only means something with DP must not be dropped silently.
+            given = [f for f in ("epsilon", "noise_multiplier", "epsilon_budget", "market_noise_multiplier")
+                     if getattr(self, f) is not None]
+            if given:
+                raise ConfigError(f"privacy.{given[0]}", "set on a non-private run (--no-dp / enabled: false)",
+                                  allowed="drop it, or train with DP")
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ConfigError("privacy.noise_multiplier", "given together with a target epsilon",
+                              allowed="one of --epsilon (calibrates the noise) or --noise-multiplier")
+        target = self.target_epsilon
+        if target is not None and self.epsilon_budget is not None and target > self.epsilon_budget:
+            raise ConfigError("privacy.epsilon", f"target {target:g} is above the budget {self.epsilon_budget:g}: "
+                              "every round past the budget would be refused",
+                              allowed=f"a target <= {self.epsilon_budget:g}")
+
+    @property
+    def target_epsilon(self) -> float | None:
+        """The epsilon each market's noise is calibrated to: the configured one; with neither it
+        nor a noise multiplier, ``DEFAULT_EPSILON`` capped by the budget; None without DP or
+        when a noise multiplier is given."""
+        if not self.enabled or self.noise_multiplier is not None:
+            return None
+        if self.epsilon is not None:
+            return float(self.epsilon)
+        return min(DEFAULT_EPSILON, self.epsilon_budget) if self.epsilon_budget is not None else DEFAULT_EPSILON
 
 
 @dataclass(frozen=True)
@@ -127,7 +155,7 @@ class RunConfig:
     synthetic: dict = field(default_factory=dict)  # overrides of SyntheticConfig fields
     secagg: str = "masking"                 # "plain" must be asked for by name
     model_family: str = "fedmm"             # "fedmm" or "pf-msmtrec"
-    pf: dict = field(default_factory=dict)  # PF-MSMTrec settings (see fedmm_secure/pf_experiment.py)
+    pf: dict = field(default_factory=dict)  # PF-MSMTrec settings (see fedmm_secure/workflows/pf_run.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
@@ -159,9 +187,11 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """This config with defaults that depend on other fields written out, so what a run
         directory records (config.json, ledger) is explicit and survives a change of default."""
-        if self.privacy.max_grad_norm is not None:
+        p = self.privacy
+        if not p.enabled or (p.max_grad_norm == self.max_grad_norm() and p.epsilon == p.target_epsilon):
             return self
-        return dataclasses.replace(self, privacy=dataclasses.replace(self.privacy, max_grad_norm=self.max_grad_norm()))
+        return dataclasses.replace(self, privacy=dataclasses.replace(
+            p, max_grad_norm=self.max_grad_norm(), epsilon=p.target_epsilon))
 
 
 def _build(cls, raw: Any, prefix: str):
