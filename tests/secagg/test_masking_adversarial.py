@@ -189,9 +189,13 @@ def test_relay_tampering_with_advertisements_or_shares_is_detected():
     h.step()
     msg = h.outbox["m3"]
     env = decode_envelope(msg)
-    with pytest.raises(IntegrityError):  # a flipped bit inside a sealed share (before the
-        # aggregator's 64-byte signature, which markets do not need to check here: the AEAD does)
-        h.clients["m3"].handle(_rewrap(msg, _flip(env.payload, len(env.payload) - 64 - 5)))
+    with pytest.raises(IntegrityError):  # a flipped bit in the aggregator's signature
+        h.clients["m3"].handle(_rewrap(msg, _flip(env.payload, len(env.payload) - 5)))
+    with pytest.raises(IntegrityError):  # a flipped bit inside a sealed share (re-signed: the
+        # aggregator relays it; the AEAD catches it)
+        body = bytearray(_body(msg))
+        body[-5] ^= 0x01
+        h.clients["m3"].handle(_resign(h, msg, bytes(body)))
     h.finish()
 
 

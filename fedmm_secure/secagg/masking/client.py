@@ -33,16 +33,6 @@ from .wire import (ADVERTISE, AGREE, BACKEND, CONSISTENCY, DOMAIN, FINISHED, KIN
 
 __all__ = ["MaskingClient"]
 
-# The aggregator signs every message; a market checks that signature where it is the only
-# authentication of what the market acts on, i.e. where the aggregator asserts something: the
-# nonce set (peer nonce signatures are not checked, see read_nonce), the survivor set U3 and
-# the result. Every field of the other messages is authenticated by the markets themselves or
-# checked against the market's own state, so checking the aggregator's signature there too
-# would only cost an Ed25519 verification (the signatures stay on the wire as evidence):
-# NONCE is empty; SHARE_KEYS relays signed advertisements; MASKED_INPUT relays AES-GCM-sealed
-# shares under keys from those advertisements; UNMASK relays signed consistency signatures and
-# a request that must equal the split of the market's own U3; AGREE relays pairwise tags.
-_AGGREGATOR_ASSERTS = frozenset({ADVERTISE, CONSISTENCY, RESULT})
 
 
 class MaskingClient(ClientRound):
@@ -126,16 +116,11 @@ class MaskingClient(ClientRound):
         if stage == RESULT:
             reply = self._finish(message, env)
         else:
-            if stage in _AGGREGATOR_ASSERTS:
-                # Signed by the aggregator over the session this market is in: an altered or
-                # foreign message fails here, before any handler looks at it.
-                body, _ = open_signed_digest(message, ctx=self._ctx, stage=stage, sender=SERVER,
-                                             session=self._session, keys=self._server_keys,
-                                             view=True, env=env)
-            else:
-                # Still bound to this session (checked); the handler authenticates the content.
-                body = read_unverified(message, ctx=self._ctx, stage=stage, sender=SERVER,
-                                       session=self._session, env=env)
+            # The aggregator signs every message over the session this market is in: a relayed,
+            # altered or foreign message fails here, before any handler looks at it.
+            body, _ = open_signed_digest(message, ctx=self._ctx, stage=stage, sender=SERVER,
+                                         session=self._session, keys=self._server_keys,
+                                         view=True, env=env)
             handler = (self._send_nonce, self._advertise, self._share_keys, self._masked_input,
                        self._consistency, self._unmask, None, self._agree)[stage]
             reply = handler(bytes(body))
