@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -80,7 +81,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                 progress(f"{method}: {msg}", i / steps_total)
 
         session = None
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if cfg.privacy.enabled and method != "centralized":
             # The federated method's spend is the one on the ledger (its outputs cross the market
             # boundary); baselines are trained with the same DP settings for comparison.
