@@ -145,7 +145,8 @@ def command(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     priv = results.get("privacy")
     if priv:
-        print("epsilon after each ledger round (fedmm: CF rounds, then CTR rounds):")
+        order = "CTR rounds only" if cfg.model.design == "joint" else "CF rounds, then CTR rounds"
+        print(f"epsilon after each ledger round (fedmm: {order}):")
         for m, v in priv.items():
             print(f"  {m}: " + " ".join(f"{e:.2f}" for e in v["epsilon_per_round"]))
         print("epsilon per market (" + next(iter(priv.values()))["unit"] + "-level, delta="
