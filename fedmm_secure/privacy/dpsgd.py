@@ -139,6 +139,10 @@ class DPTrainer:
         self._gsm: Any = None
         self._dp_opt: Any = None
         self._lazy_noise = False
+        # One gradient buffer per parameter, reused every step: the noise overwrites it whole
+        # before the clipped sum is added, and a fresh table-sized allocation per step costs
+        # page faults comparable to the noise itself.
+        self._buffers: dict[int, torch.Tensor] = {}
         if mode == "fast":
             self._clipper = GhostClipper(model)
             self._lazy_noise = [id(p) for p in self._clipper.param_order()] == \
@@ -226,8 +230,13 @@ class DPTrainer:
         # Opacus: grad = (clipped sum + N(0, (sigma C)^2)) / (q N). The division is folded into
         # the noise std and the clip factors (same noise stream, one pass less per table).
         std = self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
-        return {p: normal_(self.generator, torch.empty_like(p), std)
-                for p in self._params}
+        return {p: normal_(self.generator, self._buffer(p), std) for p in self._params}
+
+    def _buffer(self, p: nn.Parameter) -> torch.Tensor:
+        buf = self._buffers.get(id(p))
+        if buf is None:
+            buf = self._buffers[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buf
 
     def _fast_grads(self, batch: Any, draw: PoissonDraw) -> torch.Tensor:
         clipper = self._clipper
@@ -239,7 +248,7 @@ class DPTrainer:
             std = self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
 
             def into(p: nn.Parameter) -> torch.Tensor:
-                return normal_(self.generator, torch.empty_like(p), std)
+                return normal_(self.generator, self._buffer(p), std)
         else:
             pending: dict[nn.Parameter, torch.Tensor] = {}
 
