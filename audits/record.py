@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from fedmm_secure.audit_cli import run_audit_command
+from fedmm_secure.cli.audit import run_audit_command
 from fedmm_secure.config import load_config
-from fedmm_secure.experiment import run_experiment
+from fedmm_secure.workflows.fedmm_run import run_experiment
 
 ROOT = Path(__file__).resolve().parent
 VARIANTS = {"": {}, "memorise": {"private": False, "epochs": 30, "lr": 0.03}}

@@ -28,8 +28,9 @@ import pytest
 pytest.importorskip("flwr")
 
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum  # noqa: E402
-from fedmm_secure.runtime.flower_local import FlowerLocalDeployment, tiny_flower_config  # noqa: E402
-from fedmm_secure.runtime.workloads import workload_vector  # noqa: E402
+from fedmm_secure.runtime.flower.local import FlowerLocalDeployment
+from fedmm_secure.workflows.flower_local import tiny_flower_config  # noqa: E402
+from fedmm_secure.runtime.flower.workloads import workload_vector  # noqa: E402
 
 MARKETS = 5
 LENGTH = 256 * 64 + 256

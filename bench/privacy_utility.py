@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedmm_secure.config import RunConfig, config_from_dict
-from fedmm_secure.experiment import run_experiment
+from fedmm_secure.workflows.fedmm_run import run_experiment
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedmm_secure.config import config_from_dict
-from fedmm_secure.experiment import run_experiment
+from fedmm_secure.workflows.fedmm_run import run_experiment
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xmrec-electronics"
 BASE = {"rounds": 2, "data": f"xmrec:{DATA}", "model": {"vq_epochs": 10, "ctr_epochs": 1, "batch_size": 512}}

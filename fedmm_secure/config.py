@@ -127,7 +127,7 @@ class RunConfig:
     synthetic: dict = field(default_factory=dict)  # overrides of SyntheticConfig fields
     secagg: str = "masking"                 # "plain" must be asked for by name
     model_family: str = "fedmm"             # "fedmm" or "pf-msmtrec"
-    pf: dict = field(default_factory=dict)  # PF-MSMTrec settings (see fedmm_secure/pf_experiment.py)
+    pf: dict = field(default_factory=dict)  # PF-MSMTrec settings (see fedmm_secure/workflows/pf_run.py)
     model: ModelConfig = field(default_factory=ModelConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 

@@ -1,5 +1,7 @@
-"""Sampled-ranking metrics (HR@k, NDCG@k) for :class:`~fedmm_secure.data.market.RankingSet`.
+"""Evaluation metrics: CTR (AUC, LogLoss) and sampled ranking (HR@k, NDCG@k).
 
+:func:`evaluate_ctr` scores predicted click probabilities against labels; every model family
+reports it. For the ranking metrics on a :class:`~fedmm_secure.data.market.RankingSet`,
 ``scores`` has one row per ranking query; column 0 is the held-out positive, the other columns
 are its sampled negatives (99 in the XMRec/FOREC protocol). Ties are counted pessimistically: a
 negative scoring *equal* to the positive is ranked above it, so a constant scorer gets HR = 0
@@ -9,10 +11,20 @@ instead of a flattering 1.
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from .errors import ConfigError, DataError
 
-__all__ = ["positive_ranks", "hit_rate_at_k", "ndcg_at_k"]
+__all__ = ["evaluate_ctr", "positive_ranks", "hit_rate_at_k", "ndcg_at_k"]
+
+
+def evaluate_ctr(y: np.ndarray, p: np.ndarray) -> dict:
+    """AUC (NaN when ``y`` has one class only) and LogLoss of probabilities ``p`` (clipped to
+    [1e-7, 1 - 1e-7] so one confident miss cannot make the loss infinite)."""
+    p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return {"auc": auc, "logloss": logloss}
 
 
 def positive_ranks(scores: np.ndarray) -> np.ndarray:

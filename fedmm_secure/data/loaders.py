@@ -1,4 +1,5 @@
-"""One entry point for real data: ``load_markets("xmrec:PATH", seed=...)`` and friends.
+"""One entry point for a run's markets: :func:`load_data` (synthetic or real, from a run config)
+and, for real data, ``load_markets("xmrec:PATH", seed=...)`` and friends.
 
 Also the evaluation-only helper :func:`shared_item_pairs`, which reads ``item_keys`` (original
 item identifiers) to find the same product in two markets; training code must never call it.
@@ -11,14 +12,16 @@ from typing import Callable
 
 import numpy as np
 
+from ..config import RunConfig, dataclass_from_overrides
 from ..errors import ConfigError, DataError
 from .aliexpress import load_aliexpress
 from .implicit import ImplicitProtocol
 from .market import MarketData
 from .movielens import load_movielens
+from .synthetic import MarketSpec, SyntheticConfig, generate_markets
 from .xmrec import load_xmrec
 
-__all__ = ["SCHEMES", "load_markets", "shared_item_pairs"]
+__all__ = ["SCHEMES", "load_data", "load_markets", "shared_item_pairs"]
 
 
 def _implicit(loader: Callable[..., list[MarketData]]) -> Callable[..., list[MarketData]]:
@@ -83,6 +86,27 @@ def load_markets(
                            ranking_negatives=ranking_negatives,
                            min_user_interactions=min_user_interactions,
                            encoding=encoding, **format_options)
+
+
+def _synthetic_config(overrides: dict) -> SyntheticConfig:
+    return dataclass_from_overrides(SyntheticConfig, overrides, prefix="synthetic", nested={"markets": MarketSpec})
+
+
+def load_data(cfg: RunConfig, *, synthetic: Callable[[], list[MarketData]] | None = None) -> list[MarketData]:
+    """The run's markets: generated (``synthetic`` overrides the default generator) or loaded
+    from ``cfg.data``, restricted to ``cfg.markets``."""
+    if cfg.data == "synthetic":
+        markets = (synthetic() if synthetic is not None
+                   else generate_markets(_synthetic_config(cfg.synthetic), seed=cfg.seed))
+    else:
+        markets = load_markets(cfg.data, seed=cfg.seed, markets=list(cfg.markets) if cfg.markets else None)
+    if cfg.markets and cfg.data == "synthetic":
+        names = {m.name for m in markets}
+        missing = [m for m in cfg.markets if m not in names]
+        if missing:
+            raise ConfigError("markets", f"unknown market(s) {missing}", allowed=", ".join(sorted(names)))
+        markets = [m for m in markets if m.name in cfg.markets]
+    return markets
 
 
 def shared_item_pairs(markets: list[MarketData]) -> list[tuple[str, int, str, int]]:

@@ -5,13 +5,15 @@ probability ``sample_rate``), so the sample rate an accountant needs is known ex
 losses are per record (``reduction='none'``), which per-sample clipping needs. The federation
 code asks a :data:`TrainerFactory` for a trainer per (market, stage): baselines get
 :class:`PlainTrainer`; private runs get a DP trainer (``privacy.session``) that clips, noises
-and reports a privacy event for every step it takes.
+and reports a privacy event for every step it takes. Models are built under :func:`seeded`, so
+their initial weights come from the market's own generator.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +23,8 @@ from ..errors import ConfigError
 from ..models.optim import adam
 from ..privacy.randomness import poisson_indices
 
-__all__ = ["TrainSettings", "LocalTrainer", "TrainerFactory", "PlainTrainer", "plain_trainers", "sample_rate_for"]
+__all__ = ["TrainSettings", "LocalTrainer", "TrainerFactory", "PlainTrainer", "plain_trainers", "sample_rate_for",
+           "seeded"]
 
 LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]  # (model, record indices) -> (B,) losses
 
@@ -39,6 +42,16 @@ class TrainSettings:
             raise ConfigError("batch_size", "must be >= 1")
         if not self.lr > 0:
             raise ConfigError("lr", "must be > 0")
+
+
+@contextmanager
+def seeded(generator: torch.Generator) -> Iterator[None]:
+    """Module initialisers draw from torch's global RNG; fork it and seed it from the market's
+    own generator so runs are reproducible and the caller's global RNG state is untouched."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def sample_rate_for(n_records: int, batch_size: int) -> float:

@@ -199,7 +199,7 @@ class _Plan:
         if self.window.size > (1 << 16) and \
                 self.window.size > 4 * _pld.choose_window(parts, mesh=self.mesh).size:
             return False  # made for a much wider composition (e.g. a calibration probe)
-        return (_pld.upper_tail_bound(parts, self.window.top) <= 1e3 * _pld._WINDOW_TAIL
+        return (_pld.upper_tail_bound(parts, self.window.top) <= 1e3 * _pld.WINDOW_TAIL
                 and _pld.lower_tail_bound(parts, self.window.k_lo * self.mesh) <= 1e-9)
 
     def parts(self, counts: Mapping[_EventKey, int]) -> list[tuple[_pld.DiscretePLD, int]]:

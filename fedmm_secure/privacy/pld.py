@@ -32,6 +32,7 @@ from scipy import fft as sp_fft
 from scipy.special import ndtr, ndtri
 
 __all__ = [
+    "WINDOW_TAIL",
     "Direction",
     "DiscretePLD",
     "Window",
@@ -49,8 +50,9 @@ Direction = Literal["remove", "add"]
 # Per-step mass left outside the discretized support (upper side: infinite loss). With 1e4 steps
 # it contributes ~1e-11 to delta.
 _SINGLE_TAIL = 1e-15
-# Chernoff target for the composed window's tails (lower tail affects tightness only).
-_WINDOW_TAIL = 1e-14
+# Chernoff target for the composed window's tails (lower tail affects tightness only); the
+# accountant also checks a cached window against it.
+WINDOW_TAIL = 1e-14
 # Tilts for the Chernoff bounds: wide enough for tiny sample rates (loss ~ q) and for q = 1.
 _LAMBDAS = np.geomspace(1e-2, 2e3, 16)
 
@@ -228,11 +230,11 @@ def lower_tail_bound(parts: Sequence[tuple[DiscretePLD, int]], threshold: float)
 
 
 def choose_window(*compositions: Sequence[tuple[DiscretePLD, int]], mesh: float) -> Window:
-    """Smallest window holding all but ~_WINDOW_TAIL of the composed mass on each side, for
+    """Smallest window holding all but ~WINDOW_TAIL of the composed mass on each side, for
     every one of ``compositions`` (the accountant passes the current one and the largest it
     plans for: the tail quantiles of n*mu +- c*sqrt(n) are extreme at the ends of the range).
     """
-    log_tail = math.log(_WINDOW_TAIL)
+    log_tail = math.log(WINDOW_TAIL)
     hi = max(float(np.min((_sum_logmgf(p, True) - log_tail) / _LAMBDAS)) for p in compositions)
     lo = min(float(np.max((log_tail - _sum_logmgf(p, False)) / _LAMBDAS)) for p in compositions)
     # Never narrower than one step's support: the FFT must at least hold a single PMF sensibly.

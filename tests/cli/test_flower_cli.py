@@ -17,7 +17,7 @@ from fedmm_secure.cli import main  # noqa: E402
 ])
 def test_bad_flower_flags_exit_2_with_one_line(args, field, tmp_path, capsys, monkeypatch):
     started = []
-    import fedmm_secure.runtime.flower_local as fl
+    import fedmm_secure.runtime.flower.local as fl
     monkeypatch.setattr(fl.FlowerLocalDeployment, "start", lambda self, **kw: started.append(1))
     assert main(["flower", "local", *args, "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -33,8 +33,8 @@ def test_flower_local_refuses_a_directory_that_holds_a_run(tmp_path, capsys):
 
 def test_tls_flag_gives_the_deployment_a_fresh_pki_before_it_starts(tmp_path, monkeypatch):
     """`--tls`: the deployment starts with TLS files for exactly its markets, under OUT/tls
-    (the real TLS run with refused intruders is tests/runtime/test_flower_tls.py)."""
-    import fedmm_secure.runtime.flower_local as fl
+    (the real TLS run with refused intruders is tests/runtime/flower/test_tls.py)."""
+    import fedmm_secure.runtime.flower.local as fl
     seen = {}
 
     class Stop(Exception):

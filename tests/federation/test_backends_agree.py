@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fedmm_secure.config import config_from_dict
-from fedmm_secure.experiment import run_experiment
+from fedmm_secure.workflows.fedmm_run import run_experiment
 
 TINY = {
     "rounds": 2,

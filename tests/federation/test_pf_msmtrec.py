@@ -16,12 +16,12 @@ from hypothesis.extra.numpy import arrays
 from fedmm_secure.config import DEFAULT_MAX_GRAD_NORM, config_from_dict
 from fedmm_secure.data.synthetic_scenarios import ScenarioConfig, ScenarioSpec, generate_scenarios
 from fedmm_secure.errors import ConfigError
-from fedmm_secure.federation.fedmm import RoundHooks
+from fedmm_secure.federation.hooks import RoundHooks
 from fedmm_secure.federation.pf_msmtrec import (METHODS, PFSettings, client_receive, client_upload, make_client,
                                                 mix, project_conflict, run_pf_method)
 from fedmm_secure.federation.transport import SumResult
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum
-import fedmm_secure.pf_experiment as pf_experiment
+import fedmm_secure.workflows.pf_run as pf_run
 import fedmm_secure.federation.pf_msmtrec as pf_msmtrec
 
 
@@ -202,13 +202,13 @@ def test_calibration_changes_logloss_only_and_is_fitted_on_validation_rows(scena
     with torch.no_grad():   # a miscalibrated model: every logit pushed up
         for t in ("ctr", "cvr"):
             c.model.towers[t][-1].bias += 2.0
-    raw, cal = pf_msmtrec._evaluate(c), pf_msmtrec._evaluate(c, calibrate=True)
+    raw, cal = pf_msmtrec.evaluate_client(c), pf_msmtrec.evaluate_client(c, calibrate=True)
     for task in ("ctr", "ctcvr"):
         assert cal[task]["auc"] == raw[task]["auc"]
         assert cal[task]["logloss_uncalibrated"] == raw[task]["logloss"]
         assert cal[task]["logloss"] < raw[task]["logloss"]
         assert cal[task]["platt"][0] > 0
-    on_valid = pf_msmtrec._evaluate(c, "valid", calibrate=True)
+    on_valid = pf_msmtrec.evaluate_client(c, "valid", calibrate=True)
     for task in ("ctr", "ctcvr"):
         assert on_valid[task]["logloss"] <= on_valid[task]["logloss_uncalibrated"] + 1e-6
     flipped = _client(dataclasses.replace(scenarios[0], test=dataclasses.replace(
@@ -217,7 +217,7 @@ def test_calibration_changes_logloss_only_and_is_fitted_on_validation_rows(scena
     with torch.no_grad():
         for t in ("ctr", "cvr"):
             flipped.model.towers[t][-1].bias += 2.0
-    assert pf_msmtrec._evaluate(flipped, calibrate=True)["ctr"]["platt"] == cal["ctr"]["platt"]
+    assert pf_msmtrec.evaluate_client(flipped, calibrate=True)["ctr"]["platt"] == cal["ctr"]["platt"]
 
 
 def test_alpha_memory_accumulates_validation_cost_over_rounds(scenarios):
@@ -315,7 +315,7 @@ def test_pf_settings_errors_name_the_field():
                        ({"train_from": "x"}, "pf.train_from"), ({"alpha_memory": 1.0}, "pf.alpha_memory"),
                        ({"alpha_by": "x"}, "pf.alpha_by"), ({"calibrate": 1}, "pf.calibrate")]:
         with pytest.raises(ConfigError) as e:
-            pf_experiment.pf_settings(raw)
+            pf_run.pf_settings(raw)
         assert e.value.field == field
 
 
@@ -328,7 +328,7 @@ def test_private_masked_run_reports_every_scenario_and_task(tmp_path, monkeypatc
             recorded.setdefault(self.run_id, []).append({m: np.array(v) for m, v in vectors.items()})
             return super().secure_sum(label=label, round_id=round_id, vectors=vectors, max_abs=max_abs)
 
-    monkeypatch.setattr(pf_experiment, "EmbeddedSecureSum", Recording)
+    monkeypatch.setattr(pf_run, "EmbeddedSecureSum", Recording)
     cfg = config_from_dict({
         "seed": 1, "rounds": 2, "secagg": "masking", "model_family": "pf-msmtrec",
         "privacy": {"enabled": True, "epsilon": 8.0},
@@ -336,7 +336,7 @@ def test_private_masked_run_reports_every_scenario_and_task(tmp_path, monkeypatc
                "methods": ["local", "fedavg", "pf_msmtrec"],
                "data": {"scenarios": [{"name": s.name, "n_users": s.n_users, "n_items": s.n_items,
                                        "impressions_per_user": s.impressions_per_user} for s in TINY]}}})
-    res = pf_experiment.run_pf_experiment(cfg, out_dir=tmp_path)
+    res = pf_run.run_pf_experiment(cfg, out_dir=tmp_path)
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["model_family"] == "pf-msmtrec" and on_disk["methods"] == ["local", "fedavg", "pf_msmtrec"]
     for m in ("a", "b", "c"):
@@ -355,7 +355,7 @@ def test_private_masked_run_reports_every_scenario_and_task(tmp_path, monkeypatc
     # What crossed the boundary: only template-shared parameters (+ the weight), every round.
     assert res["summary"].keys() == on_disk["summary"].keys()
     data = generate_scenarios(ScenarioConfig(scenarios=TINY), seed=1)
-    settings_ = pf_experiment.pf_settings(cfg.pf)[0]
+    settings_ = pf_run.pf_settings(cfg.pf)[0]
     for method in ("fedavg", "pf_msmtrec"):
         model = make_client(data[0], settings_, METHODS[method], weight=1.0,
                             generator=torch.Generator().manual_seed(0)).model
@@ -400,7 +400,7 @@ def test_private_run_over_ckks(tmp_path):
                "methods": ["pf_msmtrec"],
                "data": {"scenarios": [{"name": s.name, "n_users": s.n_users, "n_items": s.n_items,
                                        "impressions_per_user": s.impressions_per_user} for s in TINY[:2]]}}})
-    res = pf_experiment.run_pf_experiment(cfg, out_dir=tmp_path)
+    res = pf_run.run_pf_experiment(cfg, out_dir=tmp_path)
     assert res["secagg"]["backend"] == "ckks" and res["secagg"]["aggregations"] == 1
     assert res["secagg"]["max_abs_error_vs_plain"] < 1e-6
     assert set(res["markets"]["a"]["pf_msmtrec"]) == {"ctr", "ctcvr"}

@@ -1,0 +1,88 @@
+"""Command-line interface: the only place that reads argv, environment and config files.
+
+One module per command group, each with ``register(subparsers)`` and the handler(s) it installs:
+:mod:`.run` (``run``), :mod:`.budget` (``budget check``, ``report``), :mod:`.audit`
+(``audit``), :mod:`.bench` (``bench secagg``), :mod:`.flower` (``flower local``). Handlers import
+the workflows they call lazily, so ``--help`` and bad flags answer without loading torch.
+
+Bad flags and bad config values end with one line on stderr naming the field and what is
+allowed, and exit code 2; no traceback. Library modules print nothing: they log to the
+``fedmm_secure.*`` loggers, which the CLI sends to stderr (warnings and errors by default;
+``FEDMM_LOG_LEVEL=INFO`` or ``DEBUG`` shows more). Results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ..errors import BudgetExceededError, ConfigError, FedMMError
+from . import audit, bench, budget, flower, run
+
+__all__ = ["main", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedmm-secure", description="Privacy-hardened federated multi-market recommendation.")
+    # Command groups build their nested subcommands with the class of the parser they are given.
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for group in (run, bench, budget, flower, audit):   # the order of `fedmm-secure --help`
+        group.register(sub)
+    return p
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_log_handler: logging.Handler | None = None
+
+
+def _configure_logging() -> None:
+    global _log_handler
+    raw = os.environ.get("FEDMM_LOG_LEVEL", "WARNING").upper()
+    if raw not in _LOG_LEVELS:
+        raise ConfigError("FEDMM_LOG_LEVEL", f"got {raw!r}", allowed=", ".join(_LOG_LEVELS))
+    package_log = logging.getLogger("fedmm_secure")
+    if _log_handler is not None:   # main() may run several times in one process (tests)
+        package_log.removeHandler(_log_handler)
+    # Bound to the stderr of this call, not of the first one.
+    _log_handler = logging.StreamHandler(sys.stderr)
+    _log_handler.setFormatter(logging.Formatter("fedmm-secure: %(levelname)s: %(message)s"))
+    package_log.addHandler(_log_handler)
+    package_log.setLevel(raw)
+
+
+def _set_threads() -> None:
+    # The models are small: on a 2-core machine one intra-op thread beats an oversubscribed
+    # pool. FEDMM_THREADS overrides.
+    import torch
+    raw = os.environ.get("FEDMM_THREADS", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError("FEDMM_THREADS", f"must be a positive integer, got {raw!r}")
+    torch.set_num_threads(int(raw))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _configure_logging()
+        _set_threads()
+        return args.handler(args)
+    except ConfigError as e:
+        print(f"fedmm-secure: error: {e}", file=sys.stderr)
+        return 2
+    except BudgetExceededError as e:
+        print(f"fedmm-secure: budget exceeded: {e}", file=sys.stderr)
+        return 3
+    except FedMMError as e:
+        print(f"fedmm-secure: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedmm-secure: interrupted", file=sys.stderr)
+        return 130

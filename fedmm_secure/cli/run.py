@@ -1,0 +1,131 @@
+"""``fedmm-secure run``: train FedMM (or PF-MSMTrec) and the baselines; print the results table.
+
+The run's config comes from ``--config`` (YAML or JSON) overlaid with the flags, or, with
+``--resume DIR``, from the run directory's own ``config.json`` (flags may not change what the
+ledger accounts).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import METHODS, SECAGG_BACKENDS, RunConfig, config_from_dict, load_config
+from ..errors import ConfigError
+
+__all__ = ["register", "command"]
+
+_PRIVACY_FLAGS = (("epsilon", "epsilon"), ("noise_multiplier", "noise_multiplier"),
+                  ("max_grad_norm", "max_grad_norm"), ("delta", "delta"), ("epsilon_budget", "epsilon_budget"),
+                  ("on_exceed", "on_exceed"), ("unit", "unit"),
+                  ("market_noise_multiplier", "market_noise_multiplier"), ("randomness", "randomness"))
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="train FedMM and the baselines; writes results.json and report.md")
+    run.add_argument("--config", help="YAML or JSON config file (see README)")
+    run.add_argument("--rounds", type=int, help="federated rounds per stage")
+    run.add_argument("--seed", type=int)
+    run.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
+    run.add_argument("--data", help="synthetic (default), xmrec:PATH, movielens:PATH or aliexpress:PATH")
+    run.add_argument("--markets", type=_csv, help="comma-separated subset of markets")
+    run.add_argument("--methods", type=_csv, help=f"comma-separated subset of {', '.join(METHODS)}")
+    run.add_argument("--secagg", help=f"secure aggregation backend: {', '.join(SECAGG_BACKENDS)}")
+    run.add_argument("--model", dest="model_family", help="model family: fedmm (default) or pf-msmtrec")
+    run.add_argument("--dp", dest="dp", action="store_true", default=None, help="train with DP-SGD")
+    run.add_argument("--no-dp", dest="dp", action="store_false", help="train without DP (epsilon = inf)")
+    run.add_argument("--epsilon", type=float, help="target epsilon per market: calibrates the noise multiplier")
+    run.add_argument("--noise-multiplier", type=float, help="DP-SGD noise multiplier (instead of --epsilon)")
+    run.add_argument("--max-grad-norm", type=float, help="DP-SGD clipping norm")
+    run.add_argument("--delta", type=float, help="delta of every reported epsilon")
+    run.add_argument("--epsilon-budget", type=float, help="per-market budget enforced before every round")
+    run.add_argument("--on-exceed", help="skip (market skips the round) or stop (run stops)")
+    run.add_argument("--unit", help="unit of privacy: record (default) or user")
+    run.add_argument("--market-noise", dest="market_noise_multiplier", type=float,
+                     help="market-level protection: noise multiplier of the Gaussian each market adds to its uploads")
+    run.add_argument("--randomness", choices=("secure", "reproducible"),
+                     help="source of DP-SGD noise and batch sampling: secure (default; an OS-keyed "
+                          "AES-CTR stream) or reproducible (seeded from --seed: NOT PRIVATE, for "
+                          "experiments that must repeat bit for bit)")
+    run.add_argument("--resume", metavar="DIR", help="continue the private run in DIR from its ledger")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(handler=command)
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    if args.resume:
+        # The run's own config is authoritative; flags may not change what the ledger accounts.
+        cfg_path = Path(args.resume) / "config.json"
+        if not cfg_path.exists():
+            raise ConfigError("--resume", f"{args.resume} has no config.json (not a fedmm-secure run directory)")
+        return load_config(cfg_path)
+    cfg = load_config(args.config) if args.config else RunConfig()
+    raw = cfg.to_dict()
+    for flag, key in (("rounds", "rounds"), ("seed", "seed"), ("data", "data"), ("markets", "markets"),
+                      ("methods", "methods"), ("secagg", "secagg"), ("model_family", "model_family")):
+        v = getattr(args, flag)
+        if v is not None:
+            raw[key] = list(v) if isinstance(v, tuple) else v
+    priv = raw["privacy"]
+    for flag, key in _PRIVACY_FLAGS:
+        v = getattr(args, flag)
+        if v is not None:
+            priv[key] = v
+    if args.dp is not None:
+        priv["enabled"] = args.dp
+    elif args.epsilon is not None or args.noise_multiplier is not None or args.epsilon_budget is not None:
+        priv["enabled"] = True
+    return config_from_dict(raw)
+
+
+def command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..reports.run_report import markdown_table
+    from ..workflows.fedmm_run import run_experiment
+
+    cfg = _run_config(args)
+    out = Path(args.resume or args.out)
+    if args.resume and not cfg.privacy.enabled:
+        raise ConfigError("--resume", "only private runs have a ledger to resume from")
+    console = Console(stderr=True)
+    if cfg.model_family == "pf-msmtrec":
+        from ..workflows.pf_run import run_pf_experiment as runner
+    else:
+        runner = run_experiment
+    kwargs = {"resume": bool(args.resume)}
+    if args.quiet:
+        results = runner(cfg, out_dir=out, **kwargs)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                      transient=True) as bar:
+            task = bar.add_task("starting", total=1.0)
+            results = runner(cfg, out_dir=out,
+                             progress=lambda msg, frac: bar.update(task, description=msg, completed=frac), **kwargs)
+    if cfg.model_family != "fedmm":
+        print((out / "report.md").read_text(encoding="utf-8"))
+        print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
+        return 0
+    print(markdown_table(results))
+    priv = results.get("privacy")
+    if priv:
+        print("epsilon after each ledger round (fedmm: CF rounds, then CTR rounds):")
+        for m, v in priv.items():
+            print(f"  {m}: " + " ".join(f"{e:.2f}" for e in v["epsilon_per_round"]))
+        print("epsilon per market (" + next(iter(priv.values()))["unit"] + "-level, delta="
+              + f"{next(iter(priv.values()))['delta']:g}): "
+              + ", ".join(f"{m} {v['epsilon']:.3f}" for m, v in priv.items()))
+    else:
+        print("privacy: no DP (epsilon = inf)")
+    sec = results.get("secagg")
+    if sec and not sec["secure"]:
+        print("secure aggregation: plain (NOT SECURE: baseline only)")
+    if results.get("randomness", {}).get("private") is False:
+        print("DP noise: " + results["randomness"]["note"])
+    print(f"results: {out / 'results.json'}  report: {out / 'report.md'}")
+    return 0

@@ -1,0 +1,177 @@
+"""Drivers: every market's FedMM pipeline in this process, and one method end to end.
+
+:func:`drive_in_process` answers the pipelines' requests (:mod:`.protocol`) as a distributed
+deployment answers them, in lockstep; :func:`run_pipelines` builds every market's pipeline and
+drives them; :func:`run_method` runs one method (``centralized`` pools the markets first) and
+adds the cross-market evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+from ...config import ModelConfig
+from ...data.market import MarketData, MarketSplit
+from ...errors import ConfigError
+from ..hooks import RoundHooks
+from ..training import TrainerFactory, plain_trainers
+from ..transport import SecureSum
+from .evaluation import code_alignment, split_pooled
+from .pipeline import market_pipeline
+from .protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
+
+__all__ = ["drive_in_process", "run_pipelines", "run_method", "pool_markets"]
+
+
+class _SharedHooks(RoundHooks):
+    """One :class:`RoundHooks` serving several in-process markets' pipelines.
+
+    Each market's pipeline calls ``before_round`` / ``before_release`` for itself; the wrapped
+    hooks (the privacy session, which keeps one ledger round per stage round) see one call per
+    round for all markets: ``before_round`` at the first market's call, before any of them
+    trains, and ``before_release`` at the last market's, after all of them trained and before
+    the driver releases anything (the pipelines wait at a :class:`Barrier` or a sum request).
+    """
+
+    def __init__(self, inner: RoundHooks, markets: Sequence[str]) -> None:
+        self.inner, self.markets = inner, list(markets)
+        self._allowed: dict[tuple[str, int], set[str]] = {}
+        self._released: dict[tuple[str, int], int] = {}
+
+    def before_round(self, stage: str, rnd: int, markets: Sequence[str]) -> set[str]:
+        key = (stage, rnd)
+        if key not in self._allowed:
+            self._allowed[key] = set(self.inner.before_round(stage, rnd, self.markets))
+        return self._allowed[key] & set(markets)
+
+    def before_release(self, stage: str, rnd: int) -> None:
+        key = (stage, rnd)
+        self._released[key] = self._released.get(key, 0) + 1
+        if self._released[key] == len(self.markets):
+            self.inner.before_release(stage, rnd)
+
+    def upload_bounds(self, label: str, bounds: np.ndarray) -> np.ndarray:
+        return self.inner.upload_bounds(label, bounds)
+
+    def perturb_upload(self, label: str, rnd: int, market: str, vector: np.ndarray,
+                       bounds: np.ndarray) -> np.ndarray:
+        return self.inner.perturb_upload(label, rnd, market, vector, bounds)
+
+
+def drive_in_process(pipelines: dict, secure_sum: SecureSum | None) -> dict[str, dict]:
+    """Run every market's pipeline in this process, in lockstep; returns each one's result.
+
+    Requests are answered as a distributed deployment answers them: a broadcast relays the
+    first market's payload, a sum request goes to ``secure_sum`` with every market's vector,
+    a barrier resumes everyone once all markets reached it.
+    """
+    results: dict[str, dict] = {}
+    requests: dict[str, object] = {}
+    replies: dict[str, object] = {m: None for m in pipelines}
+    first = True
+    while len(results) < len(pipelines):
+        for m, pipe in pipelines.items():
+            if m in results:
+                continue
+            try:
+                requests[m] = next(pipe) if first else pipe.send(replies[m])
+            except StopIteration as stop:
+                results[m] = stop.value
+                requests.pop(m, None)
+        first = False
+        if not requests:
+            break
+        kinds = {type(r) for r in requests.values()}
+        if len(results) or len(kinds) != 1:
+            raise RuntimeError(f"market pipelines out of step: {sorted(k.__name__ for k in kinds)}, "
+                               f"{len(results)} finished")
+        reqs = list(requests.values())
+        if isinstance(reqs[0], Barrier):
+            replies = {m: None for m in requests}
+        elif isinstance(reqs[0], BroadcastRequest):
+            replies = {m: reqs[0].payload for m in requests}
+        elif isinstance(reqs[0], SumRequest):
+            if secure_sum is None:
+                raise ConfigError("secure_sum", "a federated method needs a secure sum")
+            if len({(r.label, r.round_id) for r in reqs}) != 1:
+                raise RuntimeError("market pipelines asked for different sums")
+            out = secure_sum.secure_sum(label=reqs[0].label, round_id=reqs[0].round_id,
+                                        vectors={m: r.vector for m, r in requests.items()},
+                                        max_abs=reqs[0].max_abs)
+            replies = {m: out.sums.get(m) for m in requests}
+        else:
+            raise RuntimeError(f"unknown pipeline request {type(reqs[0]).__name__}")
+    return results
+
+
+def run_pipelines(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
+                  secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
+                  hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None,
+                  codes_only: bool = False) -> dict[str, dict]:
+    """Every market's :func:`~.pipeline.market_pipeline` for ``method``, driven in process."""
+    names = [m.name for m in markets]
+    shared = _SharedHooks(hooks or RoundHooks(), names)
+    n_train_max = max(len(m.train) for m in markets)
+    n_items_max = max(m.n_items for m in markets)
+    pipes = {m.name: market_pipeline(m, cfg, method=method, rounds=rounds, seed=seed,
+                                     meta=PublicMeta(index=i, n_train_max=n_train_max, n_items_max=n_items_max),
+                                     trainers=trainers, hooks=shared, codes_only=codes_only,
+                                     # one progress line per round, not one per market
+                                     progress=progress if i == 0 else (lambda s: None))
+             for i, m in enumerate(markets)}
+    return drive_in_process(pipes, secure_sum)
+
+
+def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
+               secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
+               hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
+    """Run one method; returns ``{"markets": {m: metrics}, "runs": {m: MarketRun}, ...}``."""
+    if method == "centralized":
+        pooled = pool_markets(markets)
+        # Non-private by definition (it pools raw data): plain trainers whatever was asked.
+        out = run_method("local_codes", [pooled], cfg, rounds=rounds, seed=seed, secure_sum=None,
+                         progress=progress)
+        return split_pooled(out, pooled, markets, calibrate=cfg.calibrate)
+    outs = run_pipelines(method, markets, cfg, rounds=rounds, seed=seed, secure_sum=secure_sum,
+                         trainers=trainers, hooks=hooks, progress=progress)
+    runs = {m.name: outs[m.name]["run"] for m in markets}
+    result: dict = {"markets": {m: outs[m]["metrics"] for m in runs}, "runs": runs}
+    with_codes = method != "local"
+    if with_codes and all(r.data.item_keys is not None for r in runs.values()) and len(runs) > 1:
+        result["code_alignment"] = code_alignment({m: r.data for m, r in runs.items()},
+                                                  {m: r.codes[0] for m, r in runs.items()})
+    if with_codes and all(r.data.item_cluster is not None for r in runs.values()):
+        # Cross-market alignment: one NMI over all markets' items together. Only a shared
+        # level-1 space can score well here; per-market codebooks are unaligned by construction.
+        clusters = np.concatenate([r.data.item_cluster for r in runs.values()])
+        codes = np.concatenate([r.codes[0] for r in runs.values()])
+        result["nmi_level1_pooled"] = float(normalized_mutual_info_score(clusters, codes))
+    return result
+
+
+def pool_markets(markets: Sequence[MarketData]) -> MarketData:
+    """All markets as one (for the non-private ``centralized`` upper bound): IDs are offset so
+    they stay distinct; a pooled model sees every market's raw data."""
+    uo = np.cumsum([0] + [m.n_users for m in markets])
+    io = np.cumsum([0] + [m.n_items for m in markets])
+
+    def cat(split_name: str) -> MarketSplit:
+        parts = [getattr(m, split_name) for m in markets]
+        return MarketSplit(np.concatenate([p.users + uo[i] for i, p in enumerate(parts)]),
+                           np.concatenate([p.items + io[i] for i, p in enumerate(parts)]),
+                           np.concatenate([p.click for p in parts]),
+                           np.concatenate([p.conversion for p in parts]))
+
+    has_feats = all(m.item_features is not None for m in markets)
+    return MarketData(
+        name="pooled", n_users=int(uo[-1]), n_items=int(io[-1]),
+        train=cat("train"), valid=cat("valid"), test=cat("test"),
+        item_features=np.concatenate([m.item_features for m in markets]) if has_feats else None,
+        item_feature_cards=tuple(np.max([m.item_feature_cards for m in markets], axis=0)) if has_feats else (),
+        item_cluster=(np.concatenate([m.item_cluster for m in markets])
+                      if all(m.item_cluster is not None for m in markets) else None),
+        meta={"item_offsets": io.tolist(), "user_offsets": uo.tolist()},
+    )

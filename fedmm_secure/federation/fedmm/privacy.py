@@ -1,0 +1,52 @@
+"""The DP session of a FedMM-family run: trainer factory and round hooks from the run's config.
+
+Used wherever FedMM runs privately: the embedded run (all markets in one process), a Flower
+market worker (its own market only) and the audit's recomputation of a run's codes, so all three
+account the same stages with the same plans.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ...config import RunConfig
+from ...data.market import MarketData
+from ...privacy.budget import BudgetPolicy
+from ...privacy.events import SubsampledGaussianEvent
+from ...privacy.session import PrivacySession, plan_markets
+
+if TYPE_CHECKING:
+    from ...privacy.ledger import Ledger
+
+__all__ = ["privacy_session"]
+
+
+def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
+                    resume_offset: int = 0, prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
+                    method_index: int, federation_size: int | None = None) -> PrivacySession:
+    """The DP session (trainer factory + round hooks) for ``markets`` under ``cfg.privacy``.
+
+    ``federation_size``: how many markets take part in the secure sums, when this process holds
+    only some of them (a market worker on the Flower runtime); it sizes market-level noise.
+    """
+    p, mc = cfg.privacy, cfg.model
+    plans = plan_markets(unit=p.unit, batch_size=mc.batch_size,
+                         # `local` has no CF stage: its whole budget goes to the CTR model.
+                         epochs={"ctr": mc.ctr_epochs} if method == "local" else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs},
+                         rounds=cfg.rounds,
+                         n_records={m.name: len(m.train) for m in markets},
+                         n_users={m.name: m.n_users for m in markets})
+    policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
+              if p.epsilon_budget is not None else None)
+    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
+                          noise_multiplier=p.noise_multiplier, target_epsilon=p.epsilon if p.noise_multiplier is None else None,
+                          accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
+                          prior_events=prior_events, randomness=p.randomness, noise_seed=cfg.seed * 7_919 + method_index,
+                          market_noise_multiplier=p.market_noise_multiplier,
+                          federation_size=federation_size,
+                          # Upload noise must be unpredictable to the other parties: OS entropy.
+                          upload_rng=np.random.default_rng(secrets.randbits(128)))

@@ -1,0 +1,322 @@
+"""Local Flower deployment on loopback: one SuperLink, one SuperNode (+ worker) per market.
+
+:class:`FlowerLocalDeployment` starts real ``flower-superlink`` / ``flower-supernode``
+processes (``--insecure``, 127.0.0.1 only, free ports picked at start), submits the app with
+``flwr run`` and waits for the ServerApp to write ``results.json``. Every process it starts
+lives in a process group of its own (one group for the SuperLink, one per market: SuperNode,
+its SuperExec and ClientApp processes, and the market worker), and every group is terminated
+in a ``finally``: on success, on failure, on timeout and on Ctrl-C. Flower 1.40's SuperLink
+starts its SuperExec (and so the ServerApp) in a new session, outside our groups; those
+processes carry the deployment's environment marker and are killed by it
+(:mod:`.processes`).
+
+:func:`fedmm_secure.workflows.flower_local.flower_local_command` (``fedmm-secure flower local``)
+runs a FedMM run on one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ...config import RunConfig, config_from_dict
+from ...data.loaders import load_data
+from ...errors import AbortError, ConfigError
+from .pki import FlowerTLS, loopback_tls
+from .processes import BIN, MARKER, free_port, group_exists, killpg, marked_pids, tool
+
+__all__ = ["APP_PYPROJECT", "FlowerLocalDeployment", "write_app_dir"]
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedmm-flower"
+version = "1.0.0"
+description = "fedmm-secure over Flower: our secure aggregation carried as Flower messages"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.40,<1.43"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedmm"
+
+[tool.flwr.app.components]
+serverapp = "fedmm_secure.runtime.flower.app:server_app"
+clientapp = "fedmm_secure.runtime.flower.app:client_app"
+
+[tool.flwr.app.config]
+config-json = "{}"
+out-dir = ""
+expected-markets = 1
+stage-timeout = 30.0
+step-timeout = 600.0
+join-timeout = 60.0
+poll-interval = 0.05
+workload-json = '{"name": "fedmm"}'
+"""
+
+
+def write_app_dir(path: Path) -> Path:
+    """The Flower app project (a FAB is built from it); the code itself is the installed package."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "pyproject.toml").write_text(APP_PYPROJECT, encoding="utf-8")
+    (path / "fedmm_flower_app.py").write_text(
+        '"""Entry points live in fedmm_secure.runtime.flower.app (installed package)."""\n', encoding="utf-8")
+    return path
+
+
+class FlowerLocalDeployment:
+    """A throwaway Flower deployment for ``cfg``'s markets on 127.0.0.1."""
+
+    def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
+                 hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
+                 workload: dict | None = None, node_poll: float = 0.1, tls: FlowerTLS | None = None,
+                 resume: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.markets = [m.name for m in load_data(cfg)]
+        if cfg.data != "synthetic" and not cfg.markets:
+            # Each market loads only its own data (node config), so the run config must give
+            # the market order.
+            cfg = config_from_dict({**cfg.to_dict(), "markets": self.markets})
+        self.cfg = cfg
+        self.stage_timeout, self.step_timeout = stage_timeout, step_timeout
+        self.hang_at = dict(hang_at or {})
+        self.poll_interval = poll_interval
+        self.stock = stock
+        # The SuperNode's idle poll hits the SuperLink (one process for every market): 0.1 s
+        # keeps it off the critical path's CPU on a small machine; see bench/RESULTS_flower.md.
+        self.node_poll = node_poll
+        self.tls = tls
+        if tls is not None and set(tls.node_keys) != set(self.markets):
+            raise ConfigError("tls.node_keys", "one SuperNode key pair per market is required",
+                              allowed=", ".join(self.markets))
+        self.workload = dict(workload or {"name": "fedmm"})
+        self.resume = resume   # workers continue the ledgers under out_dir/ledgers/ (interrupted run)
+        self._started = False
+        self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
+        self.work = Path(self._tmp.name)
+        self.logs = self.out_dir / "flower_logs"
+        self.groups: dict[str, subprocess.Popen] = {}   # name -> group leader
+        self._files: list = []
+        self._killed: set[str] = set()
+        # Every process of this deployment inherits this value; close() finds the ones that left
+        # our process groups with it (the SuperLink starts its SuperExec in a new session, and
+        # that SuperExec's ServerApp can outlive a killed SuperLink while it retries to report).
+        self.marker = uuid.uuid4().hex
+
+    # ------------------------------------------------------------------ processes
+    def _spawn(self, name: str, cmd: Sequence[str], *, env: dict | None = None) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        self._files.append(log)
+        # A session (hence process group) per process: its children (SuperExec, ClientApps,
+        # ServerApp) stay in the group, so killpg reaches them all.
+        return subprocess.Popen(list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, cwd=self.work, start_new_session=True)
+
+    def _env(self, home: str) -> dict:
+        h = self.work / home
+        h.mkdir(exist_ok=True)
+        return {"FLWR_HOME": str(h), "FLWR_TELEMETRY_ENABLED": "0", MARKER: self.marker,
+                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(self.poll_interval),
+                "FEDMM_SUPERNODE_POLL": str(self.node_poll),
+                # SuperLink/SuperNode start `flower-superexec` and `flwr-*` by name.
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def use_loopback_tls(self, directory: Path) -> FlowerTLS:
+        """Run with TLS and SuperNode authentication using a fresh throwaway PKI for this
+        deployment's markets, written to ``directory`` (:func:`.pki.loopback_tls`)."""
+        if self._started:
+            raise ConfigError("tls", "TLS must be chosen before the deployment starts")
+        self.tls = loopback_tls(directory, self.markets)
+        return self.tls
+
+    def start(self, *, ready_timeout: float = 30.0) -> None:
+        self._started = True
+        self.logs.mkdir(parents=True, exist_ok=True)
+        # Flower 1.40 serves the Fleet, Control and Runtime APIs over HTTP on one host:port.
+        self.link_port = free_port()
+        if self.tls is None:
+            link_sec = ["--insecure"]
+        else:
+            link_sec = ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
+                        "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
+        self.groups["superlink"] = self._spawn("superlink", [
+            tool("flower-superlink"), *link_sec, "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(self.link_port)], env=self._env("superlink"))
+        self._write_cli_config()
+        if self.tls is not None:
+            for m in self.markets:  # SuperNode authentication: the operator registers each key
+                self._flwr(["supernode", "register", str(self.tls.node_keys[m][1]), "fedmm-local"],
+                           what=f"registering {m}'s SuperNode key", timeout=60.0)
+        ready = {}
+        for m in self.markets:
+            rport = free_port()
+            ready[m] = self.work / f"worker-{m}.ready"
+            cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower.worker", "--market", m,
+                   "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m))]
+            if self.resume:
+                cmd.append("--resume")
+            node_sec = ["--insecure"] if self.tls is None else [
+                "--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(self.tls.node_keys[m][0])]
+            # The Runtime API (SuperNode <-> worker) stays plain HTTP on loopback.
+            node = [*node_sec, "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
+                    "--port", str(rport)]
+            if self.stock:
+                # Stock Flower: SuperExec starts a ClientApp process per message, which relays
+                # the message to the worker's socket.
+                wport = free_port()
+                cmd += ["--listen", f"127.0.0.1:{wport}"]
+                node = [tool("flower-supernode"), *node, "--node-config",
+                        f"{self._node_config(m)} worker-address='127.0.0.1:{wport}'"]
+            else:
+                # The worker executes the SuperNode's ClientApp tasks itself (no process per
+                # message), and the SuperNode's idle poll is capped (.supernode).
+                cmd += ["--superexec", f"127.0.0.1:{rport}", "--poll-interval", str(self.poll_interval)]
+                node = [sys.executable, "-m", "fedmm_secure.runtime.flower.supernode", *node,
+                        "--isolation", "process", "--node-config", self._node_config(m)]
+            if m in self.hang_at:
+                cmd += ["--hang-at", self.hang_at[m], "--hang-marker", str(self.hang_marker(m))]
+            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", node, env=self._env(f"node-{m}"))
+            self.groups[f"worker-{m}"] = self._spawn(f"worker-{m}", cmd, env=self._env(f"node-{m}"))
+        deadline = time.monotonic() + ready_timeout
+        while not all(f.exists() for f in ready.values()):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AbortError("market workers did not start in time (see flower_logs/)")
+            time.sleep(0.1)
+
+    def _node_config(self, market: str) -> str:
+        # Real data: each market's SuperNode names its own data source (here all markets share
+        # one machine, so it is the run's); synthetic data is generated from the run's seed.
+        cfg = f"market='{market}'"
+        if self.cfg.data != "synthetic":
+            if "'" in self.cfg.data or '"' in self.cfg.data:
+                raise ConfigError("data", "a data path with quotes cannot go into a Flower node config")
+            cfg += f" data='{self.cfg.data}'"
+        return cfg
+
+    def ledger_dir(self, market: str) -> Path:
+        """Where ``market``'s worker keeps its privacy ledger (DP runs)."""
+        return self.out_dir.resolve() / "ledgers" / market
+
+    def hang_marker(self, market: str) -> Path:
+        return self.work / f"hang-{market}"
+
+    def _check_alive(self) -> None:
+        for name, p in self.groups.items():
+            if name.split("-", 1)[-1] not in self._killed and p.poll() is not None:
+                raise AbortError(f"{name} exited with code {p.returncode} (see {self.logs}/)")
+
+    def kill_market(self, market: str) -> None:
+        """SIGKILL a market's process groups (SuperNode with its SuperExec and ClientApps; worker)."""
+        self._killed.add(market)
+        for name in (f"supernode-{market}", f"worker-{market}"):
+            killpg(self.groups[name].pid, signal.SIGKILL)
+
+    def _write_cli_config(self) -> None:
+        home = self.work / "cli"
+        home.mkdir(exist_ok=True)
+        sec = "insecure = true\n" if self.tls is None else f'root-certificates = "{self.tls.ca}"\n'
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedmm-local"\n\n[superlink.fedmm-local]\n'
+            f'address = "127.0.0.1:{self.link_port}"\n{sec}', encoding="utf-8")
+
+    def _flwr(self, args: Sequence[str], *, what: str, timeout: float) -> None:
+        """Run the ``flwr`` CLI against this deployment, retrying while the SuperLink starts."""
+        env = {**os.environ, **self._env("cli")}
+        env["FLWR_HOME"] = str(self.work / "cli")
+        deadline = time.monotonic() + timeout
+        while True:  # the Control API may need a moment after the SuperLink process starts
+            r = subprocess.run([tool("flwr"), *args], capture_output=True, text=True, env=env, cwd=self.work,
+                               timeout=timeout)
+            with (self.logs / "flwr_cli.log").open("a", encoding="utf-8") as f:
+                f.write(f"$ flwr {' '.join(args)}\n{r.stdout}{r.stderr}\n")
+            if r.returncode == 0:
+                return
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AbortError(f"{what} failed: {(r.stdout + r.stderr)[-2000:]}")
+            time.sleep(0.5)
+
+    def submit(self, *, join_timeout: float = 60.0, timeout: float = 120.0) -> None:
+        import tomli_w
+        overrides = self.work / "run_config.toml"
+        overrides.write_text(tomli_w.dumps({
+            "config-json": json.dumps(self.cfg.to_dict()), "out-dir": str(self.out_dir.resolve()),
+            "expected-markets": len(self.markets), "stage-timeout": float(self.stage_timeout),
+            "step-timeout": float(self.step_timeout), "join-timeout": float(join_timeout),
+            "poll-interval": float(self.poll_interval),
+            "workload-json": json.dumps(self.workload)}), encoding="utf-8")
+        app = write_app_dir(self.work / "app")
+        self._flwr(["run", str(app), "fedmm-local", "--run-config", str(overrides)], what="flwr run",
+                   timeout=timeout)
+
+    def wait(self, *, timeout: float, on_poll: Callable[["FlowerLocalDeployment"], None] | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        res, err = self.out_dir / "results.json", self.out_dir / "error.json"
+        while True:
+            if res.exists():
+                return json.loads(res.read_text(encoding="utf-8"))
+            if err.exists():
+                raise AbortError(f"ServerApp failed: {json.loads(err.read_text(encoding='utf-8'))['error']}")
+            if on_poll is not None:
+                on_poll(self)
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise AbortError(f"no result within {timeout:.0f} s (see {self.logs}/)")
+            time.sleep(0.1)
+
+    def close(self) -> None:
+        leaders = list(self.groups.values())
+        for p in leaders:
+            killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        for p in leaders:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in leaders:  # anything left in the groups (ClientApps, SuperExecs) goes too
+            killpg(p.pid, signal.SIGKILL)
+            try:
+                p.wait(timeout=2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        # SIGKILLed group members are reaped asynchronously; processes that left our groups
+        # (detached SuperExec and its ServerApp) are found by the marker. Wait, bounded, until
+        # none is left.
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:
+            strays = marked_pids(self.marker)
+            for pid in strays:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            if not strays and not any(group_exists(p.pid) for p in leaders):
+                break
+            time.sleep(0.1)
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "FlowerLocalDeployment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

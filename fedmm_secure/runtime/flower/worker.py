@@ -1,0 +1,313 @@
+"""A market's long-lived worker: its data, models, long-term keys and the round in progress.
+
+A market's state (models, the masking round's ephemeral secrets, which must never be
+serialized) lives in this worker, a process on the market's own machine next to its SuperNode.
+Flower 1.40 would otherwise start a fresh ClientApp *process* for every message, in which nothing
+survives to the next stage. Two ways to connect it to the SuperNode:
+
+* ``--superexec HOST:PORT`` (default of ``fedmm-secure flower local``): the SuperNode runs with
+  ``--isolation process`` and this worker executes its ClientApp tasks in process
+  (:mod:`.executor`);
+* ``--listen HOST:PORT``: stock isolation; the ClientApp process Flower starts per message
+  relays the message to this socket (one request per connection, :func:`serve`).
+
+:class:`MarketWorker` is the state machine (also used in process by the tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ...config import config_from_dict
+from ...errors import ConfigError, ProtocolError
+from ...federation.fedmm.pipeline import market_pipeline
+from ...federation.fedmm.protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
+from ...secagg import Roster, RoundContext, create_backend
+from .wire import (
+    b64,
+    encode_bound,
+    error_reply,
+    guarded,
+    pack_frame,
+    pack_json,
+    recv_frame,
+    unb64,
+    unpack_json,
+    unpack_with_header,
+)
+from .workloads import secure_sum_pipeline
+
+__all__ = ["MarketWorker", "HangAt", "serve"]
+
+
+class HangAt:
+    """Fault injection for tests: on the given stage of the given sum, write ``marker`` and
+    stop answering (the test then kills the market's processes)."""
+
+    def __init__(self, *, label: str, round_id: int, stage: int, marker: Path) -> None:
+        self.label, self.round_id, self.stage, self.marker = label, round_id, stage, marker
+
+
+class MarketWorker:
+    def __init__(self, *, market: str, hang_at: HangAt | None = None, ledger_dir: Path | None = None,
+                 resume: bool = False) -> None:
+        self.market = market
+        # This market's privacy ledger (DP runs): on the market's own machine, written before
+        # any upload that depends on the round's DP-trained parameters leaves the worker.
+        self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
+        # The market's own say, not the aggregator's: continue the ledger of an interrupted run
+        # (every event already in it stays spent) instead of refusing a directory that has one.
+        self.resume = resume
+        self._ledger = None
+        self._session = None
+        self._hang_at = hang_at
+        self._endpoint = None
+        self._pipeline = None
+        self._pending: SumRequest | BroadcastRequest | None = None
+        self._round = None
+        self._stage = 0
+        self.result: dict | None = None
+
+    # ------------------------------------------------------------------ dispatch
+    def handle(self, kind: str, payload: bytes) -> tuple[str, bytes]:
+        if kind == "hello":
+            return "hello", self._hello(unpack_json(payload))
+        if kind == "start":
+            return self._start(unpack_json(payload))
+        if kind == "secagg":
+            return self._secagg(payload)
+        if kind == "broadcast":
+            if not isinstance(self._pending, BroadcastRequest):
+                raise ProtocolError("broadcast received while not waiting for one")
+            return self._advance(payload)
+        raise ProtocolError(f"unexpected message kind {kind!r}")
+
+    def _hello(self, msg: dict) -> bytes:
+        from ...data.loaders import load_data  # heavy (data generators); only the worker needs it
+
+        self._cfg = config_from_dict(msg["config"])
+        self._run_id = str(msg["run_id"])
+        # The SuperNode's node config (``market``, optionally ``data``) is the market's own say:
+        # the aggregator's run config cannot point a market at another market's data.
+        node = msg.get("node") or {}
+        if node.get("market") not in (None, self.market):
+            raise ConfigError("node-config market", f"this worker serves {self.market!r}, the SuperNode says "
+                              f"{node['market']!r}")
+        if node.get("data"):
+            # Real data on the market's machine: load this market only; its position in the run's
+            # market order comes from the run config's market list.
+            order = list(self._cfg.markets)
+            if self.market not in order:
+                raise ConfigError("markets", f"{self.market!r} is not in the run config's market list",
+                                  allowed=", ".join(order) or "a run config that lists its markets in order")
+            raw = self._cfg.to_dict()
+            raw.update(data=str(node["data"]), markets=[self.market])
+            self._data = load_data(config_from_dict(raw))[0]
+            self._index = order.index(self.market)
+        else:
+            markets = load_data(self._cfg)
+            names = [m.name for m in markets]
+            if self.market not in names:
+                raise ConfigError("market", f"{self.market!r} is not a market of this run", allowed=", ".join(names))
+            self._index = names.index(self.market)
+            # Synthetic data is generated for all markets from the seed; keep only ours.
+            self._data = markets[self._index]
+            del markets
+        backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain")
+        self._endpoint = backend.create_market(self.market)
+        return pack_json({"market": self.market, "index": self._index, "bundle": b64(self._endpoint.public_bundle()),
+                          "n_train": len(self._data.train), "n_items": int(self._data.n_items),
+                          "n_users": int(self._data.n_users), "n_test": len(self._data.test)})
+
+    def _start(self, msg: dict) -> tuple[str, bytes]:
+        if self._endpoint is None:
+            raise ProtocolError("start before hello")
+        roster = Roster({m: unb64(b) for m, b in msg["roster"].items()})
+        self._endpoint.install_roster(roster)
+        meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
+        workload = msg.get("workload", {"name": "fedmm"})
+        if workload.get("name") == "fedmm":
+            trainers, hooks = self._privacy(int(msg["n_markets"]))
+            self._pipeline = market_pipeline(self._data, self._cfg.model, method="fedmm", rounds=self._cfg.rounds,
+                                             seed=self._cfg.seed, meta=meta, trainers=trainers, hooks=hooks)
+        elif workload.get("name") == "secure-sum":
+            self._pipeline = secure_sum_pipeline(length=int(workload["length"]), rounds=int(workload["rounds"]),
+                                                 seed=self._cfg.seed, meta=meta, n_markets=int(msg["n_markets"]))
+        else:
+            raise ProtocolError(f"unknown workload {workload.get('name')!r}")
+        return self._advance(None, first=True)
+
+    def _privacy(self, n_markets: int):
+        """DP-SGD trainers and round hooks for this market (plain ones for a non-private run)."""
+        from ...federation.training import plain_trainers
+
+        if not self._cfg.privacy.enabled:
+            return plain_trainers, None
+        if self.ledger_dir is None:
+            raise ConfigError("ledger-dir", "a private run needs this market's ledger directory",
+                              allowed="--ledger-dir DIR on the market worker")
+        from ...federation.fedmm.privacy import privacy_session
+        from ...privacy.ledger import Ledger
+
+        offset, prior = 0, None
+        if (self.ledger_dir / "ledger.sqlite").exists():
+            if not self.resume:
+                raise ConfigError("ledger-dir", f"{self.ledger_dir} already holds a privacy ledger",
+                                  allowed="a new directory per run, or --resume to continue it")
+            # Reopening checks the run config against the ledger's (LedgerError on a mismatch).
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict())
+            offset = self._ledger.resume_state().next_round
+            prior = self._ledger.spent_events()
+        else:
+            self.ledger_dir.mkdir(parents=True, exist_ok=True)
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True)
+        method_index = self._cfg.methods.index("fedmm") if "fedmm" in self._cfg.methods else 0
+        self._session = privacy_session(self._cfg, [self._data], method="fedmm", ledger=self._ledger,
+                                        resume_offset=offset, prior_events=prior,
+                                        method_index=method_index, federation_size=n_markets)
+        return self._session, self._session
+
+    def _advance(self, value, *, first: bool = False) -> tuple[str, bytes]:
+        """Run the pipeline up to its next request and describe it to the coordinator."""
+        try:
+            req = next(self._pipeline) if first else self._pipeline.send(value)
+            while isinstance(req, Barrier):  # round boundaries are local: this market is alone here
+                req = self._pipeline.send(None)
+        except StopIteration as stop:
+            self._pending = None
+            self.result = stop.value
+            done = {"type": "done", "metrics": stop.value["metrics"]}
+            if self._session is not None:
+                done["privacy"] = self._session.summary()[self.market]
+                if self._session.market_level_summary() is not None:
+                    done["privacy_market_level"] = self._session.market_level_summary()
+                self._ledger.close()
+            return "request", pack_json(done)
+        self._pending = req
+        if isinstance(req, SumRequest):
+            return "request", pack_json({"type": "sum", "label": req.label, "round_id": req.round_id,
+                                         "length": int(len(req.vector)), "max_abs": encode_bound(req.max_abs)})
+        return "request", pack_json({"type": "broadcast", "label": req.label, "payload": b64(req.payload)})
+
+    def _secagg(self, payload: bytes) -> tuple[str, bytes]:
+        header, body = unpack_with_header(payload)
+        req = self._pending
+        if not isinstance(req, SumRequest):
+            raise ProtocolError("secure-aggregation message while no sum is pending")
+        if header.get("label") != req.label or header.get("round_id") != req.round_id:
+            raise ProtocolError("secure-aggregation message for another sum")
+        if header.get("begin"):
+            # A sum's round begins once: a replayed or second "begin" must not reset it (fresh
+            # keys for the same input would let the aggregator run the protocol twice).
+            if self._round is not None:
+                raise ProtocolError("this sum's round has already begun")
+            ctx = RoundContext(run_id=self._run_id, round_id=req.round_id, participants=tuple(header["participants"]),
+                               length=len(req.vector), max_abs=req.max_abs, label=req.label)
+            rnd, stage = self._endpoint.begin_round(ctx, np.asarray(req.vector, dtype=np.float64)), 0
+        elif self._round is None:
+            raise ProtocolError("no round in progress")
+        else:
+            rnd, stage = self._round, self._stage
+        h = self._hang_at
+        if h is not None and (h.label, h.round_id, h.stage) == (req.label, req.round_id, stage):
+            h.marker.write_text(f"{os.getpid()}\n")
+            while True:  # a dead market: never answers; the test kills this process
+                time.sleep(1.0)
+        # The backend rejects tampered, replayed or out-of-order bytes without changing the
+        # round; only a message it accepts moves this worker on.
+        reply = rnd.handle(body)
+        self._round, self._stage = rnd, stage + 1
+        if reply is not None:
+            return "secagg", reply
+        result = rnd.result()
+        self._round = None
+        return self._advance(result)
+
+
+def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None = None) -> None:
+    """Serve ``worker`` on ``host:port`` until killed; one request per connection."""
+    handle = guarded(worker.handle)
+    with socket.create_server((host, port), backlog=8) as srv:
+        if ready_file is not None:
+            ready_file.write_text("ready\n")
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                try:
+                    kind, payload = recv_frame(conn)
+                except Exception as e:  # keep serving; the coordinator sees the failure
+                    out_kind, out = error_reply(e)
+                else:
+                    out_kind, out = handle(kind, payload)
+                try:
+                    conn.sendall(pack_frame(out_kind, out))
+                except OSError:
+                    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedmm_secure.runtime.flower.worker --market M (--superexec ADDR | --listen ADDR)``.
+
+    ``--superexec HOST:PORT``: run the SuperNode's ClientApp tasks in this process (SuperNode
+    started with ``--isolation process --host HOST --port PORT``). ``--listen HOST:PORT``: serve
+    the relay ClientApp of a SuperNode with stock isolation (a process per message; slower).
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="fedmm-secure-flower-worker")
+    p.add_argument("--market", required=True)
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--superexec", metavar="HOST:PORT", help="the SuperNode's Runtime API (keep it on loopback)")
+    mode.add_argument("--listen", metavar="HOST:PORT", help="relay mode: serve the ClientApp here (loopback)")
+    p.add_argument("--root-certificates", help="CA of the SuperNode's Runtime API TLS certificate (default: plain HTTP on loopback)")
+    p.add_argument("--poll-interval", type=float, default=0.05)
+    p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the ledger already in --ledger-dir (an interrupted run); its events stay spent")
+    p.add_argument("--ready-file")
+    p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
+    p.add_argument("--hang-marker")
+    args = p.parse_args(argv)
+    import torch
+    torch.set_num_threads(1)
+    # This process's stdout is the market's log file (``flower local``: flower_logs/worker-M.log):
+    # the package's log records go there, one line each, tagged with the market.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[{args.market}] %(message)s"))
+    package_log = logging.getLogger("fedmm_secure")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    package_log.propagate = False
+    hang = None
+    if args.hang_at:
+        label, rnd, stage = args.hang_at.split(":")
+        hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
+    worker = MarketWorker(market=args.market, hang_at=hang,
+                          ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume)
+    ready = Path(args.ready_file) if args.ready_file else None
+    if args.listen:
+        host, _, port = args.listen.rpartition(":")
+        serve(worker, host=host, port=int(port), ready_file=ready)
+        return 0
+    from .executor import InProcessTaskExecutor, wait_for_runtime_api
+
+    wait_for_runtime_api(args.superexec, timeout=60.0)
+    certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
+    executor = InProcessTaskExecutor(runtime_api_address=args.superexec, handle=guarded(worker.handle),
+                                     insecure=certs is None, root_certificates=certs,
+                                     poll_interval=args.poll_interval)
+    if ready is not None:
+        ready.write_text("ready\n")
+    executor.run_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
