@@ -129,7 +129,8 @@ class PrivacySession:
         if self.randomness == "secure":
             # Fresh OS-keyed stream per trainer: nothing in the run's config or outputs (the seed
             # included) determines the noise or which records each step samples.
-            noise_gen = sample_gen = SecureRandom()
+            # Two streams, so the noise can be drawn on its own thread while the sampler runs.
+            noise_gen, sample_gen = SecureRandom(), SecureRandom()
         else:
             noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator))
                                                       ^ self._noise_seed)
