@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", default="runs/latest", help="output directory (default: runs/latest)")
     run.add_argument("--data", help="synthetic (default), xmrec:PATH, movielens:PATH or aliexpress:PATH")
     run.add_argument("--markets", type=_csv, help="comma-separated subset of markets")
+    run.add_argument("--synthetic-scale", type=float,
+                     help="synthetic data: every market's users and items times this (rows grow linearly)")
+    run.add_argument("--batch-size", type=int,
+                     help="expected records per training step (model.batch_size; default 256)")
     run.add_argument("--methods", type=_csv, help=f"comma-separated subset of {', '.join(METHODS)}")
     run.add_argument("--secagg", help=f"secure aggregation backend: {', '.join(SECAGG_BACKENDS)}")
     run.add_argument("--model", dest="model_family", help="model family: fedmm (default) or pf-msmtrec")
@@ -70,6 +74,10 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         v = getattr(args, flag)
         if v is not None:
             raw[key] = list(v) if isinstance(v, tuple) else v
+    if args.synthetic_scale is not None:
+        raw["synthetic"] = {**raw["synthetic"], "scale": args.synthetic_scale}
+    if args.batch_size is not None:
+        raw["model"]["batch_size"] = args.batch_size
     priv = raw["privacy"]
     for flag, key in _PRIVACY_FLAGS:
         v = getattr(args, flag)

@@ -83,6 +83,11 @@ class PlainTrainer:
 
     def train_epochs(self, epochs: int) -> int:
         steps = epochs * max(1, math.ceil(1.0 / self.q))
+        self.train_steps(steps)
+        return steps
+
+    def train_steps(self, steps: int) -> None:
+        """``steps`` Poisson-sampled Adam steps (benchmarks time blocks of steps with this)."""
         expected = self.q * self.n
         for _ in range(steps):
             # Geometric skips: O(batch) random numbers per step, not one per record.
@@ -94,7 +99,6 @@ class PlainTrainer:
             # and non-private runs take steps of the same scale.
             (self.loss_fn(self.model, idx).sum() / expected).backward()
             self.optimizer.step()
-        return steps
 
 
 def plain_trainers(*, market: str, stage: str, model: torch.nn.Module, loss_fn: LossFn, n_records: int,
