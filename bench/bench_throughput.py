@@ -16,7 +16,10 @@ within each round:
 * ``plain``: :class:`~fedmm_secure.federation.training.PlainTrainer` (Poisson sampling, fused Adam);
 * ``dp``: the DP-SGD trainer a private run builds (``PrivacySession``: per-record clipping,
   Gaussian noise on every parameter from the OS-keyed AES-CTR stream, Poisson sampling,
-  fused Adam); ``dp_prefetch``: the same with the next step's noise drawn on a second thread.
+  fused Adam); ``dp_prefetch``: the same with the next step's noise drawn on a second thread;
+  ``dp_before``: the DP loop as it was before the throughput work, rebuilt from today's parts
+  (one random word per record per step for Poisson sampling, torch's default single-tensor
+  Adam, a fresh noise buffer per parameter per step), for the before/after ratio.
 
 Stages: ``ctr`` (DeepFM with codes, as FedMM's stage 3) and ``cf`` (the CF model of stage 1).
 Rows/s counts expected rows per step (the batch size). ``torch.set_num_threads(--threads)``.
@@ -110,10 +113,36 @@ def _dp(stage: str, d: _Data, batch: int, prefetch: bool = False) -> Callable[[i
     return lambda steps: dp_train_epoch(trainer, lambda idx: idx, steps=steps)
 
 
+def _dp_before(stage: str, d: _Data, batch: int) -> Callable[[int], None]:
+    from fedmm_secure.privacy.randomness import bernoulli_indices
+    from fedmm_secure.privacy.sampling import PoissonDraw
+
+    plans = plan_markets(unit="record", batch_size=batch, epochs={stage: 1}, rounds=1,
+                         n_records={"m": d.n}, n_users={"m": d.users})
+    session = PrivacySession(unit="record", delta=1e-5, max_grad_norm=1.0, plans=plans, noise_multiplier=1.0,
+                             target_epsilon=None, accountant="pld", policy=None, ledger=None, randomness="secure")
+    model = _model(stage, d)
+    local = session(market="m", stage=stage, model=model, loss_fn=_loss(stage, d), n_records=d.n,
+                    users=d.u, settings=TrainSettings(1, batch, 3e-3), generator=torch.Generator().manual_seed(1))
+    trainer = local.trainer
+    old_opt = torch.optim.Adam(trainer._params, lr=3e-3, foreach=False)
+    old_opt.register_step_pre_hook(trainer._refuse_unaccounted_step)
+    trainer._optimizer = old_opt
+    trainer._buffer = lambda p: torch.empty_like(p)  # a fresh allocation every step
+    sampler = trainer.sampler
+
+    def sample() -> PoissonDraw:
+        idx = bernoulli_indices(sampler.generator, sampler.num_records, sampler.sample_rate)
+        return PoissonDraw(idx, torch.arange(idx.numel()), int(idx.numel()), sampler.sample_rate, sampler.unit,
+                           id(sampler))
+    sampler.sample = sample
+    return lambda steps: dp_train_epoch(trainer, lambda idx: idx, steps=steps)
+
+
 def measure(stage: str, d: _Data, batch: int, *, reps: int, rows_per_block: int,
             modes: tuple[str, ...]) -> dict[str, dict[str, float]]:
     makers = {"anchor": _anchor, "plain": _plain, "dp": _dp,
-              "dp_prefetch": lambda s, dd, b: _dp(s, dd, b, prefetch=True)}
+              "dp_prefetch": lambda s, dd, b: _dp(s, dd, b, prefetch=True), "dp_before": _dp_before}
     runs = {m: makers[m](stage, d, batch) for m in modes}
     steps = max(2, rows_per_block // batch)
     for run in runs.values():  # warm-up: allocations, optimizer state
@@ -141,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows-per-block", type=int, default=32_768)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prefetch", action="store_true", help="also time dp_prefetch")
+    ap.add_argument("--before", action="store_true", help="also time dp_before")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     d = _Data(*SIZES[args.size])
@@ -149,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| stage | batch | mode | rows/s | x anchor |\n|---|---|---|---|---|")
     for stage in args.stages.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            modes = ("anchor", "plain", "dp") + (("dp_prefetch",) if args.prefetch else ())
+            modes = (("anchor", "plain", "dp") + (("dp_prefetch",) if args.prefetch else ())
+                     + (("dp_before",) if args.before else ()))
             res = measure(stage, d, batch, reps=args.reps, rows_per_block=args.rows_per_block, modes=modes)
             for m, r in res.items():
                 print(f"| {stage} | {batch} | {m} | {r['rows_s']:,.0f} | {r['x_anchor']:.2f} |", flush=True)
