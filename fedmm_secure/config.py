@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 from .errors import ConfigError
 
 __all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_from_dict",
-           "dataclass_from_overrides", "METHODS", "DEFAULT_MAX_GRAD_NORM"]
+           "dataclass_from_overrides", "METHODS", "DEFAULT_EPSILON", "DEFAULT_MAX_GRAD_NORM"]
 
 METHODS = ("local", "local_codes", "fedmm", "centralized")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
@@ -29,16 +31,27 @@ UNITS = ("record", "user")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
 RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
+_DATA_SPEC = re.compile(r"^[a-z][a-z0-9_\-]{0,63}(:.+)?$")
+# A run is private unless asked not to be (--no-dp): with no epsilon, noise multiplier or budget
+# named, each market's noise is calibrated to this target (a budget alone caps it).
+DEFAULT_EPSILON = 8.0
 
 
 def _positive(name: str, value: Any, *, integer: bool) -> None:
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
-        raise ConfigError(name, f"must be a positive {'integer' if integer else 'number'}, got {value!r}")
+    # NaN compares False with everything and inf is no setting: both are named, not passed on.
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(name, f"must be a finite positive {'integer' if integer else 'number'}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Model sizes and local training schedule (the run config's ``model`` section).
+
+    Epochs are local epochs per federated round; ``ctr_model`` names a model registered with
+    :func:`~fedmm_secure.models.registry.register_ctr_model`. Invalid values raise ConfigError.
+    """
+
     cf_dim: int = 16
     cf_epochs: int = 1           # local epochs per federated round
     cf_lr: float = 0.02
@@ -50,6 +63,7 @@ class ModelConfig:
     vq_lr: float = 3e-3
     beta: float = 0.25           # commitment weight
     codebook_decay: float = 0.0  # 0 = plain k-means update from statistics
+    ctr_model: str = "deepfm"    # a name registered with register_ctr_model
     ctr_dim: int = 16
     ctr_hidden: tuple[int, ...] = (64, 32)
     ctr_epochs: int = 2          # local epochs per federated round
@@ -66,6 +80,8 @@ class ModelConfig:
             _positive(f"model.{f}", getattr(self, f), integer=True)
         for f in ("cf_lr", "vq_lr", "beta", "ctr_lr", "shared_bound"):
             _positive(f"model.{f}", getattr(self, f), integer=False)
+        if not isinstance(self.ctr_model, str) or not self.ctr_model:
+            raise ConfigError("model.ctr_model", f"must be a registered CTR model name, got {self.ctr_model!r}")
         if not isinstance(self.calibrate, bool):
             raise ConfigError("model.calibrate", f"must be true or false, got {self.calibrate!r}")
         if not 0 <= self.codebook_decay < 1:
@@ -76,7 +92,16 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
-    enabled: bool = False
+    """DP settings (the run config's ``privacy`` section).
+
+    Private by default (``enabled``): the noise is calibrated to ``epsilon`` (default
+    ``DEFAULT_EPSILON``, capped by ``epsilon_budget``) unless ``noise_multiplier`` is given;
+    ``unit`` ``"record"`` or ``"user"``; ``epsilon_budget`` and ``on_exceed`` (``"skip"`` the
+    round or ``"stop"`` the run) form the budget policy; ``randomness`` ``"secure"`` (default)
+    or ``"reproducible"`` (NOT private). Invalid values raise ConfigError.
+    """
+
+    enabled: bool = True
     unit: str = "record"
     delta: float = 1e-5
     epsilon: float | None = None           # calibrate the noise multiplier for the planned rounds
@@ -110,15 +135,44 @@ class PrivacyConfig:
                 _positive(f"privacy.{f}", v, integer=False)
         if self.max_grad_norm is not None:
             _positive("privacy.max_grad_norm", self.max_grad_norm, integer=False)
-        if self.market_noise_multiplier is not None and not self.enabled:
-            raise ConfigError("privacy.market_noise_multiplier", "market-level noise needs a private run",
-                              allowed="set --epsilon or --noise-multiplier too")
-        if self.enabled and self.epsilon is None and self.noise_multiplier is None:
-            raise ConfigError("privacy.noise_multiplier", "a private run needs --epsilon or a noise multiplier")
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("privacy.enabled", f"must be true or false, got {self.enabled!r}")
+        if not self.enabled:
+            # A setting that only means something with DP must not be dropped silently.
+            given = [f for f in ("epsilon", "noise_multiplier", "epsilon_budget", "market_noise_multiplier")
+                     if getattr(self, f) is not None]
+            if given:
+                raise ConfigError(f"privacy.{given[0]}", "set on a non-private run (--no-dp / enabled: false)",
+                                  allowed="drop it, or train with DP")
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ConfigError("privacy.noise_multiplier", "given together with a target epsilon",
+                              allowed="one of --epsilon (calibrates the noise) or --noise-multiplier")
+        target = self.target_epsilon
+        if target is not None and self.epsilon_budget is not None and target > self.epsilon_budget:
+            raise ConfigError("privacy.epsilon", f"target {target:g} is above the budget {self.epsilon_budget:g}: "
+                              "every round past the budget would be refused",
+                              allowed=f"a target <= {self.epsilon_budget:g}")
+
+    @property
+    def target_epsilon(self) -> float | None:
+        """The epsilon each market's noise is calibrated to: the configured one; with neither it
+        nor a noise multiplier, ``DEFAULT_EPSILON`` capped by the budget; None without DP or
+        when a noise multiplier is given."""
+        if not self.enabled or self.noise_multiplier is not None:
+            return None
+        if self.epsilon is not None:
+            return float(self.epsilon)
+        return min(DEFAULT_EPSILON, self.epsilon_budget) if self.epsilon_budget is not None else DEFAULT_EPSILON
 
 
 @dataclass(frozen=True)
 class RunConfig:
+    """One run: data (``"synthetic"`` or a registered ``name[:PATH]``), methods, rounds, the
+    secure-aggregation backend (``"plain"`` only by name), the model family, and the ``model``
+    and ``privacy`` sections. Build it directly, or with :func:`load_config` /
+    :func:`config_from_dict`; invalid values raise ConfigError naming the field.
+    """
+
     seed: int = 0
     rounds: int = 4
     methods: tuple[str, ...] = METHODS
@@ -144,11 +198,14 @@ class RunConfig:
             raise ConfigError("secagg", f"unknown backend {self.secagg!r}", allowed=", ".join(SECAGG_BACKENDS))
         if self.model_family not in MODEL_FAMILIES:
             raise ConfigError("model_family", f"unknown model {self.model_family!r}", allowed=", ".join(MODEL_FAMILIES))
-        if not isinstance(self.data, str) or not (self.data == "synthetic" or ":" in self.data):
+        # The name itself is checked against the dataset registry when the data is loaded (the
+        # registry lives above this module); here only the shape ``name`` or ``name:PATH``.
+        if not isinstance(self.data, str) or not _DATA_SPEC.match(self.data):
             raise ConfigError("data", f"unknown data source {self.data!r}",
-                              allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH")
+                              allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH, or a registered NAME[:PATH]")
 
     def to_dict(self) -> dict:
+        """Plain JSON-able dict (what config.json and the ledger's config hash record)."""
         return dataclasses.asdict(self)
 
     def max_grad_norm(self) -> float:
@@ -159,9 +216,11 @@ class RunConfig:
     def resolved(self) -> RunConfig:
         """This config with defaults that depend on other fields written out, so what a run
         directory records (config.json, ledger) is explicit and survives a change of default."""
-        if self.privacy.max_grad_norm is not None:
+        p = self.privacy
+        if not p.enabled or (p.max_grad_norm == self.max_grad_norm() and p.epsilon == p.target_epsilon):
             return self
-        return dataclasses.replace(self, privacy=dataclasses.replace(self.privacy, max_grad_norm=self.max_grad_norm()))
+        return dataclasses.replace(self, privacy=dataclasses.replace(
+            p, max_grad_norm=self.max_grad_norm(), epsilon=p.target_epsilon))
 
 
 def _build(cls, raw: Any, prefix: str):
@@ -211,10 +270,14 @@ def dataclass_from_overrides(cls, overrides: dict, *, prefix: str, nested: dict[
 
 
 def config_from_dict(raw: dict) -> RunConfig:
+    """Build a :class:`RunConfig` from a mapping (the parsed YAML/JSON); unknown keys and wrong
+    values raise ConfigError naming the dotted field."""
     return _build(RunConfig, raw, "")
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """Read a run config from a ``.yaml``/``.yml`` or JSON file; ConfigError if unreadable or
+    invalid."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

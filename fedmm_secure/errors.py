@@ -15,6 +15,7 @@ __all__ = [
     "AbortError",
     "BudgetExceededError",
     "LedgerError",
+    "VerificationError",
 ]
 
 
@@ -69,3 +70,8 @@ class BudgetExceededError(FedMMError):
 
 class LedgerError(FedMMError):
     """The privacy ledger is missing, corrupt, or inconsistent with the run being resumed."""
+
+
+class VerificationError(LedgerError):
+    """A run's ledger or results failed verification (tampered, truncated, or disagreeing): the
+    check ran and its answer is FAIL, which the CLI reports as exit 1 like an exceeded budget."""

@@ -20,7 +20,7 @@ def test_clipping_norm_defaults_per_model_family_and_is_written_out():
 
 
 def test_configured_clipping_norm_wins_over_the_family_default():
-    cfg = config_from_dict({"model_family": "pf-msmtrec", "privacy": {"max_grad_norm": 0.5}})
+    cfg = config_from_dict({"model_family": "pf-msmtrec", "privacy": {"max_grad_norm": 0.5, "epsilon": 8.0}})
     assert cfg.max_grad_norm() == 0.5 and cfg.resolved() is cfg
     # A resolved FedMM config moved to another family keeps its explicit value (no silent change).
     moved = config_from_dict({**RunConfig().resolved().to_dict(), "model_family": "pf-msmtrec"})
@@ -38,3 +38,30 @@ def test_bad_model_calibrate_names_the_field():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"model": {"calibrate": "yes"}})
     assert e.value.field == "model.calibrate"
+
+
+def test_private_by_default_at_the_default_target():
+    from fedmm_secure.config import DEFAULT_EPSILON
+    p = RunConfig().privacy
+    assert p.enabled and p.epsilon is None and p.target_epsilon == DEFAULT_EPSILON
+    assert RunConfig().resolved().privacy.epsilon == DEFAULT_EPSILON   # written out to config.json
+    # A budget alone caps the target; a noise multiplier replaces it.
+    assert config_from_dict({"privacy": {"epsilon_budget": 5}}).privacy.target_epsilon == 5
+    assert config_from_dict({"privacy": {"noise_multiplier": 1.0}}).privacy.target_epsilon is None
+    assert config_from_dict({"privacy": {"enabled": False}}).privacy.target_epsilon is None
+
+
+@pytest.mark.parametrize("privacy, field", [
+    ({"enabled": False, "epsilon": 8}, "privacy.epsilon"),
+    ({"enabled": False, "epsilon_budget": 8}, "privacy.epsilon_budget"),
+    ({"epsilon": 8, "noise_multiplier": 1.0}, "privacy.noise_multiplier"),
+    ({"epsilon": 8, "epsilon_budget": 5}, "privacy.epsilon"),
+    ({"epsilon": float("nan")}, "privacy.epsilon"),
+    ({"epsilon": float("inf")}, "privacy.epsilon"),
+    ({"delta": float("nan")}, "privacy.delta"),
+    ({"enabled": "yes"}, "privacy.enabled"),
+])
+def test_conflicting_or_non_finite_privacy_settings_name_the_field(privacy, field):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"privacy": privacy})
+    assert e.value.field == field

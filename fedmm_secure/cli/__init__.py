@@ -5,8 +5,11 @@ One module per command group, each with ``register(subparsers)`` and the handler
 (``audit``), :mod:`.bench` (``bench secagg``), :mod:`.flower` (``flower local``). Handlers import
 the workflows they call lazily, so ``--help`` and bad flags answer without loading torch.
 
-Bad flags and bad config values end with one line on stderr naming the field and what is
-allowed, and exit code 2; no traceback. Library modules print nothing: they log to the
+Bad flags, bad config values and bad input of any kind (missing or corrupt files, tampered
+messages) end with one line on stderr naming what is wrong, and exit code 2; no traceback. Exit 1
+means a check ran and failed (``budget check`` FAIL, a ledger that fails verification,
+``run --fail-on-skip``), 3 that a run was
+stopped by its budget policy, 130 an interrupt. Library modules print nothing: they log to the
 ``fedmm_secure.*`` loggers, which the CLI sends to stderr (warnings and errors by default;
 ``FEDMM_LOG_LEVEL=INFO`` or ``DEBUG`` shows more). Results go to stdout.
 """
@@ -18,7 +21,7 @@ import logging
 import os
 import sys
 
-from ..errors import BudgetExceededError, ConfigError, FedMMError
+from ..errors import BudgetExceededError, ConfigError, FedMMError, VerificationError
 from . import audit, bench, budget, flower, run
 
 __all__ = ["main", "build_parser"]
@@ -31,11 +34,22 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedmm-secure", description="Privacy-hardened federated multi-market recommendation.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # Command groups build their nested subcommands with the class of the parser they are given.
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for group in (run, bench, budget, flower, audit):   # the order of `fedmm-secure --help`
         group.register(sub)
     return p
+
+
+def _version() -> str:
+    # From the installed metadata, as fedmm_secure.__version__ is (the CLI sits below the
+    # package's public surface, so it does not import it).
+    from importlib import metadata
+    try:
+        return metadata.version("fedmm-secure")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -80,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     except BudgetExceededError as e:
         print(f"fedmm-secure: budget exceeded: {e}", file=sys.stderr)
         return 3
-    except FedMMError as e:
+    except VerificationError as e:
         print(f"fedmm-secure: error: {e}", file=sys.stderr)
         return 1
+    except FedMMError as e:
+        # Bad or tampered input of any kind (data, files, messages): one line, exit 2. Exit 1 is
+        # kept for checks that ran and failed (budget check FAIL, --fail-on-skip).
+        print(f"fedmm-secure: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fedmm-secure: interrupted", file=sys.stderr)
         return 130

@@ -11,7 +11,8 @@ __all__ = ["register", "check_command", "report_command"]
 def register(sub: argparse._SubParsersAction) -> None:
     budget = sub.add_parser("budget", help="privacy budget checks on a run directory")
     bgsub = budget.add_subparsers(dest="budget_command", required=True, parser_class=type(budget))
-    bc = bgsub.add_parser("check", help="exit 0 when every market is within --max-epsilon, 1 otherwise")
+    bc = bgsub.add_parser("check", help="verify the run's ledgers, then exit 0 when every market is within "
+                                        "--max-epsilon; 1 when over budget or verification fails")
     bc.add_argument("dir")
     bc.add_argument("--max-epsilon", type=float, required=True)
     bc.add_argument("--delta", type=float, help="delta to evaluate at (default: the run's)")

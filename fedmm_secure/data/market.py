@@ -37,6 +37,7 @@ class MarketSplit:
         return len(self.users)
 
     def subset(self, idx: np.ndarray) -> "MarketSplit":
+        """The rows at ``idx`` (an index array or boolean mask), as a new split."""
         return MarketSplit(self.users[idx], self.items[idx], self.click[idx], self.conversion[idx])
 
 
@@ -51,6 +52,14 @@ class RankingSet:
 
 @dataclass(frozen=True)
 class MarketData:
+    """One market's data, as every dataset loader returns it.
+
+    IDs are local (users ``0..n_users-1``, items ``0..n_items-1``); ``train``/``valid``/``test``
+    are :class:`MarketSplit` s; side features are int64 category matrices with their
+    cardinalities; ``item_keys`` (original item ids) and ``item_cluster`` are for evaluation
+    only. Out-of-range ids or an empty train split raise DataError.
+    """
+
     name: str
     n_users: int
     n_items: int

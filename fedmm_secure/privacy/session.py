@@ -13,6 +13,7 @@ The session is the federation's ``TrainerFactory`` (every raw-data training loop
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,8 @@ from .randomness import RANDOMNESS, RandomSource, SecureRandom
 from .sampling import PoissonRecordSampler, PoissonUserSampler
 
 __all__ = ["MarketPlan", "PrivacySession", "plan_markets"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,7 @@ class PrivacySession:
                 allowed.add(m)
             else:
                 self.skipped[m].append({"round": rid, "stage": stage, "reason": decision.reason})
+                log.warning("round %d (%s): market %s refused by its budget: %s", rid, stage, m, decision.reason)
                 if self.ledger is not None:
                     self.ledger.record_skip(m, rid, decision.reason)
         self._stage_round = (stage, rnd)

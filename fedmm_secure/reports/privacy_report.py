@@ -2,7 +2,8 @@
 
 The ledger is the source of truth: epsilon is recomputed from the DP events it holds (rounds cut
 short by a crash included), never copied from results.json, so a report can not under-state
-what was spent.
+what was spent. Neither output is produced from a ledger that fails verification
+(:mod:`.run_verification`: hash chain, head against results.json, epsilons against the events).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import ConfigError, LedgerError
+from .run_verification import ledger_dirs, require_verified_run
 
 __all__ = ["budget_table", "write_privacy_report", "POST_PROCESSING_STEPS", "ACCOUNTED_STEPS"]
 
@@ -27,25 +29,14 @@ POST_PROCESSING_STEPS = (
 )
 
 
-def _ledger_dirs(run_dir: Path) -> list[Path]:
-    """The run's ledger directories: ``run_dir`` itself (embedded runtime: one ledger for every
-    market) or ``run_dir/ledgers/<market>`` (Flower runtime: each market keeps its own)."""
-    if (run_dir / "ledger.sqlite").exists():
-        return [run_dir]
-    found = sorted(p.parent for p in (run_dir / "ledgers").glob("*/ledger.sqlite"))
-    if not found:
-        raise LedgerError(f"{run_dir} has no ledger.sqlite (nor ledgers/*/ledger.sqlite): "
-                          "the run was not private (epsilon = inf)")
-    return found
-
-
 def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
     """Ledger directories, spend, epsilon history, rounds, skips and decisions over all of the
     run's ledgers."""
     from ..privacy.ledger import Ledger
 
-    dirs = _ledger_dirs(run_dir)
-    out: dict = {"dirs": dirs, "spent": {}, "records": [], "rounds": [], "skips": [], "decisions": []}
+    dirs = ledger_dirs(run_dir)
+    out: dict = {"dirs": dirs, "spent": {}, "records": [], "rounds": [], "skips": [], "decisions": [],
+                 "configs": []}
     for d in dirs:
         with Ledger.open(d) as ledger:
             spent = ledger.spent(delta=delta)
@@ -57,16 +48,20 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
             out["rounds"] += ledger.rounds()
             out["skips"] += ledger.skips()
             out["decisions"] += ledger.decisions()
+            out["configs"].append(ledger.run_config)
     return out
 
 
-def _reproducible_noise(run_dir: Path) -> bool:
-    """True when the run drew its DP noise from seeded generators (``privacy.randomness``)."""
+def _reproducible_noise(run_dir: Path, ledger_configs: list[dict]) -> bool:
+    """True when the run drew its DP noise from seeded generators (``privacy.randomness``), by
+    config.json or by the configuration a ledger's first entry commits to (config.json is not
+    covered by the hash chain; editing it must not turn a NOT PRIVATE run into a PASS)."""
     try:
         cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False  # runs without a config.json predate the setting, whose only value was seeded
-    return cfg.get("privacy", {}).get("randomness") == "reproducible"
+        cfg = {}  # runs without a config.json predate the setting, whose only value was seeded
+    return any(isinstance(c, dict) and isinstance(c.get("privacy"), dict)
+               and c["privacy"].get("randomness") == "reproducible" for c in [cfg, *ledger_configs])
 
 
 _NOT_PRIVATE = ("NOT PRIVATE: DP noise reproducible from the seed (privacy.randomness: reproducible); "
@@ -76,7 +71,9 @@ _NOT_PRIVATE = ("NOT PRIVATE: DP noise reproducible from the seed (privacy.rando
 def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> tuple[str, bool]:
     if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
         raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
-    spent = _read_ledgers(run_dir, delta=delta)["spent"]
+    verified = require_verified_run(run_dir)
+    read = _read_ledgers(run_dir, delta=delta)
+    spent = read["spent"]
     if not spent:
         raise LedgerError(f"the ledger(s) of {run_dir} record no DP event")
     lines = ["| market | epsilon | delta | accountant | certified | max | status |", "|---|---|---|---|---|---|---|"]
@@ -87,10 +84,12 @@ def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> t
         lines.append(f"| {m} | {rep.epsilon:.4f} | {rep.delta:g} | {rep.accountant} | {rep.certified} | "
                      f"{max_epsilon:g} | {'OK' if within else 'OVER BUDGET'} |")
     worst = max(r.epsilon for r in spent.values())
-    if _reproducible_noise(run_dir):
+    lines.append("")
+    if _reproducible_noise(run_dir, read["configs"]):
         ok = False
-        lines.append("\n" + _NOT_PRIVATE)
-    lines.append(f"\nmaximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
+        lines.append(_NOT_PRIVATE)
+    lines += verified.lines()
+    lines.append(f"maximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
     return "\n".join(lines), ok
 
 
@@ -114,10 +113,12 @@ def _plot_epsilon(per_market: dict[str, list[tuple[int, float]]], path: Path, bu
 
 
 def write_privacy_report(run_dir: Path) -> Path:
+    verified = require_verified_run(run_dir)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     priv = results.get("privacy", {})
     read = _read_ledgers(run_dir)
+    not_private = _reproducible_noise(run_dir, read["configs"])
     spent, records, rounds = read["spent"], read["records"], read["rounds"]
     skips, decisions = read["skips"], read["decisions"]
     per_market: dict[str, list[tuple[int, float]]] = {}
@@ -132,15 +133,16 @@ def write_privacy_report(run_dir: Path) -> Path:
         "",
         f"Run directory: `{run_dir}`. Source of truth: "
         + ", ".join(f"`{(d / 'ledger.sqlite').relative_to(run_dir)}`" for d in read["dirs"])
-        + " (append-only; epsilon below is recomputed from the DP events, including any round cut short by a "
-        "crash).",
+        + " (append-only, hash-chained; epsilon below is recomputed from the DP events, including any round cut "
+        "short by a crash).",
         "",
+        *[f"- {line}" for line in verified.lines()],
         f"- unit of privacy: **{anyp.get('unit', 'record')}**-level",
         f"- delta: {next(iter(spent.values())).delta:g}" if spent else "- delta: n/a",
         f"- accountant: {anyp.get('accountant', 'pld')} ({anyp.get('bound', 'certified upper bound')})",
         f"- budget per market: {budget if budget is not None else 'none set'}",
         f"- secure aggregation: {results.get('secagg', {}).get('backend', 'n/a')}",
-        f"- DP randomness: {'**' + _NOT_PRIVATE + '**' if _reproducible_noise(run_dir) else 'secure (OS-keyed AES-256-CTR)'}",
+        f"- DP randomness: {'**' + _NOT_PRIVATE + '**' if not_private else 'secure (OS-keyed AES-256-CTR)'}",
         "",
         "## Epsilon per market",
         "",

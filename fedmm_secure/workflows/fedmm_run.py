@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
     stays spent, and new rounds are numbered after it. Models restart from their initial state.
     """
     cfg = cfg.resolved()
+    markets = load_data(cfg)   # a bad data path fails before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = None
     resume_offset, prior = 0, None
@@ -52,7 +54,6 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                                   allowed="a new directory, or --resume DIR to continue that run")
             ledger = Ledger.open(out_dir, run_config=cfg.to_dict(), create=True)
     write_json_atomic(out_dir / "config.json", cfg.to_dict())
-    markets = load_data(cfg)
     names = [m.name for m in markets]
     results: dict = {
         "config": cfg.to_dict(),
@@ -80,7 +81,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                 progress(f"{method}: {msg}", i / steps_total)
 
         session = None
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if cfg.privacy.enabled and method != "centralized":
             # The federated method's spend is the one on the ledger (its outputs cross the market
             # boundary); baselines are trained with the same DP settings for comparison.
@@ -118,6 +119,9 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
         for meth in cfg.methods
     }
     if ledger is not None:
+        # The ledger's head travels with the results: without this copy, removing the
+        # ledger's last rows could not be detected.
+        results["ledger"] = ledger.finish().to_dict()
         ledger.close()
     write_json_atomic(out_dir / "results.json", results)
     write_run_report(results, out_dir)

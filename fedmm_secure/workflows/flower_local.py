@@ -29,6 +29,8 @@ def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> 
               "impressions_per_user": 6 if i == 0 else 5} for i in range(markets)]
     return config_from_dict({
         "seed": seed, "rounds": rounds, "methods": ["fedmm"], "secagg": secagg,
+        # Non-private unless --epsilon / --epsilon-budget: this is the runtime's smoke config.
+        "privacy": {"enabled": False},
         "synthetic": {"markets": specs},
         "model": {"vq_epochs": 3, "n_global": 8, "n_local": 4, "cf_dim": 8, "latent_dim": 4, "vq_hidden": 8,
                   "ctr_dim": 8, "ctr_hidden": [8]}})

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def pf_settings(raw: dict) -> tuple[PFSettings, tuple[str, ...] | None, dict]:
     if not isinstance(raw, dict):
         raise ConfigError("pf", f"must be a mapping, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(PFSettings)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}   # values are checked by PFSettings itself
     for k, v in raw.items():
         if k in _EXTRA_KEYS:
             continue
@@ -100,11 +101,11 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
     plans = plan_markets(unit=p.unit, batch_size=settings.batch_size, epochs={STAGE: settings.epochs},
                          rounds=cfg.rounds, n_records={m.name: len(m.train) for m in markets},
                          n_users={m.name: m.n_users for m in markets})
-    policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
+    policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)  # type: ignore[arg-type]  # validated by PrivacyConfig
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier,
-                          target_epsilon=p.epsilon if p.noise_multiplier is None else None,
+                          target_epsilon=p.target_epsilon,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness,
                           noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
@@ -124,6 +125,7 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
     settings, pf_methods, data_overrides = pf_settings(cfg.pf)
     methods = _methods(cfg, pf_methods)
     out_dir = Path(out_dir)
+    markets = load_scenarios(cfg, data_overrides)   # a bad data path fails before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     ledger = None
     resume_offset, prior = 0, None
@@ -143,7 +145,6 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
     elif resume:
         raise ConfigError("--resume", "only private runs have a ledger to resume from")
     write_json_atomic(out_dir / "config.json", cfg.to_dict())
-    markets = load_scenarios(cfg, data_overrides)
     names = [m.name for m in markets]
     results: dict = {
         "config": cfg.to_dict(),
@@ -201,6 +202,8 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             log.info("%s done in %.1f s", method, results["timing_s"][method])
             if progress is not None:
                 progress(f"{method}: done", (i + 1) / len(methods))
+        if ledger is not None:  # the head travels with the results (see fedmm_run.py)
+            results["ledger"] = ledger.finish().to_dict()
     finally:
         if ledger is not None:
             ledger.close()

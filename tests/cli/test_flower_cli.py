@@ -13,7 +13,7 @@ from fedmm_secure.cli import main  # noqa: E402
     (["--markets", "1"], "--markets"),
     (["--markets", "2", "--epsilon", "-1"], "privacy.epsilon"),
     (["--markets", "2", "--secagg", "nope"], "secagg"),
-    (["--markets", "2", "--epsilon-budget", "5"], "privacy"),      # a budget needs a mechanism
+    (["--markets", "2", "--epsilon", "8", "--epsilon-budget", "5"], "privacy.epsilon"),  # target above budget
 ])
 def test_bad_flower_flags_exit_2_with_one_line(args, field, tmp_path, capsys, monkeypatch):
     started = []

@@ -97,7 +97,7 @@ def test_new_private_run_refuses_to_overwrite_a_ledger(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
-    assert "already holds a privacy ledger" in capsys.readouterr().err
+    assert "already holds a run's results" in capsys.readouterr().err
 
 
 PF_TINY = {

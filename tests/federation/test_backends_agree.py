@@ -11,6 +11,7 @@ from fedmm_secure.workflows.fedmm_run import run_experiment
 TINY = {
     "rounds": 2,
     "methods": ["fedmm"],
+    "privacy": {"enabled": False},   # same training through every backend: no fresh DP noise
     "synthetic": {"markets": [
         {"name": "big", "n_users": 120, "n_items": 60, "impressions_per_user": 10},
         {"name": "mid", "n_users": 80, "n_items": 50, "impressions_per_user": 8},

@@ -43,7 +43,7 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
-                          noise_multiplier=p.noise_multiplier, target_epsilon=p.epsilon if p.noise_multiplier is None else None,
+                          noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness, noise_seed=cfg.seed * 7_919 + method_index,
                           market_noise_multiplier=p.market_noise_multiplier,

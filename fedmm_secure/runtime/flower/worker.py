@@ -186,6 +186,8 @@ class MarketWorker:
             done = {"type": "done", "metrics": stop.value["metrics"]}
             if self._session is not None:
                 done["privacy"] = self._session.summary()[self.market]
+                # This market's ledger head, released with its epsilon (results.json).
+                done["privacy"]["ledger"] = self._ledger.finish().to_dict()
                 if self._session.market_level_summary() is not None:
                     done["privacy_market_level"] = self._session.market_level_summary()
                 self._ledger.close()

@@ -109,10 +109,21 @@ def test_private_run_keeps_one_ledger_per_market_and_matches_embedded_epsilon(tm
             # differs from round-by-round composition by ~0.3%, see privacy/session.py).
             assert ledger.spent()[m].epsilon == pytest.approx(res["privacy"][m]["epsilon"], rel=5e-3)
             assert ledger.spent()[m].epsilon <= 4.0
+    # What the ServerApp writes: each market's epsilon with its ledger's head.
+    from fedmm_secure.errors import LedgerError
+    from fedmm_secure.reports.run_report import write_json_atomic
+
+    write_json_atomic(tmp_path / "flower" / "results.json", res)
     table, ok = budget_table(tmp_path / "flower", max_epsilon=4.0, delta=None)
     assert ok and all(m in table for m in ("m0", "m1", "m2"))
+    assert all(f"ledger ledgers/{m}/ledger.sqlite: verified" in table for m in ("m0", "m1", "m2"))
     _, ok = budget_table(tmp_path / "flower", max_epsilon=0.5, delta=None)
     assert not ok
+    # A market's whole ledger removed is not a market that spent nothing.
+    import shutil
+    shutil.rmtree(tmp_path / "flower" / "ledgers" / "m2")
+    with pytest.raises(LedgerError, match="results.json reports epsilon for m2 but no ledger"):
+        budget_table(tmp_path / "flower", max_epsilon=4.0, delta=None)
 
 
 def test_private_run_needs_a_ledger_directory():
