@@ -156,3 +156,25 @@ def test_accountant_is_told_the_steps_and_rate_that_ran(monkeypatch):
         assert ran == len(draws[m.name]) == plans[m.name].total_steps > 0
         assert session.accountants[m.name].steps == summary[m.name]["steps"] == ran
         assert set(draws[m.name]) == {summary[m.name]["sample_rate"]} == {plans[m.name].sample_rate}
+
+
+def test_the_fused_adam_of_a_private_trainer_is_sealed():
+    from fedmm_secure.federation.training import TrainSettings
+    from fedmm_secure.models.ctr import DeepFM
+    from fedmm_secure.privacy.dpsgd import AccountingBypassError
+
+    plans = plan_markets(unit="record", batch_size=8, epochs={"ctr": 1}, rounds=1, n_records={"m": 64},
+                         n_users={"m": 16})
+    session = PrivacySession(unit="record", delta=1e-5, max_grad_norm=1.0, plans=plans, noise_multiplier=1.0,
+                             target_epsilon=None, accountant="pld", policy=None, ledger=None, randomness="secure")
+    model = DeepFM(fields=[("user", 16), ("item", 8)], dim=4, hidden=(4,))
+    x = torch.stack([torch.arange(64) % 16, torch.arange(64) % 8], 1)
+    local = session(market="m", stage="ctr", model=model,
+                    loss_fn=lambda mdl, idx: mdl(x[idx]).sigmoid(), n_records=64, users=x[:, 0],
+                    settings=TrainSettings(1, 8, 0.01), generator=torch.Generator().manual_seed(0))
+    opt = local.trainer._optimizer
+    assert opt.defaults.get("fused") is True
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(AccountingBypassError):
+        opt.step()
