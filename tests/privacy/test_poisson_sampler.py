@@ -7,6 +7,7 @@ a significance level of 1e-6 (a false alarm once in a million runs of the suite 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -117,12 +118,14 @@ MODEL = ModelConfig(vq_epochs=1, cf_dim=8, latent_dim=4, n_global=8, n_local=4, 
                     batch_size=32)
 
 
-def test_accountant_is_told_the_steps_and_rate_that_ran(monkeypatch):
+@pytest.mark.parametrize("design", ["joint", "staged"])
+def test_accountant_is_told_the_steps_and_rate_that_ran(monkeypatch, design):
     """Count the optimizer steps and sampler draws that really happen in a private FedMM run and
     check them against what each market's accountant composed."""
+    model = dataclasses.replace(MODEL, design=design)
     markets = generate_markets(SyntheticConfig(markets=SPECS), seed=0)
-    plans = plan_markets(unit="record", batch_size=MODEL.batch_size,
-                         epochs={"cf": MODEL.cf_epochs, "ctr": MODEL.ctr_epochs}, rounds=2,
+    epochs = {"ctr": MODEL.ctr_epochs} if design == "joint" else {"cf": MODEL.cf_epochs, "ctr": MODEL.ctr_epochs}
+    plans = plan_markets(unit="record", batch_size=MODEL.batch_size, epochs=epochs, rounds=2,
                          n_records={m.name: len(m.train) for m in markets},
                          n_users={m.name: m.n_users for m in markets})
     session = PrivacySession(unit="record", delta=1e-5, max_grad_norm=1.0, plans=plans, noise_multiplier=1.0,
@@ -149,7 +152,7 @@ def test_accountant_is_told_the_steps_and_rate_that_ran(monkeypatch):
 
     monkeypatch.setattr(PrivacySession, "__call__", tracking)
     ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
-    fedmm.run_method("fedmm", markets, MODEL, rounds=2, seed=0, secure_sum=ss, trainers=session, hooks=session)
+    fedmm.run_method("fedmm", markets, model, rounds=2, seed=0, secure_sum=ss, trainers=session, hooks=session)
     summary = session.summary()
     for m in markets:
         ran = steps[m.name]
