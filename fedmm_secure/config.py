@@ -26,7 +26,11 @@ MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 # was clipped 2-3x harder than a click, which biased CTCVR (sweep in bench/RESULTS_pf_msmtrec.md).
 DEFAULT_MAX_GRAD_NORM = {"fedmm": 1.0, "pf-msmtrec": 2.0}
 SECAGG_BACKENDS = ("masking", "ckks", "plain")
-UNITS = ("record", "user")
+# "interaction": all rows derived from one interaction (its positive and the negatives sampled for
+# it), the unit implicit-feedback data needs; "auto" resolves to it for implicit-feedback loaders
+# and to "record" elsewhere (synthetic and AliExpress data have one row per impression).
+UNITS = ("record", "interaction", "user")
+IMPLICIT_FEEDBACK_SCHEMES = ("xmrec", "movielens")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
 RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
@@ -82,7 +86,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = True
-    unit: str = "record"
+    unit: str = "auto"                     # see UNITS; resolved per data source by RunConfig.resolved
     delta: float = 1e-5
     epsilon: float | None = None           # calibrate the noise multiplier for the planned rounds
     noise_multiplier: float | None = None
@@ -97,8 +101,8 @@ class PrivacyConfig:
     randomness: str = "secure"
 
     def __post_init__(self) -> None:
-        if self.unit not in UNITS:
-            raise ConfigError("privacy.unit", f"unknown unit {self.unit!r}", allowed=", ".join(UNITS))
+        if self.unit not in UNITS and self.unit != "auto":
+            raise ConfigError("privacy.unit", f"unknown unit {self.unit!r}", allowed=", ".join(("auto", *UNITS)))
         if self.randomness not in RANDOMNESS:
             raise ConfigError("privacy.randomness", f"unknown source {self.randomness!r}",
                               allowed=", ".join(RANDOMNESS))
@@ -188,10 +192,18 @@ class RunConfig:
         """This config with defaults that depend on other fields written out, so what a run
         directory records (config.json, ledger) is explicit and survives a change of default."""
         p = self.privacy
-        if not p.enabled or (p.max_grad_norm == self.max_grad_norm() and p.epsilon == p.target_epsilon):
+        unit = self.default_unit() if p.unit == "auto" else p.unit
+        if not p.enabled or (p.max_grad_norm == self.max_grad_norm() and p.epsilon == p.target_epsilon
+                             and unit == p.unit):
             return self
         return dataclasses.replace(self, privacy=dataclasses.replace(
-            p, max_grad_norm=self.max_grad_norm(), epsilon=p.target_epsilon))
+            p, max_grad_norm=self.max_grad_norm(), epsilon=p.target_epsilon, unit=unit))
+
+    def default_unit(self) -> str:
+        """The protected unit when the config names none: for implicit-feedback data one
+        interaction is several rows (a positive and its sampled negatives), so the unit is the
+        interaction; elsewhere one row is one impression."""
+        return "interaction" if self.data.split(":", 1)[0] in IMPLICIT_FEEDBACK_SCHEMES else "record"
 
 
 def _build(cls, raw: Any, prefix: str):

@@ -99,7 +99,8 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
     p = cfg.privacy
     plans = plan_markets(unit=p.unit, batch_size=settings.batch_size, epochs={STAGE: settings.epochs},
                          rounds=cfg.rounds, n_records={m.name: len(m.train) for m in markets},
-                         n_users={m.name: m.n_users for m in markets})
+                         n_users={m.name: m.n_users for m in markets},
+                         n_interactions={m.name: m.train.n_interactions for m in markets})
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
@@ -107,6 +108,7 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
                           target_epsilon=p.target_epsilon,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness,
+                          interactions={m.name: m.train.interaction_ids() for m in markets},
                           noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
 
 

@@ -39,7 +39,8 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                          epochs={"ctr": mc.ctr_epochs} if method == "local" else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs},
                          rounds=cfg.rounds,
                          n_records={m.name: len(m.train) for m in markets},
-                         n_users={m.name: m.n_users for m in markets})
+                         n_users={m.name: m.n_users for m in markets},
+                         n_interactions={m.name: m.train.n_interactions for m in markets})
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
@@ -48,5 +49,7 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                           prior_events=prior_events, randomness=p.randomness, noise_seed=cfg.seed * 7_919 + method_index,
                           market_noise_multiplier=p.market_noise_multiplier,
                           federation_size=federation_size,
+                          # Every raw-data stage trains on the market's train rows, in order.
+                          interactions={m.name: m.train.interaction_ids() for m in markets},
                           # Upload noise must be unpredictable to the other parties: OS entropy.
                           upload_rng=np.random.default_rng(secrets.randbits(128)))
