@@ -22,7 +22,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/fedmm-secure run --epsilon 8 --epsilon-budget 10 --out runs/demo
-	$(BIN)/fedmm-secure budget check runs/demo --max-epsilon 10
+	@# The demo's baselines include the non-private `centralized`: the total is infinite and this
+	@# gate FAILS by design (the leading '-' keeps the demo going); the next one gates on fedmm alone.
+	-$(BIN)/fedmm-secure budget check runs/demo --max-epsilon 10
+	$(BIN)/fedmm-secure budget check runs/demo --max-epsilon 10 --scope deployed
 	$(BIN)/fedmm-secure report runs/demo
 
 test: $(STAMP)

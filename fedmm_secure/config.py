@@ -192,12 +192,17 @@ class RunConfig:
         """This config with defaults that depend on other fields written out, so what a run
         directory records (config.json, ledger) is explicit and survives a change of default."""
         p = self.privacy
-        unit = self.default_unit() if p.unit == "auto" else p.unit
+        unit = self.privacy_unit()
         if not p.enabled or (p.max_grad_norm == self.max_grad_norm() and p.epsilon == p.target_epsilon
                              and unit == p.unit):
             return self
         return dataclasses.replace(self, privacy=dataclasses.replace(
             p, max_grad_norm=self.max_grad_norm(), epsilon=p.target_epsilon, unit=unit))
+
+    def privacy_unit(self) -> str:
+        """The unit this run protects: the configured one, or the data's default for "auto"
+        (configs that were never resolved, e.g. built in code for a Flower worker)."""
+        return self.default_unit() if self.privacy.unit == "auto" else self.privacy.unit
 
     def default_unit(self) -> str:
         """The protected unit when the config names none: for implicit-feedback data one

@@ -6,8 +6,8 @@ is ``ledger.sqlite`` in the run directory, as before; each comparison baseline's
 ``baselines/<method>/ledger.sqlite``. Each ledger is tagged with its method (a chained ``meta``
 entry) and is written by that method's :class:`~fedmm_secure.privacy.session.PrivacySession` with
 the same ordering rule (events before release). Methods that read raw rows without DP
-(``centralized``) have no ledger: the run configuration every ledger's first entry commits to
-names them, and the total on every market is then infinite.
+(``centralized``) have no ledger: the list of the run's methods every ledger records at creation
+(a chained entry) names them, and the total on every market is then infinite.
 
 What the run releases (``results.json``): ``ledger`` (the deployed ledger's head, as before) and
 ``accounting``: the deployed method, each method's ledger path, head and privacy summary, and per
@@ -56,10 +56,10 @@ class RunLedgers:
     """The ledgers of one run directory, opened per method as the run reaches it."""
 
     def __init__(self, out_dir: Path, run_config: Mapping[str, Any], methods: Sequence[str], *,
-                 resume: bool) -> None:
+                 resume: bool, deployed: str | None = None) -> None:
         self.out_dir, self.run_config, self.resume = Path(out_dir), dict(run_config), resume
         self.methods = list(methods)
-        self.deployed = deployed_method(self.methods)
+        self.deployed = deployed if deployed in self.dp_methods else deployed_method(self.methods)
         if not resume:
             # Refuse before any work: a directory that already holds any of the run's ledgers.
             for m in self.dp_methods:
@@ -89,7 +89,8 @@ class RunLedgers:
                 self._open[method] = Ledger.open(path, run_config=self.run_config)
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._open[method] = Ledger.open(path, run_config=self.run_config, create=True, method=method)
+                self._open[method] = Ledger.open(path, run_config=self.run_config, create=True, method=method,
+                                                 run_methods=self.methods)
         led = self._open[method]
         if not self.resume:
             return LedgerSlot(led)
@@ -107,6 +108,12 @@ class RunLedgers:
             led.close()
         if summary is not None:
             self._summaries[method] = dict(summary)
+
+    def close(self) -> None:
+        """Close every ledger still open (a run that failed part way: its rows are durable)."""
+        for led in self._open.values():
+            led.close()
+        self._open.clear()
 
     def finish(self, results: dict, *, markets: Sequence[str], accountant: str, delta: float) -> None:
         """Write the heads and the per-market totals into ``results`` (``ledger``, ``accounting``)."""

@@ -2,9 +2,8 @@
 
 The deployed method's ledger(s) (``ledger.sqlite``, or ``ledgers/<market>/`` on Flower) and each
 baseline's (``baselines/<method>/ledger.sqlite``). Which methods the run trained is read from the
-run configuration the deployed ledger's first entry commits to (hash-chained), never from
-``results.json``: removing a baseline's ledger, or a non-private method from the results, does not
-make its spend disappear.
+deployed ledger's chained ``run_methods`` entry, never from ``results.json``: removing a
+baseline's ledger, or a non-private method from the results, does not make its spend disappear.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 from ..errors import LedgerError
 from ..privacy.events import SubsampledGaussianEvent
 from ..privacy.ledger import LEDGER_FILENAME, Ledger
-from ..privacy.run_ledgers import BASELINES_DIR, deployed_method, method_ledger_path
+from ..privacy.run_ledgers import BASELINES_DIR, method_ledger_path
 from ..privacy.totals import NON_PRIVATE_METHODS, MarketTotal, compose_totals
 
 __all__ = ["RunLedgerSet", "describe_total", "read_run_ledgers", "run_totals"]
@@ -27,7 +26,7 @@ __all__ = ["RunLedgerSet", "describe_total", "read_run_ledgers", "run_totals"]
 class RunLedgerSet:
     """Where a run's ledgers are, and what its chained configuration says it trained."""
 
-    deployed: str | None
+    deployed: str
     methods: tuple[str, ...]                    # every method of the run (chained config)
     deployed_files: tuple[Path, ...]            # one (embedded) or one per market (Flower)
     baseline_files: dict[str, Path]             # method -> ledger file, for every DP baseline
@@ -43,10 +42,11 @@ def read_run_ledgers(run_dir: Path, deployed_dirs: list[Path]) -> RunLedgerSet:
     """``deployed_dirs``: the directories holding the deployed method's ledger(s)."""
     files = tuple(d / LEDGER_FILENAME for d in deployed_dirs)
     with Ledger.open(files[0]) as led:
-        config = led.run_config
-    raw = config.get("methods") if isinstance(config, dict) else None
-    methods = tuple(raw) if isinstance(raw, list) and all(isinstance(m, str) for m in raw) else ("fedmm",)
-    deployed = deployed_method(methods)
+        config, tag, recorded = led.run_config, led.method, led.run_methods
+    # A ledger without the run's method list (Flower market ledgers, older runs) is the run's
+    # only ledger: its method is the only one accounted.
+    deployed = tag if recorded is not None else (tag or "deployed")
+    methods = recorded if recorded is not None else (deployed,)
     baselines = {m: run_dir / method_ledger_path(m, deployed)
                  for m in methods if m not in NON_PRIVATE_METHODS and m != deployed}
     known = {p.resolve() for p in baselines.values()}
@@ -73,7 +73,7 @@ def run_totals(lset: RunLedgerSet, *, delta: float | None = None,
     priv = lset.config.get("privacy") if isinstance(lset.config.get("privacy"), Mapping) else {}
     name = accountant or str(priv.get("accountant", "pld"))
     d = float(delta if delta is not None else priv.get("delta", 1e-5))
-    events = {lset.deployed or "fedmm": _events(list(lset.deployed_files))}
+    events = {lset.deployed: _events(list(lset.deployed_files))}
     for m, f in lset.baseline_files.items():
         events[m] = _events([f])
     markets = sorted({m for per in events.values() for m in per})

@@ -34,7 +34,7 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     only some of them (a market worker on the Flower runtime); it sizes market-level noise.
     """
     p, mc = cfg.privacy, cfg.model
-    plans = plan_markets(unit=p.unit, batch_size=mc.batch_size,
+    plans = plan_markets(unit=cfg.privacy_unit(), batch_size=mc.batch_size,
                          # `local` has no CF stage: its whole budget goes to the CTR model.
                          epochs={"ctr": mc.ctr_epochs} if method == "local" else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs},
                          rounds=cfg.rounds,
@@ -43,7 +43,7 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                          n_interactions={m.name: m.train.n_interactions for m in markets})
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
-    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
+    return PrivacySession(unit=cfg.privacy_unit(), delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness, noise_seed=cfg.seed * 7_919 + method_index,
