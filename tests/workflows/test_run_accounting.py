@@ -217,3 +217,23 @@ def test_a_resumed_run_keeps_every_methods_spend(dp_run, tmp_path):
     assert all(after[m] == 2 * before[m] for m in before)
     assert verify_run(out).ok
     assert all(not math.isinf(t["epsilon"]) and t["epsilon"] > 0 for t in res["accounting"]["total"].values())
+
+
+def test_a_pf_msmtrec_run_accounts_every_method_too(tmp_path, capsys):
+    from ..cli.test_resume import PF_TINY
+
+    cfg = tmp_path / "pf.json"
+    cfg.write_text(json.dumps(PF_TINY))
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    acct = res["accounting"]
+    assert acct["deployed_method"] == "pf_msmtrec" and acct["methods"]["local"]["ledger"] == "baselines/local/ledger.sqlite"
+    with Ledger.open(out / "baselines" / "local" / "ledger.sqlite") as led:
+        assert led.method == "local" and set(led.markets()) == {"a", "b"}
+    for market, t in acct["total"].items():
+        assert t["epsilon"] > res["privacy"][market]["epsilon"] and set(t["dp_methods"]) == {"local", "pf_msmtrec"}
+    assert verify_run(out).ok
+    capsys.readouterr()
+    assert main(["budget", "check", str(out), "--max-epsilon", "1000"]) == 0
+    assert "checked: the TOTAL" in capsys.readouterr().out
