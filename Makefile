@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench api-docs clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 2; }
@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch is pinned (constraints.txt) to the local CPU wheel; an unpinned torch pulls CUDA builds.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[ckks,test,flower]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[ckks,test,flower,docs]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +33,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-only -p no:cacheprovider
+
+# docs/api.md (Markdown, committed) and docs/api/ (HTML with search, by pdoc) from the docstrings.
+api-docs: $(STAMP)
+	$(BIN)/python docs/gen_api.py
+	$(BIN)/pdoc fedmm_secure -o docs/api --docformat restructuredtext
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -8,11 +8,23 @@ The library surface, in one import::
     results = fm.run_experiment(cfg, out_dir=Path("runs/x"))  # FedMM and its baselines
     results = fm.run_pf_experiment(cfg, out_dir=...)          # PF-MSMTrec (cfg.model_family)
 
-plus the building blocks a private pipeline needs: :class:`DPTrainer` (DP-SGD with per-record
+DP-SGD for your own PyTorch model in one call (:func:`make_private`)::
+
+    trainer, privacy = fm.make_private(model, optimizer, loss_fn=per_record_loss,
+                                       data_size=len(x), batch_size=64, epochs=5,
+                                       target_epsilon=3.0, delta=1e-5, max_grad_norm=1.0)
+    for _ in range(privacy.plan.epochs):
+        fm.dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]))
+
+Extension points, each a registry with a contract suite every implementation must pass:
+datasets (:func:`register_dataset`, :func:`check_dataset`), CTR models
+(:func:`register_ctr_model`, :func:`check_ctr_model`) and secure-aggregation backends
+(:func:`register_backend`, :func:`check_backend`).
+
+Plus the building blocks a private pipeline needs: :class:`DPTrainer` (DP-SGD with per-record
 clipping and accounted steps), :func:`make_accountant` and :class:`SubsampledGaussianEvent`
-(privacy accounting), :class:`Ledger` (the durable record of spent epsilon) and the secure
-aggregation registry (:func:`create_backend`, :func:`available_backends`,
-:func:`register_backend`). Every error is a :class:`FedMMError`.
+(privacy accounting), :class:`Ledger` (the durable record of spent epsilon). Every error is a
+:class:`FedMMError`.
 
 ``import fedmm_secure`` loads only the config and the errors; everything else (torch, Opacus,
 the secure-aggregation backends) is imported the first time its name is used.
@@ -29,10 +41,16 @@ from .errors import (AbortError, BudgetExceededError, ConfigError, DataError, Fe
                      LedgerError, ProtocolError)
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and IDEs
+    from .contracts import ContractViolation, check_backend, check_ctr_model, check_dataset
+    from .data.loaders import available_datasets, load_markets, register_dataset
+    from .data.market import MarketData, MarketSplit
+    from .models.registry import available_ctr_models, create_ctr_model, register_ctr_model
+    from .privacy.private import PrivacyPlan, PrivateTraining, make_private
     from .privacy.accountant import PrivacyAccountant, make_accountant
     from .privacy.dpsgd import DPTrainer, dp_train_epoch
     from .privacy.events import SubsampledGaussianEvent
     from .privacy.ledger import Ledger
+    from .secagg.base import SecureAggregator
     from .secagg.registry import available_backends, create_backend, register_backend
     from .workflows.fedmm_run import run_experiment
     from .workflows.pf_run import run_pf_experiment
@@ -47,9 +65,16 @@ __all__ = [
     # one call per run
     "run_experiment", "run_pf_experiment",
     # privacy
+    "make_private", "PrivacyPlan", "PrivateTraining",
     "DPTrainer", "dp_train_epoch", "PrivacyAccountant", "make_accountant", "SubsampledGaussianEvent", "Ledger",
+    # data
+    "MarketData", "MarketSplit", "register_dataset", "available_datasets", "load_markets",
+    # CTR models
+    "register_ctr_model", "available_ctr_models", "create_ctr_model",
     # secure aggregation
-    "create_backend", "available_backends", "register_backend",
+    "SecureAggregator", "create_backend", "available_backends", "register_backend",
+    # contracts
+    "ContractViolation", "check_dataset", "check_ctr_model", "check_backend",
 ]
 
 try:
@@ -61,6 +86,22 @@ except metadata.PackageNotFoundError:  # running from a source tree that was nev
 _LAZY = {
     "run_experiment": ".workflows.fedmm_run",
     "run_pf_experiment": ".workflows.pf_run",
+    "make_private": ".privacy.private",
+    "PrivacyPlan": ".privacy.private",
+    "PrivateTraining": ".privacy.private",
+    "MarketData": ".data.market",
+    "MarketSplit": ".data.market",
+    "register_dataset": ".data.loaders",
+    "available_datasets": ".data.loaders",
+    "load_markets": ".data.loaders",
+    "register_ctr_model": ".models.registry",
+    "available_ctr_models": ".models.registry",
+    "create_ctr_model": ".models.registry",
+    "SecureAggregator": ".secagg.base",
+    "ContractViolation": ".contracts",
+    "check_dataset": ".contracts",
+    "check_ctr_model": ".contracts",
+    "check_backend": ".contracts",
     "DPTrainer": ".privacy.dpsgd",
     "dp_train_epoch": ".privacy.dpsgd",
     "PrivacyAccountant": ".privacy.accountant",

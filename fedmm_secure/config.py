@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ IMPLICIT_FEEDBACK_SCHEMES = ("xmrec", "movielens")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
 RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
+_DATA_SPEC = re.compile(r"^[a-z][a-z0-9_\-]{0,63}(:.+)?$")
 # A run is private unless asked not to be (--no-dp): with no epsilon, noise multiplier or budget
 # named, each market's noise is calibrated to this target (a budget alone caps it).
 DEFAULT_EPSILON = 8.0
@@ -48,6 +50,12 @@ def _positive(name: str, value: Any, *, integer: bool) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Model sizes and local training schedule (the run config's ``model`` section).
+
+    Epochs are local epochs per federated round; ``ctr_model`` names a model registered with
+    :func:`~fedmm_secure.models.registry.register_ctr_model`. Invalid values raise ConfigError.
+    """
+
     cf_dim: int = 16
     cf_epochs: int = 1           # local epochs per federated round
     cf_lr: float = 0.02
@@ -59,6 +67,7 @@ class ModelConfig:
     vq_lr: float = 3e-3
     beta: float = 0.25           # commitment weight
     codebook_decay: float = 0.0  # 0 = plain k-means update from statistics
+    ctr_model: str = "deepfm"    # a name registered with register_ctr_model
     ctr_dim: int = 16
     ctr_hidden: tuple[int, ...] = (64, 32)
     ctr_epochs: int = 2          # local epochs per federated round
@@ -75,6 +84,8 @@ class ModelConfig:
             _positive(f"model.{f}", getattr(self, f), integer=True)
         for f in ("cf_lr", "vq_lr", "beta", "ctr_lr", "shared_bound"):
             _positive(f"model.{f}", getattr(self, f), integer=False)
+        if not isinstance(self.ctr_model, str) or not self.ctr_model:
+            raise ConfigError("model.ctr_model", f"must be a registered CTR model name, got {self.ctr_model!r}")
         if not isinstance(self.calibrate, bool):
             raise ConfigError("model.calibrate", f"must be true or false, got {self.calibrate!r}")
         if not 0 <= self.codebook_decay < 1:
@@ -85,6 +96,17 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PrivacyConfig:
+    """DP settings (the run config's ``privacy`` section).
+
+    Private by default (``enabled``): the noise is calibrated to ``epsilon`` (default
+    ``DEFAULT_EPSILON``, capped by ``epsilon_budget``) unless ``noise_multiplier`` is given;
+    ``unit`` ``"interaction"`` (a positive and its sampled negatives), ``"record"`` (one row) or
+    ``"user"``, default ``"auto"``: interaction for implicit-feedback data, else record;
+    ``epsilon_budget`` and ``on_exceed`` (``"skip"`` the
+    round or ``"stop"`` the run) form the budget policy; ``randomness`` ``"secure"`` (default)
+    or ``"reproducible"`` (NOT private). Invalid values raise ConfigError.
+    """
+
     enabled: bool = True
     unit: str = "auto"                     # see UNITS; resolved per data source by RunConfig.resolved
     delta: float = 1e-5
@@ -151,6 +173,12 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """One run: data (``"synthetic"`` or a registered ``name[:PATH]``), methods, rounds, the
+    secure-aggregation backend (``"plain"`` only by name), the model family, and the ``model``
+    and ``privacy`` sections. Build it directly, or with :func:`load_config` /
+    :func:`config_from_dict`; invalid values raise ConfigError naming the field.
+    """
+
     seed: int = 0
     rounds: int = 4
     methods: tuple[str, ...] = METHODS
@@ -176,11 +204,14 @@ class RunConfig:
             raise ConfigError("secagg", f"unknown backend {self.secagg!r}", allowed=", ".join(SECAGG_BACKENDS))
         if self.model_family not in MODEL_FAMILIES:
             raise ConfigError("model_family", f"unknown model {self.model_family!r}", allowed=", ".join(MODEL_FAMILIES))
-        if not isinstance(self.data, str) or not (self.data == "synthetic" or ":" in self.data):
+        # The name itself is checked against the dataset registry when the data is loaded (the
+        # registry lives above this module); here only the shape ``name`` or ``name:PATH``.
+        if not isinstance(self.data, str) or not _DATA_SPEC.match(self.data):
             raise ConfigError("data", f"unknown data source {self.data!r}",
-                              allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH")
+                              allowed="synthetic, xmrec:PATH, movielens:PATH, aliexpress:PATH, or a registered NAME[:PATH]")
 
     def to_dict(self) -> dict:
+        """Plain JSON-able dict (what config.json and the ledger's config hash record)."""
         return dataclasses.asdict(self)
 
     def max_grad_norm(self) -> float:
@@ -258,10 +289,14 @@ def dataclass_from_overrides(cls, overrides: dict, *, prefix: str, nested: dict[
 
 
 def config_from_dict(raw: dict) -> RunConfig:
+    """Build a :class:`RunConfig` from a mapping (the parsed YAML/JSON); unknown keys and wrong
+    values raise ConfigError naming the dotted field."""
     return _build(RunConfig, raw, "")
 
 
 def load_config(path: str | Path) -> RunConfig:
+    """Read a run config from a ``.yaml``/``.yml`` or JSON file; ConfigError if unreadable or
+    invalid."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")

@@ -42,6 +42,7 @@ class MarketSplit:
         return len(self.users)
 
     def subset(self, idx: np.ndarray) -> "MarketSplit":
+        """The rows at ``idx`` (an index array or boolean mask), as a new split."""
         return MarketSplit(self.users[idx], self.items[idx], self.click[idx], self.conversion[idx],
                            None if self.interaction is None else self.interaction[idx])
 
@@ -51,6 +52,7 @@ class MarketSplit:
 
     @property
     def n_interactions(self) -> int:
+        """How many distinct interactions the rows derive from."""
         return len(self) if self.interaction is None else int(len(np.unique(self.interaction)))
 
 
@@ -65,6 +67,14 @@ class RankingSet:
 
 @dataclass(frozen=True)
 class MarketData:
+    """One market's data, as every dataset loader returns it.
+
+    IDs are local (users ``0..n_users-1``, items ``0..n_items-1``); ``train``/``valid``/``test``
+    are :class:`MarketSplit` s; side features are int64 category matrices with their
+    cardinalities; ``item_keys`` (original item ids) and ``item_cluster`` are for evaluation
+    only. Out-of-range ids or an empty train split raise DataError.
+    """
+
     name: str
     n_users: int
     n_items: int

@@ -14,15 +14,24 @@ __all__ = ["DeepFM"]
 
 
 class DeepFM(nn.Module):
+    """DeepFM: first-order terms + factorization-machine pairwise terms + an MLP, over one
+    embedding per categorical field. Registered as CTR model ``"deepfm"`` (the default).
+
+    ``fields``: ``[(name, cardinality)]`` in input column order; ``dim``: embedding width;
+    ``hidden``: MLP hidden widths; ``dropout``: after each hidden layer (0 = none).
+    """
+
     def __init__(self, *, fields: list[tuple[str, int]], dim: int, hidden: tuple[int, ...] = (64, 32),
                  dropout: float = 0.0) -> None:
         super().__init__()
         self.field_names = [n for n, _ in fields]
-        self.embeddings = nn.ModuleDict({n: nn.Embedding(c, dim) for n, c in fields})
-        self.linear = nn.ModuleDict({n: nn.Embedding(c, 1) for n, c in fields})
+        embeddings = {n: nn.Embedding(c, dim) for n, c in fields}
+        linear = {n: nn.Embedding(c, 1) for n, c in fields}
         for n in self.field_names:
-            nn.init.normal_(self.embeddings[n].weight, std=0.05)
-            nn.init.zeros_(self.linear[n].weight)
+            nn.init.normal_(embeddings[n].weight, std=0.05)
+            nn.init.zeros_(linear[n].weight)
+        self.embeddings = nn.ModuleDict(embeddings)
+        self.linear = nn.ModuleDict(linear)
         layers: list[nn.Module] = []
         width = dim * len(fields)
         for h in hidden:

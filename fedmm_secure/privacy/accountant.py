@@ -89,14 +89,17 @@ class PrivacyAccountant(ABC):
     # -- state ---------------------------------------------------------------------------
     @property
     def events(self) -> tuple[SubsampledGaussianEvent, ...]:
+        """Every event composed so far, in order."""
         return tuple(self._events)
 
     @property
     def steps(self) -> int:
+        """Total DP steps composed so far."""
         return sum(e.steps for e in self._events)
 
     @property
     def unit(self) -> str | None:
+        """Privacy unit of the composed events (``None`` before the first)."""
         return self._unit
 
     def compose(self, event: SubsampledGaussianEvent) -> None:
@@ -127,6 +130,7 @@ class PrivacyAccountant(ABC):
         return self._epsilon(self._events + extra, check_delta(delta))
 
     def report(self, delta: float) -> EpsilonReport:
+        """Epsilon at ``delta`` with how it is bounded (certified or not)."""
         return EpsilonReport(
             epsilon=self.get_epsilon(delta), delta=float(delta), accountant=self.name,
             certified=self.certified,
@@ -143,11 +147,13 @@ class PrivacyAccountant(ABC):
         return {}
 
     def to_dict(self) -> dict:
+        """JSON-able state (name, options, events); :meth:`from_dict` restores it."""
         return {"version": _STATE_VERSION, "accountant": self.name, "options": self.options(),
                 "events": [e.to_dict() for e in self._events]}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "PrivacyAccountant":
+        """Rebuild an accountant from :meth:`to_dict` output; ConfigError if foreign."""
         acc = accountant_from_dict(d)
         if not isinstance(acc, cls):
             raise ConfigError("accountant", f"state is for {acc.name!r}, not {cls.name!r}")

@@ -170,10 +170,12 @@ class DPTrainer:
 
     @property
     def sample_rate(self) -> float:
+        """Poisson sample rate of every step (what the reported events carry)."""
         return self.sampler.sample_rate
 
     @property
     def unit(self) -> str:
+        """Privacy unit: ``"record"`` or ``"user"``."""
         return self.sampler.unit
 
     def close(self) -> None:
@@ -231,6 +233,7 @@ class DPTrainer:
 
     def _fast_grads(self, batch: Any, draw: PoissonDraw) -> torch.Tensor:
         clipper = self._clipper
+        assert clipper is not None  # fast mode always builds one
         with clipper.capture():
             loss = self._losses(batch, len(draw))
         if self._lazy_noise:
@@ -308,6 +311,7 @@ class DPTrainer:
             self._clipper.discard()
 
     def sample(self) -> PoissonDraw:
+        """Draw the next step's batch (indices of records) from the trainer's own sampler."""
         return self.sampler.sample()
 
 

@@ -43,6 +43,7 @@ class SubsampledGaussianEvent:
             raise ConfigError("unit", f"unknown privacy unit {self.unit!r}", allowed=", ".join(_UNITS))
 
     def to_dict(self) -> dict:
+        """JSON-able form (the ledger stores events this way)."""
         return {"kind": "subsampled_gaussian", **asdict(self)}
 
 

@@ -37,6 +37,8 @@ class _PlainClient(ClientRound):
     def __init__(self, market: str, ctx: RoundContext, vector: np.ndarray) -> None:
         if vector.shape != (ctx.length,):
             raise ProtocolError(f"input of shape {vector.shape}, expected ({ctx.length},)")
+        if not np.all(np.isfinite(vector)):  # as the secure backends: NaN would poison the sum
+            raise ProtocolError("input holds non-finite values")
         bounds = ctx.bounds()
         self._clipped = int(np.count_nonzero(np.abs(vector) > bounds))
         self._vector = np.clip(vector, -bounds, bounds)

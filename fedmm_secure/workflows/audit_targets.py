@@ -53,7 +53,7 @@ from ..federation.fedmm.driver import run_pipelines
 from ..federation.fedmm.privacy import privacy_session
 from ..federation.hooks import RoundHooks
 from ..federation.training import PlainTrainer, TrainSettings, plain_trainers, sample_rate_for
-from ..models.ctr import DeepFM
+from ..models.registry import create_ctr_model
 from ..privacy.accountant import make_accountant
 from ..privacy.dpsgd import DPTrainer, dp_train_epoch
 from ..privacy.events import SubsampledGaussianEvent
@@ -173,7 +173,7 @@ def _mechanism(run: AuditedRun, market: str, n_train: int, *, epochs: int | None
 
 
 class _CtrScore:
-    def __init__(self, model: DeepFM, x: torch.Tensor, y: np.ndarray) -> None:
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor, y: np.ndarray) -> None:
         model.eval()
         with torch.no_grad():
             z = model(x).double().numpy()
@@ -209,7 +209,7 @@ class _CtrTrainFn:
         mc, mech = self._cfg.model, self._mech
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-            model = DeepFM(fields=self._fields, dim=mc.ctr_dim, hidden=tuple(mc.ctr_hidden))
+            model = create_ctr_model(mc.ctr_model, fields=self._fields, dim=mc.ctr_dim, hidden=tuple(mc.ctr_hidden))
 
         def loss(mdl, idx):
             return weight[idx] * F.binary_cross_entropy_with_logits(mdl(x[idx]), y[idx], reduction="none")

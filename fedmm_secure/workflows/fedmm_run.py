@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                 progress(f"{method}: {msg}", i / steps_total)
 
         session = None
-        kwargs = {}
+        kwargs: dict[str, Any] = {}
         if cfg.privacy.enabled and method != "centralized":
             slot = ledgers.begin(method)
             session = privacy_session(cfg, markets, method=method, ledger=slot.ledger, resume_offset=slot.resume_offset,

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ def pf_settings(raw: dict) -> tuple[PFSettings, tuple[str, ...] | None, dict]:
     if not isinstance(raw, dict):
         raise ConfigError("pf", f"must be a mapping, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(PFSettings)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}   # values are checked by PFSettings itself
     for k, v in raw.items():
         if k in _EXTRA_KEYS:
             continue
@@ -102,7 +103,7 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
                          rounds=cfg.rounds, n_records={m.name: len(m.train) for m in markets},
                          n_users={m.name: m.n_users for m in markets},
                          n_interactions={m.name: m.train.n_interactions for m in markets})
-    policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
+    policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)  # type: ignore[arg-type]  # validated by PrivacyConfig
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=cfg.privacy_unit(), delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier,

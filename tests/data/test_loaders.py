@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmm_secure.data.loaders import SCHEMES, load_markets, shared_item_pairs
+from fedmm_secure.data.loaders import available_datasets, load_markets, shared_item_pairs
 from fedmm_secure.data.market import MarketData, MarketSplit
 from fedmm_secure.errors import ConfigError, DataError
 
@@ -11,7 +11,7 @@ FIX = Path(__file__).parent / "fixtures"
 
 
 def test_every_scheme_dispatches():
-    assert set(SCHEMES) == {"xmrec", "movielens", "aliexpress"}
+    assert {"synthetic", "xmrec", "movielens", "aliexpress"} <= set(available_datasets())
     xm = load_markets(f"xmrec:{FIX / 'xmrec'}", seed=0, negatives_per_positive=3, ranking_negatives=4)
     assert [m.name for m in xm] == ["aa", "bb"]
     assert len(xm[0].train) == 4 * int(xm[0].train.click.sum()) and xm[0].ranking.items.shape[1] == 5
@@ -23,15 +23,17 @@ def test_every_scheme_dispatches():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("parquet:/x", "unknown data scheme 'parquet'"),
-    ("/just/a/path", "not of the form SCHEME:PATH"),
+    ("parquet:/x", "unknown dataset 'parquet'"),
+    ("/just/a/path", "unknown dataset '/just/a/path'"),
+    ("xmrec", "not of the form xmrec:PATH"),
     ("xmrec:", "empty path"),
+    ("synthetic:/x", "takes no path"),
 ])
 def test_bad_specs_name_the_allowed_schemes(spec, message):
     with pytest.raises(ConfigError, match=message) as info:
         load_markets(spec, seed=0)
     assert info.value.field == "data.source"
-    assert info.value.allowed == "xmrec:PATH, movielens:PATH, aliexpress:PATH"
+    assert {"xmrec:PATH", "movielens:PATH", "aliexpress:PATH", "synthetic"} <= set(info.value.allowed.split(", "))
 
 
 def test_bad_options():

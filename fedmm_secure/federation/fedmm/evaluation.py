@@ -19,7 +19,6 @@ from ...data.market import MarketData, MarketSplit, RankingSet
 from ...metrics import evaluate_ctr, hit_rate_at_k, ndcg_at_k
 from ...models.calibration import calibrate_metrics
 from ...models.codebook import perplexity, utilization
-from ...models.ctr import DeepFM
 from .features import MarketRun, ctr_inputs
 from .protocol import codebook_digest
 
@@ -28,22 +27,22 @@ __all__ = ["logits", "predict", "calibrated", "code_metrics", "ranking_metrics",
 
 
 @torch.no_grad()
-def _eval_logits(model: DeepFM, x: torch.Tensor) -> torch.Tensor:
+def _eval_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     out = model(x)
     model.train()
     return out
 
 
-def logits(model: DeepFM, x: torch.Tensor) -> np.ndarray:
+def logits(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     return _eval_logits(model, x).double().numpy()
 
 
-def predict(model: DeepFM, x: torch.Tensor) -> np.ndarray:
+def predict(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
     return torch.sigmoid(_eval_logits(model, x)).numpy()
 
 
-def calibrated(metrics: dict, model: DeepFM, *, valid: tuple[torch.Tensor, np.ndarray],
+def calibrated(metrics: dict, model: torch.nn.Module, *, valid: tuple[torch.Tensor, np.ndarray],
                test: tuple[torch.Tensor, np.ndarray]) -> dict:
     """``metrics`` of the served model: its CTR logits Platt-scaled on the market's validation
     rows (LogLoss changes; AUC and ranking metrics cannot)."""

@@ -16,7 +16,6 @@ import torch
 from ...config import ModelConfig
 from ...data.market import MarketData, MarketSplit
 from ...models.cf import CFModel
-from ...models.ctr import DeepFM
 from ...models.rqvae import RQVAE
 
 __all__ = ["MarketRun", "split_tensors", "flat_params", "load_flat", "item_inputs", "ctr_fields", "ctr_inputs"]
@@ -31,7 +30,7 @@ class MarketRun:
     generator: torch.Generator
     cf: CFModel | None = None
     vq: RQVAE | None = None
-    ctr: DeepFM | None = None
+    ctr: torch.nn.Module | None = None   # the registered CTR model (model.ctr_model)
     codes: tuple[np.ndarray, np.ndarray] | None = None
     history: dict = field(default_factory=dict)
 

@@ -7,6 +7,7 @@ account the same stages with the same plans.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["privacy_session"]
 
+log = logging.getLogger(__name__)
+
 
 def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
                     resume_offset: int = 0, prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
@@ -34,6 +37,12 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     only some of them (a market worker on the Flower runtime); it sizes market-level noise.
     """
     p, mc = cfg.privacy, cfg.model
+    if cfg.privacy_unit() == "record" and any(m.train.n_interactions < len(m.train) for m in markets):
+        # A registered implicit-feedback dataset defaults to "record" (the default follows the
+        # built-in loaders' names): one derived row would then be the protected unit.
+        log.warning("privacy.unit is 'record' but the training rows derive from fewer interactions "
+                    "(sampled negatives): one row is protected, not one interaction; set privacy.unit: "
+                    "interaction")
     plans = plan_markets(unit=cfg.privacy_unit(), batch_size=mc.batch_size,
                          # `local` has no CF stage: its whole budget goes to the CTR model.
                          epochs={"ctr": mc.ctr_epochs} if method == "local" else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs},

@@ -25,7 +25,7 @@ from ...config import ModelConfig
 from ...metrics import evaluate_ctr
 from ...models.cf import CFModel
 from ...models.codebook import CodeStats, code_statistics, flatten_stats, unflatten_stats, update_codebook
-from ...models.ctr import DeepFM
+from ...models.registry import create_ctr_model
 from ...models.rqvae import RQVAE
 from ..hooks import RoundHooks
 from ..training import TrainerFactory, TrainSettings, seeded
@@ -165,7 +165,8 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
     data, m = r.data, r.data.name
     settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
     with seeded(r.generator):
-        r.ctr = DeepFM(fields=ctr_fields(r, cfg, with_codes), dim=cfg.ctr_dim, hidden=tuple(cfg.ctr_hidden))
+        r.ctr = create_ctr_model(cfg.ctr_model, fields=ctr_fields(r, cfg, with_codes), dim=cfg.ctr_dim,
+                                 hidden=tuple(cfg.ctr_hidden))
     r.history["valid_auc"] = []
     # Shared in FedMM: what has the same meaning in every market (level-1 code embeddings and,
     # optionally, the interaction network on top of the field embeddings); never ID embeddings.
