@@ -70,7 +70,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
 
         session = None
         kwargs: dict[str, Any] = {}
-        if cfg.privacy.enabled and method != "centralized":
+        if ledgers is not None and method != "centralized":   # ledgers exist iff the run is private
             slot = ledgers.begin(method)
             session = privacy_session(cfg, markets, method=method, ledger=slot.ledger, resume_offset=slot.resume_offset,
                                       prior_events=slot.prior_events, method_index=i)
@@ -79,7 +79,8 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                          progress=tick, **kwargs)
         if session is not None:
             summary = session.summary()
-            ledgers.end(method, summary)
+            if ledgers is not None:
+                ledgers.end(method, summary)
             results.setdefault("privacy_by_method", {})[method] = {m: v["epsilon"] for m, v in summary.items()}
             if method == "fedmm" or "privacy" not in results:
                 results["privacy"] = summary

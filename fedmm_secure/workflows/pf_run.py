@@ -170,7 +170,7 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
 
             kwargs = {}
             session = None
-            if cfg.privacy.enabled:
+            if ledgers is not None:   # ledgers exist iff the run is private
                 slot = ledgers.begin(method)
                 session = _privacy_session(cfg, settings, markets, ledger=slot.ledger, method_index=i,
                                            resume_offset=slot.resume_offset, prior_events=slot.prior_events)
@@ -185,7 +185,8 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
                 for m, c in out["clients"].items()}
             if session is not None:
                 summary = session.summary()
-                ledgers.end(method, summary)
+                if ledgers is not None:
+                    ledgers.end(method, summary)
                 results.setdefault("privacy_by_method", {})[method] = {m: v["epsilon"] for m, v in summary.items()}
                 if method == _LEDGER_METHOD or "privacy" not in results:
                     results["privacy"] = summary
