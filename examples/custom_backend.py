@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 
 import fedmm_secure as fm
 from fedmm_secure.errors import AbortError, ProtocolError
-from fedmm_secure.secagg import (AggregatorEndpoint, ClientRound, MarketEndpoint, RoundContext, Roster,
-                                 ServerRound, run_round)
+from fedmm_secure.secagg import (AggregatorEndpoint, ClientRound, MarketEndpoint, MarketPolicy, RoundContext,
+                                 Roster, ServerRound, run_round)
 
 _MAGIC = b"TMK1"
 _START, _UPLOAD, _RESULT = 0, 1, 2
@@ -148,18 +148,27 @@ class _Market(MarketEndpoint):
     def public_bundle(self) -> bytes:
         return self._key.public_key().public_bytes_raw()
 
-    def install_roster(self, roster: Roster) -> None:
+    def install_roster(self, roster: Roster, *, policy: MarketPolicy) -> None:
+        # The market's own policy pins the roster; a real backend also checks every round and
+        # stage against it (minimum cohort, threshold), as the built-in ones do.
+        policy.check_roster(roster)
+        policy.check_backend(ToyMaskAggregator.name)
+        self._policy = policy
         self._peers = {m: X25519PublicKey.from_public_bytes(roster.bundle(m)) for m in roster.markets}
 
     def begin_round(self, ctx: RoundContext, vector: np.ndarray) -> ClientRound:
         if self.market_id not in ctx.participants or not set(ctx.participants) <= set(self._peers):
             raise ProtocolError("participants must be on the installed roster, this market among them")
+        self._policy.check_cohort(ctx.participants, "round")
         return _Client(self.market_id, self._key, self._peers, ctx, np.asarray(vector, dtype=np.float64))
 
 
 class _Aggregator(AggregatorEndpoint):
     def __init__(self) -> None:
         self._roster = Roster({})
+
+    def public_bundle(self) -> bytes:
+        return b""   # this toy aggregator signs nothing: the roster's aggregator entry stays empty
 
     def install_roster(self, roster: Roster) -> None:
         self._roster = roster
@@ -190,9 +199,11 @@ def main(small: bool = False) -> dict:
     backend = fm.create_backend("toymask", allow_insecure=False)
     markets = {m: backend.create_market(m) for m in ids}
     aggregator = backend.create_aggregator()
-    roster = Roster({m: e.public_bundle() for m, e in markets.items()})
-    for e in [*markets.values(), aggregator]:
-        e.install_roster(roster)
+    roster = Roster({m: e.public_bundle() for m, e in markets.items()}, aggregator=aggregator.public_bundle())
+    policy = MarketPolicy.pin(roster, backends={"toymask"}, privacy={}, min_cohort=len(ids))
+    for e in markets.values():
+        e.install_roster(roster, policy=policy)
+    aggregator.install_roster(roster)
     rng = np.random.default_rng(0)
     vectors = {m: rng.uniform(-1, 1, 1000) for m in ids}
     ctx = RoundContext(run_id="demo", round_id=0, participants=tuple(ids), length=1000, max_abs=1.0)

@@ -12,6 +12,7 @@ __all__ = [
     "DataError",
     "ProtocolError",
     "IntegrityError",
+    "PolicyError",
     "AbortError",
     "BudgetExceededError",
     "LedgerError",
@@ -57,6 +58,12 @@ class IntegrityError(ProtocolError):
 
     def __init__(self, message: str = "message failed integrity check") -> None:
         super().__init__(message)
+
+
+class PolicyError(ProtocolError):
+    """A round departs from the market's own policy (roster, cohort, threshold, backend, privacy
+    settings). Raised before anything secret leaves the market; the round's state is unchanged
+    and it can only be abandoned."""
 
 
 class AbortError(FedMMError):

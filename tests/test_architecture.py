@@ -32,7 +32,7 @@ ROOT = Path(fedmm_secure.__file__).parent
 MAX_LINES = 500
 # Files another change is splitting. This list must only ever shrink: remove an entry as soon as
 # its file is under the limit (the test fails on a stale entry), never add one.
-OVERSIZE_ALLOWED = frozenset({"secagg/masking.py", "secagg/ckks.py"})
+OVERSIZE_ALLOWED: frozenset[str] = frozenset()  # the two secagg backends are packages now
 
 # Rank of each top-level part of the package: a module may import modules of its own rank or
 # lower, never higher.

@@ -23,6 +23,7 @@ from ..primitives.prg import accumulate_masks, keystream_into
 from ..primitives.quantization import make_quantizer
 from ..primitives.shamir import recover_secret, recover_secrets, split_secret
 from ..secagg.base import RoundContext, Roster
+from ..secagg.policy import MarketPolicy
 from ..secagg.masking import MASKED_INPUT, MaskingAggregator
 
 __all__ = ["bench_masking", "keystream_floor", "time_round", "mask_breakdown", "shamir_timings",
@@ -61,10 +62,11 @@ def time_round(n: int, length: int, *, bound: float = 1.0, seed: int = 0) -> dic
     ids = [f"m{i:03d}" for i in range(n)]
     markets = {m: backend.create_market(m) for m in ids}
     agg = backend.create_aggregator()
-    roster = Roster({m: markets[m].public_bundle() for m in ids})
+    roster = Roster({m: markets[m].public_bundle() for m in ids}, aggregator=agg.public_bundle())
+    policy = MarketPolicy.pin(roster, backends={"masking"}, privacy={})
     agg.install_roster(roster)
     for m in ids:
-        markets[m].install_roster(roster)
+        markets[m].install_roster(roster, policy=policy)
     ctx = RoundContext("bench", 1, tuple(ids), length, bound)
     rng = np.random.default_rng(seed)
     vectors = {m: rng.uniform(-bound, bound, length) for m in ids}

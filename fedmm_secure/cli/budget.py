@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                          "deployed method's own spend only (default: %(default)s)")
     bc.set_defaults(handler=check_command)
 
-    rep = sub.add_parser("report", help="write a self-contained privacy report (Markdown + PNG) for a run")
+    rep = sub.add_parser("report", help="verify the run's ledgers, then write its privacy report: "
+                                          "privacy_report.md, a self-contained privacy_report.html "
+                                          "and privacy_report.json")
     rep.add_argument("dir")
     rep.set_defaults(handler=report_command)
 
@@ -37,5 +39,6 @@ def check_command(args: argparse.Namespace) -> int:
 def report_command(args: argparse.Namespace) -> int:
     from ..reports.privacy_report import write_privacy_report
     path = write_privacy_report(Path(args.dir))
-    print(f"privacy report: {path}")
+    print(f"privacy report: {path} (and beside it {path.with_suffix('.html').name}, "
+          f"{path.with_suffix('.json').name})")
     return 0

@@ -25,6 +25,7 @@ import numpy as np
 from ..errors import ConfigError, FedMMError
 from ..secagg.base import AggregatorEndpoint, MarketEndpoint, RoundContext, Roster
 from ..secagg.driver import run_round
+from ..secagg.policy import MarketPolicy
 from ..secagg.registry import create_backend
 from .base import ContractViolation, require
 
@@ -39,9 +40,13 @@ def connect(name: str, options: Mapping[str, Any], ids: tuple[str, ...] = MARKET
     backend = create_backend(name, allow_insecure=True, **dict(options))
     markets = {m: backend.create_market(m) for m in ids}
     aggregator = backend.create_aggregator()
-    roster = Roster({m: e.public_bundle() for m, e in markets.items()})
+    # As a deployment does: the roster carries the aggregator's key, and every market pins it in
+    # its own policy (this backend, not private, every market in every sum).
+    roster = Roster({m: e.public_bundle() for m, e in markets.items()},
+                    aggregator=aggregator.public_bundle())
+    policy = MarketPolicy.pin(roster, backends={backend.name}, privacy={}, min_cohort=len(ids))
     for e in markets.values():
-        e.install_roster(roster)
+        e.install_roster(roster, policy=policy)
     aggregator.install_roster(roster)
     return aggregator, markets
 

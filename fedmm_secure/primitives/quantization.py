@@ -122,18 +122,30 @@ class Quantizer:
         s = np.asarray(ring_sum)
         if s.shape != (self.length,) or s.dtype != np.uint32:
             raise ProtocolError("ring sum must be a uint32 vector of the quantizer's length")
+        out = np.empty(self.length, dtype=np.float64)
+        self.dequantize_into(s, out, start=0)
+        return out
+
+    def dequantize_into(self, ring_part: np.ndarray, out: np.ndarray, *, start: int) -> None:
+        """Decode coordinates ``start .. start + len(ring_part)`` of a ring sum into ``out``.
+
+        Bit-identical to :meth:`dequantize_sum` on the whole vector; lets a caller decode a
+        megabyte sum chunk by chunk while each chunk is still in cache (the market hashes the
+        RESULT message in the same pass).
+        """
+        stop = start + ring_part.shape[0]
+        if ring_part.ndim != 1 or ring_part.dtype != np.uint32 or out.shape != ring_part.shape \
+                or not 0 <= start <= stop <= self.length:
+            raise ProtocolError("ring sum chunk does not fit the quantizer's length")
+        scale = self.scale[0] if self.scale.strides == (0,) else self.scale[start:stop]
         if self.ring_bits == 32:
-            # Centred representative in one cast: int32 reinterpretation of the uint32 sum.
-            centred = s.view(np.int32).astype(np.float64)
+            # Centred representative: the int32 reinterpretation of the uint32 sum, converted
+            # and divided in one pass (exact int -> float64, then one IEEE division).
+            np.divide(ring_part.view(np.int32), scale, out=out)
         else:
-            v = (s & np.uint32(self.modulus - 1)).astype(np.int64)
+            v = (ring_part & np.uint32(self.modulus - 1)).astype(np.int64)
             v[v >= self.modulus // 2] -= self.modulus
-            centred = v.astype(np.float64)
-        if self.scale.strides == (0,):
-            centred /= self.scale[0]
-        else:
-            centred /= self.scale
-        return centred
+            np.divide(v, scale, out=out)
 
 
 def make_quantizer(*, bounds: float | np.ndarray, length: int, n_participants: int,

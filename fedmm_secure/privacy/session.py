@@ -127,6 +127,9 @@ class PrivacySession:
         self._pending: dict[str, int] = defaultdict(int)
         self._round = ledger_round_offset
         self._stage_round: tuple[str, int] | None = None
+        # The ledger's rounds carry no stage (its schema is hash-chained); results.json names it
+        # so a report can tell CF rounds from CTR rounds. A label, not an input to any epsilon.
+        self.round_stages: dict[int, str] = {}
 
     # -- TrainerFactory -------------------------------------------------------------------------
     def __call__(self, *, market: str, stage: str, model: torch.nn.Module, loss_fn, n_records: int,
@@ -169,6 +172,7 @@ class PrivacySession:
     # -- RoundHooks -----------------------------------------------------------------------------
     def before_round(self, stage: str, rnd: int, markets: Sequence[str]) -> set[str]:
         rid = self._round
+        self.round_stages[rid] = stage
         if self.ledger is not None:
             self.ledger.record_round_start(rid, list(markets))
         allowed = set()
@@ -264,6 +268,7 @@ class PrivacySession:
                 "epsilon": rep.epsilon,
                 "budget": None if self.policy is None else self.policy.epsilon_budget,
                 "skipped_rounds": list(self.skipped[m]),
+                "round_stages": {str(r): s for r, s in self.round_stages.items()},
             }
         return out
 

@@ -1,4 +1,5 @@
-"""Compliance outputs from a run directory: the budget gate and the privacy report.
+"""Compliance outputs from a run directory: the budget gate and the privacy report (Markdown,
+plus the same content as self-contained HTML and as JSON: :mod:`.html_report`, :mod:`.report_data`).
 
 The ledger is the source of truth: epsilon is recomputed from the DP events it holds (rounds cut
 short by a crash included), never copied from results.json, so a report can not under-state
@@ -14,8 +15,14 @@ from pathlib import Path
 
 from ..errors import ConfigError, LedgerError
 from ..privacy.totals import MarketTotal
+from .epsilon_plot import plot_epsilon_per_round
+from .html_report import write_html_report
+from .report_data import NOT_PRIVATE_NOTE as _NOT_PRIVATE
+from .report_data import gather_privacy_report
+from .report_data import reproducible_noise as _reproducible_noise
+from .run_report import write_json_atomic
 from .run_totals import RunLedgerSet, describe_total, read_run_ledgers, run_totals
-from .run_verification import ledger_dirs, require_verified_run
+from .run_verification import RunVerification, ledger_dirs, require_verified_run
 
 __all__ = ["SCOPES", "budget_table", "write_privacy_report", "POST_PROCESSING_STEPS", "ACCOUNTED_STEPS"]
 
@@ -52,22 +59,6 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
             out["decisions"] += ledger.decisions()
             out["configs"].append(ledger.run_config)
     return out
-
-
-def _reproducible_noise(run_dir: Path, ledger_configs: list[dict]) -> bool:
-    """True when the run drew its DP noise from seeded generators (``privacy.randomness``), by
-    config.json or by the configuration a ledger's first entry commits to (config.json is not
-    covered by the hash chain; editing it must not turn a NOT PRIVATE run into a PASS)."""
-    try:
-        cfg = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cfg = {}  # runs without a config.json predate the setting, whose only value was seeded
-    return any(isinstance(c, dict) and isinstance(c.get("privacy"), dict)
-               and c["privacy"].get("randomness") == "reproducible" for c in [cfg, *ledger_configs])
-
-
-_NOT_PRIVATE = ("NOT PRIVATE: DP noise reproducible from the seed (privacy.randomness: reproducible); "
-                "the epsilon above is not a guarantee")
 
 
 SCOPES = ("total", "deployed")
@@ -128,25 +119,6 @@ def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None,
     return "\n".join(lines), ok
 
 
-def _plot_epsilon(per_market: dict[str, list[tuple[int, float]]], path: Path, budget: float | None) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for m, pts in per_market.items():
-        ax.plot([r for r, _ in pts], [e for _, e in pts], marker="o", ms=3, label=m)
-    if budget is not None:
-        ax.axhline(budget, color="red", ls="--", lw=1, label=f"budget {budget:g}")
-    ax.set_xlabel("ledger round")
-    ax.set_ylabel("epsilon (certified upper bound)")
-    ax.set_title("Epsilon per round per market")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 _UNIT_MEANING = {
     "record": "one training row",
     "interaction": "one interaction: its positive row and every negative sampled for it",
@@ -180,14 +152,12 @@ def write_privacy_report(run_dir: Path) -> Path:
     priv = results.get("privacy", {})
     read = _read_ledgers(run_dir)
     not_private = _reproducible_noise(run_dir, read["configs"])
-    spent, records, rounds = read["spent"], read["records"], read["rounds"]
+    spent, rounds = read["spent"], read["rounds"]
     skips, decisions = read["skips"], read["decisions"]
-    per_market: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-        per_market.setdefault(r.market, []).append((r.round, r.epsilon))
     budget = next((v.get("budget") for v in priv.values() if v.get("budget") is not None), None)
     plot = run_dir / "epsilon_per_round.png"
-    _plot_epsilon(per_market, plot, budget)
+    data = _report_data(run_dir, verified)
+    png = plot_epsilon_per_round(data, plot)
     anyp = next(iter(priv.values()), {})
     lines = [
         "# Privacy report",
@@ -235,6 +205,34 @@ def write_privacy_report(run_dir: Path) -> Path:
     lines += [f"| {s} | {why} |" for s, why in ACCOUNTED_STEPS]
     lines += [f"| {s} | post-processing (no epsilon): {why} |" for s, why in POST_PROCESSING_STEPS]
     lines += ["", "Test-set metrics in results.json are computed on held-out data and are not covered by DP.", ""]
+    lines += ["Also written: `privacy_report.html` (self-contained, for review and sign-off) and "
+              "`privacy_report.json` (every table above, per round and per market, machine-readable).", ""]
     path = run_dir / "privacy_report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
+    lset, totals = _totals(run_dir, read, delta=None)
+    # Strict JSON: an infinite total is null with "infinite": true.
+    data["total_per_market"] = {
+        "deployed_method": lset.deployed, "methods": list(lset.methods), "non_private_methods": list(lset.non_private),
+        "markets": {k: {"epsilon": None if t.infinite else t.epsilon, "infinite": t.infinite,
+                        "deployed_epsilon": spent[k].epsilon if k in spent else None,
+                        "dp_steps_by_method": dict(t.by_method)} for k, t in totals.items()}}
+    write_json_atomic(run_dir / "privacy_report.json", data)
+    write_html_report(data, png, run_dir / "privacy_report.html", generated_by=f"fedmm-secure {_version()}")
     return path
+
+
+def _report_data(run_dir: Path, verified: RunVerification) -> dict:
+    """What the HTML and JSON reports show: the gathered run data plus this module's list of which
+    steps cost epsilon, with non-finite numbers as null (strict JSON has no NaN or Infinity)."""
+    data = gather_privacy_report(run_dir, verified)
+    data["accounting_steps"] = {"accounted": [list(s) for s in ACCOUNTED_STEPS],
+                                "post_processing": [list(s) for s in POST_PROCESSING_STEPS]}
+    return json.loads(json.dumps(data, default=str), parse_constant=lambda _: None)
+
+
+def _version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("fedmm-secure")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"

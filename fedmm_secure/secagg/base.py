@@ -15,7 +15,9 @@ so on until the aggregator's round reports ``done``; the last messages it emits 
 
 from __future__ import annotations
 
+import hashlib
 import re
+import struct
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import ConfigError, ProtocolError
+from .policy import MarketPolicy
 
 __all__ = [
     "RoundContext",
@@ -88,13 +91,15 @@ class RoundContext:
 
 @dataclass(frozen=True)
 class Roster:
-    """The PKI: each market's long-term public bundle, distributed out of band.
+    """The PKI: each market's long-term public bundle and the aggregator's, distributed out of band.
 
     Bundles are backend-specific public bytes (for masking an Ed25519 verification key); the
-    roster is public and may be shown to anyone.
+    aggregator's entry is its Ed25519 verification key, with which it signs every message it
+    sends. The roster is public and may be shown to anyone; markets pin its :meth:`digest`.
     """
 
     entries: Mapping[str, bytes] = field(default_factory=dict)
+    aggregator: bytes = b""
 
     def __post_init__(self) -> None:
         for m, b in self.entries.items():
@@ -102,6 +107,18 @@ class Roster:
             if not isinstance(b, (bytes, bytearray)):
                 raise ConfigError("roster", f"bundle of {m!r} must be bytes")
         object.__setattr__(self, "entries", dict(sorted(self.entries.items())))
+        if not isinstance(self.aggregator, (bytes, bytearray)):
+            raise ConfigError("roster", "the aggregator's bundle must be bytes")
+        object.__setattr__(self, "aggregator", bytes(self.aggregator))
+
+    def digest(self) -> bytes:
+        """SHA-256 over every entry and the aggregator's key, length-prefixed (what markets pin)."""
+        h = hashlib.sha256(b"fedmm-secure/roster/v1")
+        for m, b in self.entries.items():
+            for part in (m.encode("ascii"), bytes(b)):
+                h.update(struct.pack(">I", len(part)) + part)
+        h.update(b"aggregator" + struct.pack(">I", len(self.aggregator)) + self.aggregator)
+        return h.digest()
 
     @property
     def markets(self) -> tuple[str, ...]:
@@ -179,14 +196,20 @@ class MarketEndpoint(ABC):
         """Long-term public material that goes on the roster."""
 
     @abstractmethod
-    def install_roster(self, roster: Roster) -> None: ...
+    def install_roster(self, roster: Roster, *, policy: MarketPolicy) -> None:
+        """Accept the roster only if ``policy`` (the market's own) pins it and allows this
+        backend; every later round is checked against ``policy``."""
 
     @abstractmethod
     def begin_round(self, ctx: RoundContext, vector: np.ndarray) -> ClientRound: ...
 
 
 class AggregatorEndpoint(ABC):
-    """The aggregator's long-lived state for a backend (public material only)."""
+    """The aggregator's long-lived state for a backend: public material and its signing key."""
+
+    @abstractmethod
+    def public_bundle(self) -> bytes:
+        """The aggregator's verification key, for the roster's ``aggregator`` entry."""
 
     @abstractmethod
     def install_roster(self, roster: Roster) -> None: ...

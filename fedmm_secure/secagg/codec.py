@@ -18,6 +18,7 @@ __all__ = ["Envelope", "encode_envelope", "decode_envelope", "VERSION", "BACKEND
 MAGIC = b"FMSA"
 VERSION = 1
 BACKEND_CODES = {"plain": 1, "masking": 2, "ckks": 3}
+_NAMES = {v: k for k, v in BACKEND_CODES.items()}
 _HEAD = struct.Struct(">4sBBBQ")
 
 
@@ -29,7 +30,7 @@ class Envelope:
     run_id: str
     label: str
     sender: str
-    payload: bytes
+    payload: bytes | memoryview  # memoryview only from ``decode_envelope(..., view=True)``
 
 
 def _short(s: str) -> bytes:
@@ -47,10 +48,15 @@ def encode_envelope(env: Envelope) -> bytes:
     )
 
 
-def decode_envelope(data: bytes) -> Envelope:
+def decode_envelope(data: bytes, *, view: bool = False) -> Envelope:
+    """Parse ``data``; ``view`` makes the payload a read-only view into ``data`` instead of a
+    copy (a megabyte upload or result is then never copied just to be parsed)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"message must be bytes, got {type(data).__name__}")
-    data = bytes(data)
+    # A view is only taken of immutable bytes: a signature checked over a caller's bytearray
+    # must not change under the reader afterwards.
+    whole = data if isinstance(data, bytes) else bytes(data)
+    data = bytes(data[:_HEAD.size + 3 * 256 + 4]) if view else bytes(data)
     if len(data) < _HEAD.size:
         raise ProtocolError("message truncated")
     magic, version, code, stage, round_id = _HEAD.unpack_from(data, 0)
@@ -58,7 +64,7 @@ def decode_envelope(data: bytes) -> Envelope:
         raise ProtocolError("not a fedmm-secure message")
     if version != VERSION:
         raise ProtocolError(f"unsupported message version {version} (expected {VERSION})")
-    names = {v: k for k, v in BACKEND_CODES.items()}
+    names = _NAMES
     if code not in names:
         raise ProtocolError(f"unknown backend code {code}")
     pos = _HEAD.size
@@ -79,9 +85,10 @@ def decode_envelope(data: bytes) -> Envelope:
         raise ProtocolError("message truncated")
     (plen,) = struct.unpack_from(">I", data, pos)
     pos += 4
-    if pos + plen != len(data):
+    if pos + plen != len(whole):
         raise ProtocolError("message length does not match its header")
-    return Envelope(names[code], stage, round_id, fields[0], fields[1], fields[2], data[pos:])
+    payload = memoryview(whole).toreadonly()[pos:] if view else data[pos:]
+    return Envelope(names[code], stage, round_id, fields[0], fields[1], fields[2], payload)
 
 
 def expect(env: Envelope, *, backend: str, stage: int, round_id: int, run_id: str, label: str,

@@ -14,6 +14,7 @@ from ..errors import AbortError, ProtocolError
 from .base import (AggregatorEndpoint, ClientRound, MarketEndpoint, RoundContext, Roster,
                    SecureAggregator, ServerRound)
 from .codec import Envelope, decode_envelope, encode_envelope, expect
+from .policy import MarketPolicy
 
 __all__ = ["PlainAggregator"]
 
@@ -107,22 +108,32 @@ class _PlainServer(ServerRound):
 class _PlainMarket(MarketEndpoint):
     def __init__(self, market_id: str) -> None:
         self.market_id = market_id
+        self._policy: MarketPolicy | None = None
 
     def public_bundle(self) -> bytes:
         return b""
 
-    def install_roster(self, roster: Roster) -> None:
+    def install_roster(self, roster: Roster, *, policy: MarketPolicy) -> None:
+        # A market whose own policy does not name ``plain`` never sends a vector in the clear.
+        policy.check_backend("plain")
+        policy.check_roster(roster)
         roster.bundle(self.market_id)
+        self._policy = policy
 
     def begin_round(self, ctx: RoundContext, vector: np.ndarray) -> ClientRound:
         if self.market_id not in ctx.participants:
             raise ProtocolError(f"{self.market_id!r} is not a participant of this round")
+        if self._policy is None:
+            raise ProtocolError("install the roster before starting a round")
         return _PlainClient(self.market_id, ctx, np.asarray(vector, dtype=np.float64))
 
 
 class _PlainAggregatorEndpoint(AggregatorEndpoint):
     def __init__(self) -> None:
         self._roster = Roster({})
+
+    def public_bundle(self) -> bytes:
+        return b""
 
     def install_roster(self, roster: Roster) -> None:
         self._roster = roster

@@ -12,10 +12,12 @@ pytest.importorskip("tenseal")
 
 from fedmm_secure.errors import (AbortError, ConfigError, IntegrityError,  # noqa: E402
                                  ProtocolError)
-from fedmm_secure.secagg import (RoundContext, Roster, available_backends,  # noqa: E402
-                                 create_backend, run_round)
+from fedmm_secure.secagg import (MarketPolicy, RoundContext, Roster,  # noqa: E402
+                                 available_backends, create_backend, run_round)
 from fedmm_secure.secagg.ckks import CkksAggregator, MarketBundle, key_holder  # noqa: E402
 from fedmm_secure.secagg.codec import Envelope, decode_envelope, encode_envelope  # noqa: E402
+
+from .helpers import federation  # noqa: E402
 
 MARKETS = ("de", "fr", "jp", "us")
 LENGTH = 40
@@ -25,12 +27,9 @@ EPOCH_ROUNDS = 2
 @pytest.fixture(scope="module")
 def fed():
     backend = create_backend("ckks", allow_insecure=False, epoch_rounds=EPOCH_ROUNDS, n_threads=1)
-    markets = {m: backend.create_market(m) for m in MARKETS}
-    roster = Roster({m: e.public_bundle() for m, e in markets.items()})
-    aggregator = backend.create_aggregator()
-    aggregator.install_roster(roster)
-    for e in markets.values():
-        e.install_roster(roster)
+    # These markets' own policy accepts any cohort: the tests below exercise small subsets and
+    # dropouts (tests/secagg/test_active_aggregator.py covers the default policy).
+    aggregator, markets, roster, _ = federation(backend, MARKETS, min_cohort=1)
     return backend, markets, aggregator, roster
 
 
@@ -55,6 +54,10 @@ class _Round:
 
     def answer(self, outbox: dict[str, bytes]) -> dict[str, bytes]:
         return {m: self.clients[m].handle(msg) for m, msg in outbox.items()}
+
+    def complete(self, results: dict[str, bytes]) -> None:
+        """Result, the markets' confirmations, and the agreement that releases the sum."""
+        assert all(v is None for v in self.answer(self.server.handle(self.answer(results))).values())
 
 
 def _expected(vectors, survivors) -> np.ndarray:
@@ -92,14 +95,14 @@ def test_aggregator_holds_no_secret_key_and_cannot_decrypt(fed) -> None:
     raw = public._hazmat_tenseal()
     assert not raw.has_secret_key()
     body = decode_envelope(uploads["de"]).payload[:-64]
-    ciphertext = body[4 + 16 + 4:]             # _pack(key_id, ciphertext)
+    ciphertext = body[4 + 32 + 4 + 16 + 4:]    # pack(session, key_id, ciphertext)
     tensor = ts.ckks_tensor_from(raw, ciphertext)   # it parses and could add it...
     with pytest.raises(ValueError, match="secret"):
         tensor.decrypt()                             # ...but has no key to decrypt it
     results = r.server.handle(uploads)
     with pytest.raises(ProtocolError):
         r.server.result()                      # the aggregator never learns the sum
-    r.answer(results)
+    r.complete(results)
     assert all(c.done for c in r.clients.values())
 
 
@@ -109,7 +112,7 @@ def test_aggregator_never_receives_the_secret_key_in_clear(fed, tmp_path) -> Non
     seen: list[bytes] = []
     run_round(aggregator, markets, ctx, vectors, recorder=lambda m, s, b: seen.append(b))
     holder = markets[key_holder(ctx, EPOCH_ROUNDS)]
-    _, secret = holder._held[("run-1", ctx.round_id // EPOCH_ROUNDS)]
+    _, secret, _ = holder._held[("run-1", ctx.round_id // EPOCH_ROUNDS)]
     path = tmp_path / "sk.bin"
     secret._ctx.secret_key().data.save(str(path))
     window = path.read_bytes()[16:80]          # after SEAL's 16-byte header
@@ -136,7 +139,7 @@ def test_tampered_upload_is_refused_and_round_still_completes(fed) -> None:
     with pytest.raises(ProtocolError):
         r.server.handle(dict(uploads, fr=uploads["jp"]))              # re-attributed
     results = r.server.handle(uploads)                                # state was unchanged
-    r.answer(results)
+    r.complete(results)
     assert r.server.survivors == MARKETS
     assert np.allclose(r.clients["us"].result(), _expected(vectors, MARKETS), atol=1e-6)
 
@@ -149,7 +152,7 @@ def test_upload_replayed_into_the_next_round_is_refused(fed) -> None:
     uploads = new.answer(new.server.handle(new.answer(new.server.start())))
     with pytest.raises(ProtocolError):
         new.server.handle(dict(uploads, de=old_uploads["de"]))
-    new.answer(new.server.handle(uploads))
+    new.complete(new.server.handle(uploads))
     assert new.clients["de"].done
 
 
@@ -160,13 +163,13 @@ def test_wrong_length_upload_is_refused(fed) -> None:
     key_msgs = r.server.handle(r.answer(r.server.start()))
     uploads = r.answer(key_msgs)
     # A market that encrypted a vector of another length (signed, right round) is refused.
-    long_ctx = _ctx(10, length=3000)
-    liar = markets["jp"].begin_round(long_ctx, np.zeros(3000))
-    assert key_holder(ctx, EPOCH_ROUNDS) != "jp"
-    long_upload = liar.handle(key_msgs["jp"])
+    from fedmm_secure.secagg.ckks.wire import UPLOAD, pack, signed
+    jp = r.clients["jp"]
+    long_ct = jp._key.encrypt(np.zeros(3000), scale_bits=jp._scale_bits)
+    long_upload = signed(ctx, UPLOAD, "jp", pack(jp._session, jp._key_id, long_ct), markets["jp"]._identity)
     with pytest.raises(ProtocolError):
         r.server.handle(dict(uploads, jp=long_upload))
-    r.answer(r.server.handle(uploads))
+    r.complete(r.server.handle(uploads))
     assert r.clients["jp"].done
 
 
@@ -176,9 +179,9 @@ def test_client_refuses_wrong_stage_round_and_tampered_key_items(fed) -> None:
     holder = key_holder(ctx, EPOCH_ROUNDS)
     other = next(m for m in MARKETS if m != holder)
     start = r.server.start()
-    with pytest.raises(ProtocolError):
-        r.clients[other].handle(start[holder])                 # stage 0 is for the holder only
     key_msgs = r.server.handle(r.answer(start))
+    with pytest.raises(ProtocolError):
+        r.clients[other].handle(start[other])                  # replay of the nonce request
     msg = key_msgs[other]
     env = decode_envelope(msg)
     wrong_round = encode_envelope(Envelope(env.backend, env.stage, env.round_id + 1, env.run_id,
@@ -198,7 +201,7 @@ def test_client_refuses_wrong_stage_round_and_tampered_key_items(fed) -> None:
     with pytest.raises(ProtocolError):
         r.clients[other].handle(msg)                           # replay of the key stage
     results = r.server.handle(uploads)
-    r.answer(results)
+    r.complete(results)
     with pytest.raises(ProtocolError):
         r.clients[other].handle(results[other])                # replay after the end
     assert np.allclose(r.clients[other].result(), _expected(vectors, MARKETS), atol=1e-6)
@@ -259,8 +262,9 @@ def test_roster_bundle_format() -> None:
     assert MarketBundle.from_bytes(raw).to_bytes() == raw
     with pytest.raises(ProtocolError):
         MarketBundle.from_bytes(raw[:-1])
+    other = Roster({"zz": CkksAggregator(n_threads=1).create_market("zz").public_bundle()})
     with pytest.raises(ProtocolError):
-        m.install_roster(Roster({"zz": CkksAggregator(n_threads=1).create_market("zz").public_bundle()}))
+        m.install_roster(other, policy=MarketPolicy.pin(other, backends={"ckks"}, privacy={}, min_cohort=1))
 
 
 def test_non_participant_and_bad_input_are_refused(fed) -> None:

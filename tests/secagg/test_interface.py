@@ -4,17 +4,14 @@ import numpy as np
 import pytest
 
 from fedmm_secure.errors import AbortError, ConfigError, ProtocolError
-from fedmm_secure.secagg import Roster, RoundContext, available_backends, create_backend, run_round
+from fedmm_secure.secagg import RoundContext, available_backends, create_backend, run_round
+
+from .helpers import federation
 
 
 def _setup(names, backend="plain", **opts):
     b = create_backend(backend, allow_insecure=True, **opts)
-    markets = {m: b.create_market(m) for m in names}
-    agg = b.create_aggregator()
-    roster = Roster({m: e.public_bundle() for m, e in markets.items()})
-    for e in markets.values():
-        e.install_roster(roster)
-    agg.install_roster(roster)
+    agg, markets, _, _ = federation(b, names)
     return agg, markets
 
 

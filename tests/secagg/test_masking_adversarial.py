@@ -4,26 +4,20 @@ Every rejected message must leave the receiver's state unchanged: after each fai
 carries on with the honest messages and the round still produces the right sum.
 """
 
-import hashlib
-import itertools
-
 import numpy as np
 import pytest
 
 from fedmm_secure.errors import IntegrityError, ProtocolError
-from fedmm_secure.secagg import RoundContext, Roster
+from fedmm_secure.secagg import RoundContext
 from fedmm_secure.secagg.codec import Envelope, decode_envelope, encode_envelope
 from fedmm_secure.secagg.masking import (ADVERTISE, CONSISTENCY, MASKED_INPUT, SHARE_KEYS,
-                                         UNMASK, MaskingAggregator, _pack_ids, _pack_items,
-                                         _pack_sections, _sign_message, _unpack_items,
-                                         _unpack_sections)
+                                         UNMASK, MaskingAggregator)
+from fedmm_secure.secagg.masking.wire import (pack_ids, pack_items, pack_sections, sign_message,
+                                              unpack_items, unpack_sections)
+
+from .helpers import det_entropy, federation
 
 N, LENGTH = 5, 64
-
-
-def det_entropy(seed: bytes):
-    counter = itertools.count()
-    return lambda n: hashlib.shake_256(seed + next(counter).to_bytes(8, "big")).digest(n)
 
 
 class Harness:
@@ -32,12 +26,7 @@ class Harness:
     def __init__(self, seed=b"adv", round_id=1):
         be = MaskingAggregator(entropy=det_entropy(seed))
         self.ids = [f"m{i}" for i in range(N)]
-        self.markets = {m: be.create_market(m) for m in self.ids}
-        self.agg = be.create_aggregator()
-        roster = Roster({m: self.markets[m].public_bundle() for m in self.ids})
-        self.agg.install_roster(roster)
-        for m in self.ids:
-            self.markets[m].install_roster(roster)
+        self.agg, self.markets, _, _ = federation(be, self.ids)
         self.ctx = RoundContext("run-adv", round_id, tuple(self.ids), LENGTH, 1.0)
         rng = np.random.default_rng(5)
         self.vecs = {m: rng.uniform(-1, 1, LENGTH) for m in self.ids}
@@ -81,6 +70,16 @@ def _rewrap(message: bytes, payload: bytes) -> bytes:
     env = decode_envelope(message)
     return encode_envelope(Envelope(env.backend, env.stage, env.round_id, env.run_id, env.label,
                                     env.sender, payload))
+
+
+def _body(message: bytes) -> bytes:
+    return decode_envelope(message).payload[32:-64]
+
+
+def _resign(h, message: bytes, body: bytes) -> bytes:
+    """The aggregator itself (with its roster key) sends ``body`` instead: a malicious server."""
+    env = decode_envelope(message)
+    return sign_message(h.agg._identity, h.ctx, env.stage, "aggregator", env.payload[:32], body)
 
 
 @pytest.mark.parametrize("stage", [ADVERTISE, SHARE_KEYS, MASKED_INPUT, CONSISTENCY, UNMASK])
@@ -138,7 +137,7 @@ def test_wrong_length_masked_input_signed_by_a_real_market():
     session = decode_envelope(replies["m2"]).payload[:32]
     ident = h.markets["m2"]._identity  # a market that misbehaves with its own valid key
     for body in (bytes(4 * LENGTH - 4), bytes(4 * LENGTH + 4), bytes(8 * LENGTH)):
-        forged = _sign_message(ident, h.ctx, MASKED_INPUT, "m2", session, body)
+        forged = sign_message(ident, h.ctx, MASKED_INPUT, "m2", session, body)
         with pytest.raises(ProtocolError):
             h.server.handle(dict(replies, m2=forged))
     h.step(replies)
@@ -190,16 +189,20 @@ def test_relay_tampering_with_advertisements_or_shares_is_detected():
     h.step()
     msg = h.outbox["m3"]
     env = decode_envelope(msg)
-    with pytest.raises(IntegrityError):  # a flipped bit inside a sealed share
+    with pytest.raises(IntegrityError):  # a flipped bit in the aggregator's signature
         h.clients["m3"].handle(_rewrap(msg, _flip(env.payload, len(env.payload) - 5)))
+    with pytest.raises(IntegrityError):  # a flipped bit inside a sealed share (re-signed: the
+        # aggregator relays it; the AEAD catches it)
+        body = bytearray(_body(msg))
+        body[-5] ^= 0x01
+        h.clients["m3"].handle(_resign(h, msg, bytes(body)))
     h.finish()
 
 
 def _unmask_request(h, m, *, want_b, want_s):
     msg = h.outbox[m]
-    env = decode_envelope(msg)
-    sigs, _, _ = _unpack_sections(env.payload, 3)
-    return _rewrap(msg, _pack_sections(sigs, _pack_ids(want_b), _pack_ids(want_s)))
+    sigs, _, _ = unpack_sections(_body(msg), 3)
+    return _resign(h, msg, pack_sections(sigs, pack_ids(want_b), pack_ids(want_s)))
 
 
 def test_client_refuses_to_reveal_both_shares_of_a_peer():
@@ -223,14 +226,14 @@ def test_client_rejects_inconsistent_survivor_views():
     h = Harness()
     h.run_to(CONSISTENCY)
     msgs = dict(h.outbox)
-    env = decode_envelope(msgs["m0"])
+    body = _body(msgs["m0"])
     with pytest.raises(ProtocolError):  # survivor set without the recipient
-        h.clients["m0"].handle(_rewrap(msgs["m0"], _pack_ids(("m1", "m2", "m3", "m4"))))
+        h.clients["m0"].handle(_resign(h, msgs["m0"], pack_ids(("m1", "m2", "m3", "m4"))))
     with pytest.raises(ProtocolError):  # unknown market in the survivor set
-        h.clients["m0"].handle(_rewrap(msgs["m0"], env.payload[:-2] + b"m9"))
+        h.clients["m0"].handle(_resign(h, msgs["m0"], body[:-2] + b"m9"))
     # Show m0 a smaller survivor set than everyone else: its signature will not match theirs.
-    small = _pack_ids(("m0", "m1", "m2", "m3"))
-    replies = {m: h.clients[m].handle(msg if m != "m0" else _rewrap(msg, small))
+    small = pack_ids(("m0", "m1", "m2", "m3"))
+    replies = {m: h.clients[m].handle(msg if m != "m0" else _resign(h, msg, small))
                for m, msg in msgs.items()}
     with pytest.raises(ProtocolError):  # the aggregator itself sees the mismatch
         h.server.handle(replies)
@@ -248,14 +251,13 @@ def test_consistency_signature_mismatch_detected_by_client():
     # Replace m2's consistency signature in m1's unmask request with m2's signature over a
     # different survivor set (a forged view): m1 must refuse.
     msg = h.outbox["m1"]
-    env = decode_envelope(msg)
-    sigs, want_b, want_s = _unpack_sections(env.payload, 3)
+    sigs, want_b, want_s = unpack_sections(_body(msg), 3)
     session = decode_envelope(h.last_replies["m2"]).payload[:32]
-    forged = _sign_message(h.markets["m2"]._identity, h.ctx, CONSISTENCY, "m2", session,
-                           _pack_ids(("m0", "m1", "m2", "m3")))
-    items = _unpack_items(sigs)
+    forged = sign_message(h.markets["m2"]._identity, h.ctx, CONSISTENCY, "m2", session,
+                           pack_ids(("m0", "m1", "m2", "m3")))
+    items = unpack_items(sigs)
     items["m2"] = forged
-    bad = _rewrap(msg, _pack_sections(_pack_items(sorted(items.items())), want_b, want_s))
+    bad = _resign(h, msg, pack_sections(pack_items(sorted(items.items())), want_b, want_s))
     with pytest.raises(IntegrityError):
         h.clients["m1"].handle(bad)
     h.finish()
@@ -268,7 +270,7 @@ def test_market_cannot_impersonate_another():
     env = decode_envelope(replies["m1"])
     session, body = env.payload[:32], env.payload[32:-64]
     # m2 signs m1's (or any) upload under m1's name with its own identity key
-    forged = _sign_message(h.markets["m2"]._identity, h.ctx, MASKED_INPUT, "m1", session, body)
+    forged = sign_message(h.markets["m2"]._identity, h.ctx, MASKED_INPUT, "m1", session, body)
     with pytest.raises(IntegrityError):
         h.server.handle(dict(replies, m1=forged))
     h.step(replies)

@@ -21,7 +21,8 @@ import numpy as np
 from ...config import RunConfig
 from ...errors import AbortError, ProtocolError
 from ...secagg import Roster, RoundContext, create_backend
-from .wire import error_reply, pack_json, pack_with_header, unb64, unpack_json, with_node_config
+from .wire import (b64, error_reply, pack_json, pack_with_header, unb64, unpack_json,
+                   with_node_config)
 
 __all__ = ["MarketLinks", "Coordinator", "InProcessLinks"]
 
@@ -59,8 +60,10 @@ class InProcessLinks:
 
 class Coordinator:
     def __init__(self, *, cfg: RunConfig, run_id: str, links: MarketLinks, stage_timeout: float,
-                 step_timeout: float, workload: dict | None = None, log=lambda s: None) -> None:
+                 step_timeout: float, workload: dict | None = None, log=lambda s: None,
+                 backend_options: dict | None = None) -> None:
         self.cfg, self.run_id, self.links = cfg, run_id, links
+        self.backend_options = dict(backend_options or {})
         self.workload = dict(workload or {"name": "fedmm"})
         if self.workload["name"] not in ("fedmm", "secure-sum"):
             raise ProtocolError(f"unknown workload {self.workload['name']!r}")
@@ -106,12 +109,13 @@ class Coordinator:
         self.order = sorted(info, key=lambda m: info[m]["index"])
         if len({info[m]["index"] for m in info}) != len(info):
             raise ProtocolError("two markets claim the same position in the market order")
-        backend = create_backend(cfg.secagg, allow_insecure=cfg.secagg == "plain")
+        backend = create_backend(cfg.secagg, allow_insecure=cfg.secagg == "plain", **self.backend_options)
         aggregator = backend.create_aggregator()
         roster_b = {m: unb64(info[m]["bundle"]) for m in self.order}
-        aggregator.install_roster(Roster(roster_b))
+        aggregator.install_roster(Roster(roster_b, aggregator=aggregator.public_bundle()))
         self.alive = set(self.order)
         start = pack_json({"roster": {m: info[m]["bundle"] for m in self.order},
+                           "aggregator": b64(aggregator.public_bundle()),
                            "n_train_max": max(i["n_train"] for i in info.values()),
                            "n_items_max": max(i["n_items"] for i in info.values()),
                            "n_markets": len(self.order), "workload": self.workload})

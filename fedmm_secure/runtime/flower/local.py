@@ -16,6 +16,7 @@ runs a FedMM run on one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -80,6 +81,18 @@ def write_app_dir(path: Path) -> Path:
 
 class FlowerLocalDeployment:
     """A throwaway Flower deployment for ``cfg``'s markets on 127.0.0.1."""
+
+    def _market_rules(self) -> list[str]:
+        """Each market's own rules, which this launcher sets as the operator of every market:
+        the run's backend and privacy settings, and a minimum cohort that lets the run go on
+        after one dropout (at least 2 markets: a local demo, not a private federation of 2).
+        The threshold rule 2t > n + c (default c = 1) still applies on top: with 3 markets t = 3,
+        so a dropout aborts the round; from 4 markets on, one dropout is recovered."""
+        n = len(self.markets)
+        args = ["--allow-backend", self.cfg.secagg, "--min-cohort", str(max(2, min(n - 1, -(-2 * n // 3))))]
+        if self.cfg.privacy.enabled:
+            args += ["--privacy-json", json.dumps(dataclasses.asdict(self.cfg.privacy))]
+        return args
 
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
                  hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
@@ -167,7 +180,8 @@ class FlowerLocalDeployment:
             rport = free_port()
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower.worker", "--market", m,
-                   "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m))]
+                   "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m)),
+                   *self._market_rules()]
             if self.resume:
                 cmd.append("--resume")
             node_sec = ["--insecure"] if self.tls is None else [

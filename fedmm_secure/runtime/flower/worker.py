@@ -16,20 +16,24 @@ survives to the next stage. Two ways to connect it to the SuperNode:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ...config import config_from_dict
-from ...errors import ConfigError, ProtocolError
+from ...config import DEFAULT_MAX_GRAD_NORM, PrivacyConfig, RunConfig, config_from_dict
+from ...errors import ConfigError, PolicyError, ProtocolError
 from ...federation.fedmm.pipeline import market_pipeline
 from ...federation.fedmm.protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
-from ...secagg import Roster, RoundContext, create_backend
+from ...secagg import (DEFAULT_COLLUDERS, MarketPolicy, Roster, RoundContext, create_backend,
+                       default_min_cohort)
 from .wire import (
     b64,
     encode_bound,
@@ -44,7 +48,73 @@ from .wire import (
 )
 from .workloads import secure_sum_pipeline
 
-__all__ = ["MarketWorker", "HangAt", "serve"]
+__all__ = ["MarketWorker", "MarketRules", "HangAt", "serve", "own_privacy", "run_with_own_privacy"]
+
+
+@dataclass(frozen=True)
+class MarketRules:
+    """The market's own say over a run, set on the market's machine (never by the aggregator).
+
+    ``backends``: the secure-aggregation backends this market runs (``plain`` only if named).
+    ``privacy``: this market's privacy settings; the run config's must equal them (``None``
+    accepts only a non-private run). ``min_cohort``: fewest markets in any sum (default
+    max(3, ceil(2n/3)) of the roster). ``colluders``: the c of the threshold rule.
+    ``roster_digest``: the pinned roster (SHA-256 of every bundle and the aggregator's key),
+    obtained out of band; ``None`` trusts the roster the first ``start`` hands out.
+    """
+
+    backends: frozenset[str] = frozenset({"masking", "ckks"})
+    privacy: Mapping | None = None
+    min_cohort: int | None = None
+    colluders: int = DEFAULT_COLLUDERS
+    roster_digest: bytes | None = None
+
+    def privacy_settings(self) -> dict:
+        return dict(self.privacy) if self.privacy is not None else {"enabled": False}
+
+
+# The worker always trains FedMM, so an unset clip norm means FedMM's default, whatever model
+# family the aggregator's run config names.
+_WORKER_FAMILY = "fedmm"
+
+
+def _pin_clip(p: PrivacyConfig) -> PrivacyConfig:
+    if p.max_grad_norm is not None:
+        return p
+    return dataclasses.replace(p, max_grad_norm=float(DEFAULT_MAX_GRAD_NORM[_WORKER_FAMILY]))
+
+
+def own_privacy(rules: MarketRules) -> PrivacyConfig:
+    """The market's own privacy settings, complete: every field it does not name takes its
+    default (``randomness`` "secure" above all) and an unset clip norm is written out."""
+    try:
+        own = config_from_dict({"privacy": rules.privacy_settings()}).privacy
+    except ConfigError as e:
+        raise PolicyError(f"this market's own privacy settings are invalid: {e}") from None
+    return _pin_clip(own)
+
+
+def run_with_own_privacy(cfg: RunConfig, rules: MarketRules) -> RunConfig:
+    """``cfg`` (the aggregator's run config) carrying this market's own privacy settings.
+
+    The run's settings must agree with the market's (every market of a run must train alike and
+    account alike), but they are only compared: what the market trains and accounts with is its
+    own :class:`PrivacyConfig`, so nothing of the aggregator's (its seed-driven
+    ``reproducible`` randomness in particular) reaches the DP noise unless the market's own
+    settings say so. A mismatch raises :class:`PolicyError` naming the fields.
+    """
+    own = own_privacy(rules)
+    asked = _pin_clip(cfg.privacy)
+    if own.enabled or asked.enabled:
+        mine, theirs = dataclasses.asdict(own), dataclasses.asdict(asked)
+        diff = sorted(k for k in mine if mine[k] != theirs[k])
+        if diff:
+            detail = ", ".join(f"{k}: run {theirs[k]!r}, market {mine[k]!r}" for k in diff)
+            why = (" (reproducible randomness lets anyone with the seed remove the DP noise; a "
+                   "market uses it only if its own settings say so)"
+                   if "randomness" in diff else "")
+            raise PolicyError(f"the run's privacy settings differ from this market's own: {detail}{why}")
+    return dataclasses.replace(cfg, privacy=own)
 
 
 class HangAt:
@@ -56,9 +126,10 @@ class HangAt:
 
 
 class MarketWorker:
-    def __init__(self, *, market: str, hang_at: HangAt | None = None, ledger_dir: Path | None = None,
-                 resume: bool = False) -> None:
+    def __init__(self, *, market: str, rules: MarketRules, hang_at: HangAt | None = None,
+                 ledger_dir: Path | None = None, resume: bool = False) -> None:
         self.market = market
+        self.rules = rules
         # This market's privacy ledger (DP runs): on the market's own machine, written before
         # any upload that depends on the round's DP-trained parameters leaves the worker.
         self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
@@ -92,7 +163,13 @@ class MarketWorker:
     def _hello(self, msg: dict) -> bytes:
         from ...data.loaders import load_data  # heavy (data generators); only the worker needs it
 
-        self._cfg = config_from_dict(msg["config"])
+        cfg = config_from_dict(msg["config"])
+        # The aggregator's run config may not pick this market's backend or privacy settings:
+        # the backend must be one the market runs, and from here on the privacy settings are the
+        # market's own object (the run's must agree with them, see run_with_own_privacy).
+        if cfg.secagg not in self.rules.backends:
+            raise PolicyError(f"backend {cfg.secagg!r} is not allowed by this market's rules")
+        self._cfg = run_with_own_privacy(cfg, self.rules)
         self._run_id = str(msg["run_id"])
         # The SuperNode's node config (``market``, optionally ``data``) is the market's own say:
         # the aggregator's run config cannot point a market at another market's data.
@@ -120,7 +197,9 @@ class MarketWorker:
             # Synthetic data is generated for all markets from the seed; keep only ours.
             self._data = markets[self._index]
             del markets
-        backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain")
+        # The market's own c sizes the threshold it computes (the aggregator must use the same).
+        options = {"colluders": self.rules.colluders} if self._cfg.secagg == "masking" else {}
+        backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain", **options)
         self._endpoint = backend.create_market(self.market)
         return pack_json({"market": self.market, "index": self._index, "bundle": b64(self._endpoint.public_bundle()),
                           "n_train": len(self._data.train), "n_items": int(self._data.n_items),
@@ -129,17 +208,33 @@ class MarketWorker:
     def _start(self, msg: dict) -> tuple[str, bytes]:
         if self._endpoint is None:
             raise ProtocolError("start before hello")
-        roster = Roster({m: unb64(b) for m, b in msg["roster"].items()})
-        self._endpoint.install_roster(roster)
+        roster = Roster({m: unb64(b) for m, b in msg["roster"].items()},
+                        aggregator=unb64(msg.get("aggregator", "")))
+        rules = self.rules
+        if rules.roster_digest is not None and roster.digest() != rules.roster_digest:
+            raise PolicyError("the roster differs from the one this market pinned")
+        n = len(roster.markets)
+        min_cohort = default_min_cohort(n) if rules.min_cohort is None else rules.min_cohort
+        if min_cohort > n:
+            raise PolicyError(f"{n} markets on the roster, this market's minimum cohort is {min_cohort}")
+        # Market-level DP noise shares are sized by the federation size: it is the size of the
+        # roster this market installs (pinned, where the deployment pins one), never a number
+        # the aggregator states (claiming 1000 markets would shrink every market's share).
+        if int(msg.get("n_markets", n)) != n:
+            raise PolicyError(f"the aggregator says {msg['n_markets']} markets, the roster has {n}")
+        policy = MarketPolicy.pin(roster, backends=rules.backends,
+                                  privacy=dataclasses.asdict(self._cfg.privacy),
+                                  min_cohort=min_cohort, colluders=rules.colluders)
+        self._endpoint.install_roster(roster, policy=policy)
         meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
         workload = msg.get("workload", {"name": "fedmm"})
         if workload.get("name") == "fedmm":
-            trainers, hooks = self._privacy(int(msg["n_markets"]))
+            trainers, hooks = self._privacy(n)
             self._pipeline = market_pipeline(self._data, self._cfg.model, method="fedmm", rounds=self._cfg.rounds,
                                              seed=self._cfg.seed, meta=meta, trainers=trainers, hooks=hooks)
         elif workload.get("name") == "secure-sum":
             self._pipeline = secure_sum_pipeline(length=int(workload["length"]), rounds=int(workload["rounds"]),
-                                                 seed=self._cfg.seed, meta=meta, n_markets=int(msg["n_markets"]))
+                                                 seed=self._cfg.seed, meta=meta, n_markets=n)
         else:
             raise ProtocolError(f"unknown workload {workload.get('name')!r}")
         return self._advance(None, first=True)
@@ -273,6 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the ledger already in --ledger-dir (an interrupted run); its events stay spent")
+    p.add_argument("--allow-backend", action="append", default=None,
+                   help="a secure-aggregation backend this market runs (repeat; default masking and ckks)")
+    p.add_argument("--privacy-json", help="this market's own privacy settings (JSON; default: not private)")
+    p.add_argument("--min-cohort", type=int, help="fewest markets in any sum (default max(3, 2/3 of the roster))")
+    p.add_argument("--colluders", type=int, default=DEFAULT_COLLUDERS, help="c in the threshold rule 2t > n + c")
+    p.add_argument("--roster-sha256", help="the pinned roster digest, obtained out of band")
     p.add_argument("--ready-file")
     p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
     p.add_argument("--hang-marker")
@@ -291,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.hang_at:
         label, rnd, stage = args.hang_at.split(":")
         hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
-    worker = MarketWorker(market=args.market, hang_at=hang,
+    import json
+    rules = MarketRules(backends=frozenset(args.allow_backend or ("masking", "ckks")),
+                        privacy=json.loads(args.privacy_json) if args.privacy_json else None,
+                        min_cohort=args.min_cohort, colluders=args.colluders,
+                        roster_digest=bytes.fromhex(args.roster_sha256) if args.roster_sha256 else None)
+    worker = MarketWorker(market=args.market, rules=rules, hang_at=hang,
                           ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume)
     ready = Path(args.ready_file) if args.ready_file else None
     if args.listen:

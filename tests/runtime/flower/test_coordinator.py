@@ -11,7 +11,7 @@ from fedmm_secure.runtime.flower.coordinator import Coordinator, InProcessLinks
 from fedmm_secure.runtime.flower.wire import unpack_with_header
 from fedmm_secure.runtime.flower.worker import MarketWorker
 
-from .reference import CFG, DROP, embedded_codebooks
+from .reference import CFG, DROP, OPTS, RULES, embedded_codebooks, private_rules
 
 
 class _SilentFrom(InProcessLinks):
@@ -36,9 +36,9 @@ class _SilentFrom(InProcessLinks):
 
 
 def _distributed(drop):
-    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    workers = {m: MarketWorker(market=m, rules=RULES) for m in ("m0", "m1", "m2")}
     links = _SilentFrom(workers, *drop) if drop else InProcessLinks(workers)
-    res = Coordinator(cfg=CFG, run_id=f"run-{CFG.seed}", links=links, stage_timeout=1, step_timeout=60).run()
+    res = Coordinator(cfg=CFG, run_id=f"run-{CFG.seed}", links=links, stage_timeout=1, step_timeout=60, backend_options=OPTS).run()
     books = {m: w.result["run"].vq.global_codebook.numpy() for m, w in workers.items() if w.result is not None}
     return res, books
 
@@ -60,7 +60,7 @@ def test_distributed_pipeline_equals_embedded(drop):
 
 
 def test_worker_rejects_out_of_step_messages():
-    w = MarketWorker(market="m0")
+    w = MarketWorker(market="m0", rules=RULES)
     with pytest.raises(ProtocolError):
         w.handle("start", b"{}")
     with pytest.raises(ProtocolError):
@@ -68,16 +68,16 @@ def test_worker_rejects_out_of_step_messages():
 
 
 def test_secure_sum_workload_delivers_the_exact_sum():
-    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    workers = {m: MarketWorker(market=m, rules=RULES) for m in ("m0", "m1", "m2")}
     wl = {"name": "secure-sum", "length": 300, "rounds": 2}
-    res = Coordinator(cfg=CFG, run_id="bench", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60,
+    res = Coordinator(cfg=CFG, run_id="bench", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60, backend_options=OPTS,
                       workload=wl).run()
     assert res["workload"] == wl and len(res["secagg"]["rounds"]) == 2
     for m in workers:
         # Fixed-point masking error only (values in [-1, 1], 3 summands).
         assert res["markets"][m]["rounds"] == 2 and res["markets"][m]["max_abs_error"] < 1e-6
     with pytest.raises(ProtocolError):
-        Coordinator(cfg=CFG, run_id="x", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60,
+        Coordinator(cfg=CFG, run_id="x", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60, backend_options=OPTS,
                     workload={"name": "mine-bitcoin"})
 
 
@@ -95,8 +95,8 @@ def test_private_run_keeps_one_ledger_per_market_and_matches_embedded_epsilon(tm
     from fedmm_secure.reports.privacy_report import budget_table
 
     cfg = _private(CFG, 4.0)
-    workers = {m: MarketWorker(market=m, ledger_dir=tmp_path / "flower" / "ledgers" / m) for m in ("m0", "m1", "m2")}
-    res = Coordinator(cfg=cfg, run_id="dp", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60).run()
+    workers = {m: MarketWorker(market=m, rules=private_rules(cfg), ledger_dir=tmp_path / "flower" / "ledgers" / m) for m in ("m0", "m1", "m2")}
+    res = Coordinator(cfg=cfg, run_id="dp", links=InProcessLinks(workers), stage_timeout=1, step_timeout=60, backend_options=OPTS).run()
     ref = run_experiment(cfg, out_dir=tmp_path / "embedded")
     assert set(res["privacy"]) == {"m0", "m1", "m2"}
     for m in res["privacy"]:
@@ -129,10 +129,11 @@ def test_private_run_keeps_one_ledger_per_market_and_matches_embedded_epsilon(tm
 def test_private_run_needs_a_ledger_directory():
     from fedmm_secure.errors import AbortError
 
-    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    cfg = _private(CFG, 4.0)
+    workers = {m: MarketWorker(market=m, rules=private_rules(cfg)) for m in ("m0", "m1", "m2")}
     with pytest.raises(AbortError):
-        Coordinator(cfg=_private(CFG, 4.0), run_id="dp", links=InProcessLinks(workers), stage_timeout=1,
-                    step_timeout=60).run()
+        Coordinator(cfg=cfg, run_id="dp", links=InProcessLinks(workers), stage_timeout=1,
+                    step_timeout=60, backend_options=OPTS).run()
     assert all(w.result is None for w in workers.values())
 
 
@@ -145,7 +146,7 @@ def test_ckks_markets_that_first_hear_at_stage_one_still_take_part():
     raw["secagg"] = "ckks"
     cfg = config_from_dict(raw)
     ref, _ = embedded_codebooks(cfg=cfg, drop=None)
-    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    workers = {m: MarketWorker(market=m, rules=RULES) for m in ("m0", "m1", "m2")}
     res = Coordinator(cfg=cfg, run_id=f"run-{cfg.seed}", links=InProcessLinks(workers), stage_timeout=1,
                       step_timeout=60).run()
     assert res["dropped"] == {} and res["secagg"]["backend"] == "ckks"
@@ -180,28 +181,31 @@ def test_market_data_comes_from_the_supernode_node_config(tmp_path):
     raw.update(data=f"xmrec:{fix}", markets=["aa", "bb"])
     cfg = config_from_dict(raw)
     markets = load_data(cfg)
-    ss = EmbeddedSecureSum(backend="masking", markets=["aa", "bb"], run_id="real", allow_insecure=False)
+    ss = EmbeddedSecureSum(backend="masking", markets=["aa", "bb"], run_id="real", allow_insecure=False,
+                           min_cohort=2, colluders=0)
     ref = run_method("fedmm", markets, cfg.model, rounds=cfg.rounds, seed=cfg.seed, secure_sum=ss)
     # The aggregator's run config points nowhere; each market's SuperNode names its own data.
     raw["data"] = "xmrec:/nonexistent/aggregator/path"
     nodes = {m: {"market": m, "data": f"xmrec:{fix}"} for m in ("aa", "bb")}
-    workers = {m: MarketWorker(market=m) for m in ("aa", "bb")}
+    workers = {m: MarketWorker(market=m, rules=RULES) for m in ("aa", "bb")}
     res = Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(workers, node_configs=nodes),
-                      stage_timeout=1, step_timeout=60).run()
+                      stage_timeout=1, step_timeout=60, backend_options=OPTS).run()
     assert res["dropped"] == {}
     for m in ("aa", "bb"):
         assert res["markets"][m]["fedmm"]["auc"] == pytest.approx(ref["markets"][m]["auc"], abs=1e-6)
         np.testing.assert_array_max_ulp(workers[m].result["run"].vq.global_codebook.numpy(),
                                         ref["runs"][m].vq.global_codebook.numpy(), maxulp=4)
-    # A SuperNode that names another market than its worker serves is refused.
+    # A SuperNode that names another market than its worker serves is refused; the other market
+    # then will not be summed alone (below its minimum cohort) and the run stops.
     wrong = {"aa": {"market": "bb", "data": f"xmrec:{fix}"}, "bb": {"market": "bb", "data": f"xmrec:{fix}"}}
-    workers = {m: MarketWorker(market=m) for m in ("aa", "bb")}
-    res = Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(workers, node_configs=wrong),
-                      stage_timeout=1, step_timeout=60).run()
-    assert "aa" not in res["markets"] or not res["markets"]["aa"]
+    workers = {m: MarketWorker(market=m, rules=RULES) for m in ("aa", "bb")}
+    with pytest.raises(AbortError):
+        Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(workers, node_configs=wrong),
+                    stage_timeout=1, step_timeout=60, backend_options=OPTS).run()
+    assert all(w.result is None for w in workers.values())
     with pytest.raises(AbortError):
         Coordinator(cfg=config_from_dict(raw), run_id="real", links=InProcessLinks(
-            {m: MarketWorker(market=m) for m in ("aa", "bb")}), stage_timeout=1, step_timeout=60).run()
+            {m: MarketWorker(market=m, rules=RULES) for m in ("aa", "bb")}), stage_timeout=1, step_timeout=60, backend_options=OPTS).run()
 
 
 class _Meddling(InProcessLinks):
@@ -239,14 +243,14 @@ class _Meddling(InProcessLinks):
 
 def test_tampered_and_replayed_messages_are_refused_and_change_nothing():
     ref, _ = embedded_codebooks(drop=None)
-    workers = {m: MarketWorker(market=m) for m in ("m0", "m1", "m2")}
+    workers = {m: MarketWorker(market=m, rules=RULES) for m in ("m0", "m1", "m2")}
     links = _Meddling(workers)
-    res = Coordinator(cfg=CFG, run_id=f"run-{CFG.seed}", links=links, stage_timeout=1, step_timeout=60).run()
+    res = Coordinator(cfg=CFG, run_id=f"run-{CFG.seed}", links=links, stage_timeout=1, step_timeout=60, backend_options=OPTS).run()
     assert res["dropped"] == {} and links.refused > 50
     for m, w in workers.items():
         np.testing.assert_array_max_ulp(w.result["run"].vq.global_codebook.numpy(), ref[m], maxulp=4)
     # Unexpected kinds and out-of-order control messages are refused too.
-    w = MarketWorker(market="m0")
+    w = MarketWorker(market="m0", rules=RULES)
     for kind, payload in (("start", b"{}"), ("secagg", b""), ("broadcast", b""), ("nope", b""),
                           ("hello", b"not json")):
         with pytest.raises(Exception):
