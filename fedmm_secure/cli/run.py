@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--out", help="output directory, new or without results (default: runs/latest)")
     run.add_argument("--data", help="synthetic (default), xmrec:PATH, movielens:PATH or aliexpress:PATH")
     run.add_argument("--markets", type=_csv, help="comma-separated subset of markets (default: all)")
+    run.add_argument("--synthetic-scale", type=float,
+                     help="synthetic data: every market's users and items times this (rows grow linearly; "
+                          "default: 1)")
+    run.add_argument("--batch-size", type=int,
+                     help="expected records per training step (model.batch_size; default: 256)")
     run.add_argument("--methods", type=_csv, help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
     run.add_argument("--secagg", help=f"secure aggregation backend: {', '.join(SECAGG_BACKENDS)} (default: masking; "
                      "plain is not secure)")
@@ -70,7 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.set_defaults(handler=command)
 
 
-_RUN_FLAGS = ("config", "rounds", "seed", "out", "data", "markets", "methods", "secagg", "model_family", "dp")
+_RUN_FLAGS = ("config", "rounds", "seed", "out", "data", "markets", "synthetic_scale", "batch_size", "methods", "secagg",
+              "model_family", "dp")
 
 
 def _run_config(args: argparse.Namespace) -> RunConfig:
@@ -95,6 +101,10 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         v = getattr(args, flag)
         if v is not None:
             raw[key] = list(v) if isinstance(v, tuple) else v
+    if args.synthetic_scale is not None:
+        raw["synthetic"] = {**raw["synthetic"], "scale": args.synthetic_scale}
+    if args.batch_size is not None:
+        raw["model"]["batch_size"] = args.batch_size
     priv = raw["privacy"]
     for flag, key in _PRIVACY_FLAGS:
         v = getattr(args, flag)

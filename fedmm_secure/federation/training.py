@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 
 from ..errors import ConfigError
+from ..models.optim import adam
+from ..privacy.randomness import poisson_indices
 
 __all__ = ["TrainSettings", "LocalTrainer", "TrainerFactory", "PlainTrainer", "plain_trainers", "sample_rate_for",
            "seeded"]
@@ -76,14 +78,20 @@ class PlainTrainer:
                  generator: torch.Generator) -> None:
         self.model, self.loss_fn, self.n = model, loss_fn, n_records
         self.q = sample_rate_for(n_records, settings.batch_size)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        self.optimizer = adam(model.parameters(), lr=settings.lr)
         self.generator = generator
 
     def train_epochs(self, epochs: int) -> int:
         steps = epochs * max(1, math.ceil(1.0 / self.q))
+        self.train_steps(steps)
+        return steps
+
+    def train_steps(self, steps: int) -> None:
+        """``steps`` Poisson-sampled Adam steps (benchmarks time blocks of steps with this)."""
         expected = self.q * self.n
         for _ in range(steps):
-            idx = torch.nonzero(torch.rand(self.n, generator=self.generator) < self.q, as_tuple=False).squeeze(1)
+            # Geometric skips: O(batch) random numbers per step, not one per record.
+            idx = poisson_indices(self.generator, self.n, self.q)
             self.optimizer.zero_grad(set_to_none=True)
             if idx.numel() == 0:
                 continue
@@ -91,7 +99,6 @@ class PlainTrainer:
             # and non-private runs take steps of the same scale.
             (self.loss_fn(self.model, idx).sum() / expected).backward()
             self.optimizer.step()
-        return steps
 
 
 def plain_trainers(*, market: str, stage: str, model: torch.nn.Module, loss_fn: LossFn, n_records: int,

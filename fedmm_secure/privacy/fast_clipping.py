@@ -264,11 +264,15 @@ class GhostClipper:
         self._handles = [m.register_forward_hook(self._hook, with_kwargs=True)
                          for _, m in self.layers]
         self._param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+        # Per-layer parameter lists and lookup, fixed at construction like the optimizer's
+        # parameter set (walking named_parameters every step was a visible share of small steps).
+        self._own = {id(m): [p for _, p in _own_trainable(m)] for _, m in self.layers}
+        self._by_id = {id(m): m for _, m in self.layers}
         self.last_sq_norms: torch.Tensor | None = None
 
     def param_order(self) -> list[nn.Parameter]:
         """Trainable parameters in the order ``clipped_sum`` visits them."""
-        return [p for _, m in self.layers for _, p in _own_trainable(m)]
+        return [p for _, m in self.layers for p in self._own[id(m)]]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -395,7 +399,7 @@ class GhostClipper:
                             else loss.dtype).detach()
         merged: dict[int, _Rows] = {}
         for key, rows in per_layer.items():
-            module = next(m for _, m in self.layers if id(m) == key)
+            module = self._by_id[key]
             r = rows[0] if len(rows) == 1 else _Rows(
                 rows[0].kind, torch.cat([x.gid for x in rows]), False,
                 a=None if rows[0].a is None else torch.cat([x.a for x in rows]),
@@ -415,7 +419,7 @@ class GhostClipper:
         small: dict[nn.Parameter, torch.Tensor] = {}
         for _, module in self.layers:
             if not isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-                for _, p in _own_trainable(module):
+                for p in self._own[id(module)]:
                     small[p] = torch.zeros_like(p)
                 r = merged.pop(id(module), None)
                 if r is not None:
@@ -423,7 +427,7 @@ class GhostClipper:
                     del r
         grads: dict[nn.Parameter, torch.Tensor] = {}
         for _, module in self.layers:
-            for _, p in _own_trainable(module):
+            for p in self._own[id(module)]:
                 if into is None:
                     grads[p] = small.pop(p) if p in small else torch.zeros_like(p)
                 else:

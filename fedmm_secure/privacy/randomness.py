@@ -36,7 +36,7 @@ from ..primitives.keys import SymmetricKey
 from ..primitives.prg import Keystream
 
 __all__ = ["RANDOMNESS", "RandomSource", "SecureRandom", "bernoulli_indices", "describe", "gaussian_from_words",
-           "indices_below", "normal_", "uniform"]
+           "indices_below", "normal_", "poisson_indices", "uniform", "GEOMETRIC_MAX_RATE", "GEOMETRIC_RATE_MARGIN"]
 
 _TWO_PI = 2.0 * math.pi
 _MASK53 = (1 << 53) - 1
@@ -139,7 +139,10 @@ def gaussian_from_words(words: np.ndarray, out: torch.Tensor, std: float, *,
             fine = high + more(tiny.size).astype(np.float64) + 1.0
             sq[torch.from_numpy(tiny)] = torch.from_numpy(
                 (np.log(fine) - 64.0 * math.log(2.0)) * (-2.0 * std * std)).to(out.dtype)
-    radius = sq.sqrt_()
+    # u within a few ulps of 1 can give a log a hair above 32 ln 2 after float rounding, hence a
+    # tiny negative square (NaN radius, then a NaN model) for some std values; the true radius
+    # there is ~0.
+    radius = sq.clamp_(min=0.0).sqrt_()
     torch.cos(angle, out=flat[:h]).mul_(radius)
     if n == 2 * h:
         torch.sin(angle, out=flat[h:]).mul_(radius)
@@ -156,6 +159,50 @@ def bernoulli_indices(source: RandomSource, n: int, p: float) -> torch.Tensor:
     if isinstance(source, SecureRandom):
         return source.bernoulli_indices(n, p)
     return (torch.rand(n, generator=source) < p).nonzero().flatten()
+
+
+# Geometric skips beat one Bernoulli word per unit when few units are kept: ~8 random bytes and
+# a log per *kept* unit instead of 4 bytes and a compare per unit.
+GEOMETRIC_MAX_RATE = 1.0 / 16
+# The skip sampler runs at q * (1 - margin): float64 rounding moves each inclusion probability
+# by at most ~2**-52, so the rate used stays below the rate the accountant is told (q >= 1e-6).
+GEOMETRIC_RATE_MARGIN = 1e-9
+
+
+def poisson_indices(source: RandomSource, n: int, p: float, *, chunk: int | None = None) -> torch.Tensor:
+    """Poisson subsampling of ``n`` units at rate ``p`` in O(p n) work: the kept indices, ascending.
+
+    Each unit is kept independently with probability ``p`` (at most; see
+    :data:`GEOMETRIC_RATE_MARGIN`): the gap before the next kept unit is geometric,
+    ``P(gap >= k) = (1 - p)^k``, drawn by inversion ``floor(log U / log(1 - p))`` from 53-bit
+    uniforms ``U`` in (0, 1]; by memorylessness the kept set has exactly the law of independent
+    Bernoulli(p) trials (in real arithmetic). Above :data:`GEOMETRIC_MAX_RATE` (or for tiny
+    ``n``) it draws one Bernoulli per unit (:func:`bernoulli_indices`). ``chunk`` (tests only)
+    caps the gaps drawn at once, to exercise the continuation that is otherwise rare.
+    """
+    if p >= 1.0:
+        return torch.arange(n)
+    if p > GEOMETRIC_MAX_RATE or n < 64 or p < 1e-6:
+        return bernoulli_indices(source, n, p)
+    rate = p * (1.0 - GEOMETRIC_RATE_MARGIN)
+    inv_log = 1.0 / math.log1p(-rate)
+    parts: list[torch.Tensor] = []
+    start = 0  # first unit not yet decided
+    while start < n:
+        mean = rate * (n - start)
+        m = int(mean + 6.0 * math.sqrt(mean) + 16)  # enough to pass n in one go but ~1e-9 of the time
+        if chunk is not None:
+            m = min(m, chunk)
+        u = uniform(source, m)  # [0, 1) with 53 bits: 1 - u is in (0, 1]
+        gaps = torch.log(torch.neg_(u).add_(1.0)).mul_(inv_log).floor_().clamp_(max=float(n))
+        pos = torch.cumsum(gaps.to(torch.int64).add_(1), 0).add_(start - 1)
+        if int(pos[-1]) < n:
+            parts.append(pos)
+            start = int(pos[-1]) + 1
+        else:
+            parts.append(pos[:int(torch.searchsorted(pos, n))])
+            break
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def uniform(source: RandomSource, n: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, DataError
-from .randomness import RandomSource, SecureRandom, bernoulli_indices, uniform
+from .randomness import RandomSource, SecureRandom, poisson_indices, uniform
 
 __all__ = ["PoissonDraw", "PoissonRecordSampler", "PoissonUserSampler"]
 
@@ -80,7 +80,7 @@ class PoissonRecordSampler:
         return max(1, math.ceil(1 / self.sample_rate))
 
     def sample(self) -> PoissonDraw:
-        idx = bernoulli_indices(self.generator, self.num_records, self.sample_rate)
+        idx = poisson_indices(self.generator, self.num_records, self.sample_rate)
         return PoissonDraw(idx, torch.arange(idx.numel()), int(idx.numel()),
                            self.sample_rate, self.unit, id(self))
 
@@ -135,7 +135,7 @@ class PoissonUserSampler:
         return max(1, math.ceil(1 / self.sample_rate))
 
     def sample(self) -> PoissonDraw:
-        chosen = bernoulli_indices(self.generator, self.num_users, self.sample_rate)
+        chosen = poisson_indices(self.generator, self.num_users, self.sample_rate)
         counts = self._counts[chosen]
         group = torch.arange(chosen.numel()).repeat_interleave(counts)
         offset = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[group]

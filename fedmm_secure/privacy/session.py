@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import BudgetExceededError, ConfigError
+from ..models.optim import adam
 from .accountant import PrivacyAccountant, make_accountant
 from .budget import BudgetPolicy
 from .calibration import calibrate_noise_multiplier
@@ -141,7 +142,8 @@ class PrivacySession:
         if self.randomness == "secure":
             # Fresh OS-keyed stream per trainer: nothing in the run's config or outputs (the seed
             # included) determines the noise or which records each step samples.
-            noise_gen = sample_gen = SecureRandom()
+            # Two streams, so the noise can be drawn on its own thread while the sampler runs.
+            noise_gen, sample_gen = SecureRandom(), SecureRandom()
         else:
             noise_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator))
                                                       ^ self._noise_seed)
@@ -159,7 +161,9 @@ class PrivacySession:
                                          generator=sample_gen, unit="interaction")
         else:
             sampler = PoissonUserSampler(user_of_record=users, sample_rate=q, generator=sample_gen)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=settings.lr)
+        # Fused Adam: one pass over each (dense, noised) table per step instead of about ten;
+        # same update. The DP trainer seals it like any optimizer (step pre-hook).
+        optimizer = adam(model.parameters(), lr=settings.lr)
         trainer = DPTrainer(model, optimizer, loss_fn=lambda mdl, idx: loss_fn(mdl, idx),
                             noise_multiplier=self.noise_multipliers[market], max_grad_norm=self.max_grad_norm,
                             sampler=sampler, on_event=lambda e, m=market: self._on_event(m, e),

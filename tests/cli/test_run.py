@@ -134,3 +134,15 @@ def test_fedmm_logloss_is_the_calibrated_models_and_auc_does_not_move(tmp_path):
             assert r["auc"] == raw["auc"] and "platt" not in raw and "logloss_uncalibrated" not in raw
             assert r["logloss_uncalibrated"] == raw["logloss"]
             assert r["platt"][0] > 0 and r["logloss"] != raw["logloss"]
+
+
+
+def test_synthetic_scale_and_batch_size_flags_reach_the_run(tmp_path, tiny_config):
+    out = tmp_path / "scaled"
+    assert main(["run", "--config", str(tiny_config), "--out", str(out), "--methods", "local", "--quiet",
+                 "--synthetic-scale", "2", "--batch-size", "64"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["synthetic"]["scale"] == 2 and len(cfg["synthetic"]["markets"]) == 2
+    assert cfg["model"]["batch_size"] == 64
+    sizes = json.loads((out / "results.json").read_text())["market_sizes"]
+    assert (sizes["big"]["users"], sizes["big"]["items"]) == (240, 120)

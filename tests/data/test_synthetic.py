@@ -84,3 +84,22 @@ def test_heterogeneity_knob_changes_market_views():
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ConfigError):
         SyntheticConfig(**kwargs)
+
+
+def test_scale_multiplies_users_items_and_rows():
+    base = SyntheticConfig(markets=(MarketSpec("a", 40, 20, 5), MarketSpec("b", 30, 10, 4)))
+    one = generate_markets(base, seed=1)
+    three = generate_markets(SyntheticConfig(markets=base.markets, scale=3), seed=1)
+    for m1, m3 in zip(one, three):
+        assert (m3.n_users, m3.n_items) == (3 * m1.n_users, 3 * m1.n_items)
+        rows1 = len(m1.train) + len(m1.valid) + len(m1.test)
+        assert len(m3.train) + len(m3.valid) + len(m3.test) == 3 * rows1
+    # scale 1 is the generator as it was (bit for bit)
+    again = generate_markets(SyntheticConfig(markets=base.markets, scale=1.0), seed=1)
+    assert all(np.array_equal(a.train.click, b.train.click) for a, b in zip(one, again))
+
+
+@pytest.mark.parametrize("scale", [0, -1, True, "2", 1e9])
+def test_bad_scale_is_rejected(scale):
+    with pytest.raises(ConfigError, match="synthetic.scale"):
+        SyntheticConfig(scale=scale)

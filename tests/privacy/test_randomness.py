@@ -117,3 +117,13 @@ def test_describe_marks_reproducible_as_not_private():
 def test_zero_std_gives_zeros():
     assert torch.count_nonzero(normal_(SecureRandom(), torch.ones(10), 0.0)) == 0
     assert np.isfinite(SecureRandom().normal_(torch.empty(0), 1.0).numpy()).all()
+
+
+def test_radius_words_next_to_one_never_give_nan():
+    # u = (w + 1) / 2^32 rounds to 1 for the top words; float rounding of the log made the
+    # squared radius a hair negative (NaN noise, then a NaN model) for some std values.
+    words = np.array([2 ** 32 - 1] * 4 + [5] * 4, dtype=np.uint32)
+    for std in np.random.default_rng(0).uniform(1e-4, 5.0, 400).tolist() + [0.9659283228375892]:
+        for dtype in (torch.float32, torch.float64):
+            z = gaussian_from_words(words, torch.empty(8, dtype=dtype), std, more=None)
+            assert torch.isfinite(z).all(), std
