@@ -30,7 +30,11 @@ MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 # was clipped 2-3x harder than a click, which biased CTCVR (sweep in bench/RESULTS_pf_msmtrec.md).
 DEFAULT_MAX_GRAD_NORM = {"fedmm": 1.0, "pf-msmtrec": 2.0}
 SECAGG_BACKENDS = ("masking", "ckks", "plain")
-UNITS = ("record", "user")
+# "interaction": all rows derived from one interaction (its positive and the negatives sampled for
+# it), the unit implicit-feedback data needs; "auto" resolves to it for implicit-feedback loaders
+# and to "record" elsewhere (synthetic and AliExpress data have one row per impression).
+UNITS = ("record", "interaction", "user")
+IMPLICIT_FEEDBACK_SCHEMES = ("xmrec", "movielens")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
 RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
@@ -110,13 +114,15 @@ class PrivacyConfig:
 
     Private by default (``enabled``): the noise is calibrated to ``epsilon`` (default
     ``DEFAULT_EPSILON``, capped by ``epsilon_budget``) unless ``noise_multiplier`` is given;
-    ``unit`` ``"record"`` or ``"user"``; ``epsilon_budget`` and ``on_exceed`` (``"skip"`` the
+    ``unit`` ``"interaction"`` (a positive and its sampled negatives), ``"record"`` (one row) or
+    ``"user"``, default ``"auto"``: interaction for implicit-feedback data, else record;
+    ``epsilon_budget`` and ``on_exceed`` (``"skip"`` the
     round or ``"stop"`` the run) form the budget policy; ``randomness`` ``"secure"`` (default)
     or ``"reproducible"`` (NOT private). Invalid values raise ConfigError.
     """
 
     enabled: bool = True
-    unit: str = "record"
+    unit: str = "auto"                     # see UNITS; resolved per data source by RunConfig.resolved
     delta: float = 1e-5
     epsilon: float | None = None           # calibrate the noise multiplier for the planned rounds
     noise_multiplier: float | None = None
@@ -131,8 +137,8 @@ class PrivacyConfig:
     randomness: str = "secure"
 
     def __post_init__(self) -> None:
-        if self.unit not in UNITS:
-            raise ConfigError("privacy.unit", f"unknown unit {self.unit!r}", allowed=", ".join(UNITS))
+        if self.unit not in UNITS and self.unit != "auto":
+            raise ConfigError("privacy.unit", f"unknown unit {self.unit!r}", allowed=", ".join(("auto", *UNITS)))
         if self.randomness not in RANDOMNESS:
             raise ConfigError("privacy.randomness", f"unknown source {self.randomness!r}",
                               allowed=", ".join(RANDOMNESS))
@@ -231,10 +237,23 @@ class RunConfig:
         """This config with defaults that depend on other fields written out, so what a run
         directory records (config.json, ledger) is explicit and survives a change of default."""
         p = self.privacy
-        if not p.enabled or (p.max_grad_norm == self.max_grad_norm() and p.epsilon == p.target_epsilon):
+        unit = self.privacy_unit()
+        if not p.enabled or (p.max_grad_norm == self.max_grad_norm() and p.epsilon == p.target_epsilon
+                             and unit == p.unit):
             return self
         return dataclasses.replace(self, privacy=dataclasses.replace(
-            p, max_grad_norm=self.max_grad_norm(), epsilon=p.target_epsilon))
+            p, max_grad_norm=self.max_grad_norm(), epsilon=p.target_epsilon, unit=unit))
+
+    def privacy_unit(self) -> str:
+        """The unit this run protects: the configured one, or the data's default for "auto"
+        (configs that were never resolved, e.g. built in code for a Flower worker)."""
+        return self.default_unit() if self.privacy.unit == "auto" else self.privacy.unit
+
+    def default_unit(self) -> str:
+        """The protected unit when the config names none: for implicit-feedback data one
+        interaction is several rows (a positive and its sampled negatives), so the unit is the
+        interaction; elsewhere one row is one impression."""
+        return "interaction" if self.data.split(":", 1)[0] in IMPLICIT_FEEDBACK_SCHEMES else "record"
 
 
 def _build(cls, raw: Any, prefix: str):

@@ -20,7 +20,8 @@ def test_clipping_norm_defaults_per_model_family_and_is_written_out():
 
 
 def test_configured_clipping_norm_wins_over_the_family_default():
-    cfg = config_from_dict({"model_family": "pf-msmtrec", "privacy": {"max_grad_norm": 0.5, "epsilon": 8.0}})
+    cfg = config_from_dict({"model_family": "pf-msmtrec",
+                            "privacy": {"max_grad_norm": 0.5, "epsilon": 8.0, "unit": "record"}})
     assert cfg.max_grad_norm() == 0.5 and cfg.resolved() is cfg
     # A resolved FedMM config moved to another family keeps its explicit value (no silent change).
     moved = config_from_dict({**RunConfig().resolved().to_dict(), "model_family": "pf-msmtrec"})

@@ -16,6 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     bc.add_argument("dir")
     bc.add_argument("--max-epsilon", type=float, required=True)
     bc.add_argument("--delta", type=float, help="delta to evaluate at (default: the run's)")
+    bc.add_argument("--scope", choices=("total", "deployed"), default="total",
+                    help="total: each market's spend over every method the run trained on its data "
+                         "(infinite if the non-private centralized baseline ran); deployed: the "
+                         "deployed method's own spend only (default: %(default)s)")
     bc.set_defaults(handler=check_command)
 
     rep = sub.add_parser("report", help="verify the run's ledgers, then write its privacy report: "
@@ -27,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def check_command(args: argparse.Namespace) -> int:
     from ..reports.privacy_report import budget_table
-    rows, ok = budget_table(Path(args.dir), max_epsilon=args.max_epsilon, delta=args.delta)
+    rows, ok = budget_table(Path(args.dir), max_epsilon=args.max_epsilon, delta=args.delta, scope=args.scope)
     print(rows)
     return 0 if ok else 1
 

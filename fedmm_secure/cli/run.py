@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "default) or stop (the run stops)")
     run.add_argument("--fail-on-skip", action="store_true",
                      help="exit 1 if any market sat out a round because of its budget (default: exit 0)")
-    run.add_argument("--unit", help="unit of privacy: record (default) or user")
+    run.add_argument("--unit", help="unit of privacy: interaction (default for implicit-feedback data: a positive and its sampled negatives), record (default elsewhere: one row) or user")
     run.add_argument("--market-noise", dest="market_noise_multiplier", type=float,
                      help="market-level protection: noise multiplier of the Gaussian each market adds to its "
                           "uploads (default: none)")
@@ -159,9 +159,15 @@ def command(args: argparse.Namespace) -> int:
         print(f"epsilon after each ledger round (fedmm: {order}):")
         for m, v in priv.items():
             print(f"  {m}: " + " ".join(f"{e:.2f}" for e in v["epsilon_per_round"]))
+        acct = results.get("accounting") or {}
         print("epsilon per market (" + next(iter(priv.values()))["unit"] + "-level, delta="
-              + f"{next(iter(priv.values()))['delta']:g}): "
+              + f"{next(iter(priv.values()))['delta']:g}"
+              + (f", deployed method {acct['deployed_method']} only" if acct else "") + "): "
               + ", ".join(f"{m} {v['epsilon']:.3f}" for m, v in priv.items()))
+        if acct:
+            print("total spent on each market's data by every method of the run: " + ", ".join(
+                f"{m} {'inf' if t['infinite'] else format(t['epsilon'], '.3f')}" for m, t in acct["total"].items())
+                + (" (centralized read raw rows without DP)" if acct.get("total_is_infinite") else ""))
     else:
         print("privacy: no DP (epsilon = inf)")
     sec = results.get("secagg")

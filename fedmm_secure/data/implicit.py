@@ -198,7 +198,8 @@ def sample_negatives(
 def labelled_split(
     users: np.ndarray, items: np.ndarray, conversion: np.ndarray, negatives: np.ndarray
 ) -> MarketSplit:
-    """One positive row followed by its negatives, for every positive."""
+    """One positive row followed by its negatives, for every positive; rows derived from the
+    i-th positive carry interaction id i."""
     k = negatives.shape[1]
     n = len(users)
     all_items = np.concatenate([np.asarray(items, np.int64)[:, None], negatives], axis=1).ravel()
@@ -211,6 +212,7 @@ def labelled_split(
         items=all_items,
         click=click.ravel(),
         conversion=conv.ravel(),
+        interaction=np.repeat(np.arange(n, dtype=np.int64), k + 1),
     )
 
 

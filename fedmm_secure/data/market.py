@@ -18,16 +18,21 @@ __all__ = ["MarketSplit", "RankingSet", "MarketData"]
 
 @dataclass(frozen=True)
 class MarketSplit:
-    """Labelled interactions: one row per (user, item) impression."""
+    """Labelled rows: one per (user, item) impression, or, for implicit feedback, one per
+    positive interaction and one per negative sampled for it."""
 
     users: np.ndarray       # int64 (n,)
     items: np.ndarray       # int64 (n,)
     click: np.ndarray       # float32 (n,), 0/1
     conversion: np.ndarray  # float32 (n,), 0/1; conversion implies click (post-click conversion)
+    # int64 (n,): the interaction each row derives from (its positive and its sampled negatives
+    # share one id), so DP can protect the interaction, not one derived row. None: every row is
+    # its own interaction (synthetic impressions, AliExpress logs).
+    interaction: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.users)
-        for name in ("items", "click", "conversion"):
+        for name in ("items", "click", "conversion") + (("interaction",) if self.interaction is not None else ()):
             if len(getattr(self, name)) != n:
                 raise DataError(f"split field {name!r} has {len(getattr(self, name))} rows, expected {n}")
         if n and np.any((self.conversion > 0) & (self.click <= 0)):
@@ -38,7 +43,17 @@ class MarketSplit:
 
     def subset(self, idx: np.ndarray) -> "MarketSplit":
         """The rows at ``idx`` (an index array or boolean mask), as a new split."""
-        return MarketSplit(self.users[idx], self.items[idx], self.click[idx], self.conversion[idx])
+        return MarketSplit(self.users[idx], self.items[idx], self.click[idx], self.conversion[idx],
+                           None if self.interaction is None else self.interaction[idx])
+
+    def interaction_ids(self) -> np.ndarray:
+        """The interaction of every row (``arange`` when each row is its own interaction)."""
+        return np.arange(len(self), dtype=np.int64) if self.interaction is None else self.interaction
+
+    @property
+    def n_interactions(self) -> int:
+        """How many distinct interactions the rows derive from."""
+        return len(self) if self.interaction is None else int(len(np.unique(self.interaction)))
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,9 @@ from ..errors import ConfigError
 
 __all__ = ["PrivacyUnit", "SubsampledGaussianEvent", "event_from_dict"]
 
-PrivacyUnit = str  # "record", "user" or "market"
-_UNITS = ("record", "user", "market")  # "market": a whole market's upload (distributed DP on sums)
+PrivacyUnit = str  # "record", "interaction", "user" or "market"
+# "interaction": every row derived from one implicit-feedback interaction (positive + its negatives)
+_UNITS = ("record", "interaction", "user", "market")  # "market": a whole market's upload (distributed DP on sums)
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,11 @@ class PoissonUserSampler:
     unit = "user"
 
     def __init__(self, *, user_of_record: torch.Tensor, sample_rate: float,
-                 generator: RandomSource, max_records_per_user: int | None = None) -> None:
+                 generator: RandomSource, max_records_per_user: int | None = None,
+                 unit: str = "user") -> None:
+        # Any grouping of records works the same way: unit="interaction" with an interaction id
+        # per record samples interactions (a positive with its sampled negatives) instead.
+        self.unit = unit
         if not isinstance(user_of_record, torch.Tensor) or user_of_record.dim() != 1 \
                 or user_of_record.numel() == 0 or user_of_record.is_floating_point():
             raise DataError("user_of_record must be a non-empty 1-D integer tensor")

@@ -53,16 +53,19 @@ class MarketPlan:
 
 
 def plan_markets(*, unit: str, batch_size: int, epochs: Mapping[str, int], rounds: int,
-                 n_records: Mapping[str, int], n_users: Mapping[str, int]) -> dict[str, MarketPlan]:
+                 n_records: Mapping[str, int], n_users: Mapping[str, int],
+                 n_interactions: Mapping[str, int] | None = None) -> dict[str, MarketPlan]:
     """Sample rate and step counts per market. Record level: ``batch_size`` records per step in
-    expectation; user level: the same expected number of records, reached by sampling users."""
+    expectation; user and interaction level: the same expected number of records, reached by
+    sampling users (interactions). ``n_interactions`` defaults to one per record."""
     plans = {}
     for m, n in n_records.items():
         if unit == "record":
             q = min(1.0, batch_size / max(1, n))
         else:
-            records_per_user = n / max(1, n_users[m])
-            q = min(1.0, batch_size / max(1.0, records_per_user) / max(1, n_users[m]))
+            units = n_users[m] if unit == "user" else (n_interactions or n_records)[m]
+            records_per_unit = n / max(1, units)
+            q = min(1.0, batch_size / max(1.0, records_per_unit) / max(1, units))
         steps = max(1, math.ceil(1.0 / q))
         plans[m] = MarketPlan(m, q, {stage: e * steps for stage, e in epochs.items()}, rounds)
     return plans
@@ -74,10 +77,14 @@ class PrivacySession:
                  policy: BudgetPolicy | None, ledger: Ledger | None, ledger_round_offset: int = 0,
                  prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
                  randomness: str, noise_seed: int | None = None, market_noise_multiplier: float | None = None,
-                 upload_rng: np.random.Generator | None = None, federation_size: int | None = None) -> None:
+                 upload_rng: np.random.Generator | None = None, federation_size: int | None = None,
+                 interactions: Mapping[str, np.ndarray] | None = None) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("privacy.noise_multiplier", "give exactly one of a noise multiplier or a target epsilon")
         self.unit, self.delta, self.max_grad_norm = unit, delta, max_grad_norm
+        # Interaction id of every training row, per market (unit="interaction"); a market without
+        # them has one row per interaction.
+        self.interactions = {m: np.asarray(v, np.int64) for m, v in (interactions or {}).items()}
         self.plans = dict(plans)
         self.policy, self.ledger = policy, ledger
         self.accountant_name = accountant
@@ -143,6 +150,15 @@ class PrivacySession:
             sample_gen = generator
         if self.unit == "record":
             sampler = PoissonRecordSampler(num_records=n_records, sample_rate=q, generator=sample_gen)
+        elif self.unit == "interaction":
+            # Sample whole interactions and clip each one's summed gradient: a positive and its
+            # negatives leave or join a batch together, so the bound covers all of them.
+            ids = self.interactions.get(market, np.arange(n_records, dtype=np.int64))
+            if len(ids) != n_records:
+                raise ConfigError("privacy.unit", f"market {market!r}: {len(ids)} interaction ids for the "
+                                  f"{n_records} rows stage {stage!r} trains on")
+            sampler = PoissonUserSampler(user_of_record=torch.from_numpy(ids), sample_rate=q,
+                                         generator=sample_gen, unit="interaction")
         else:
             sampler = PoissonUserSampler(user_of_record=users, sample_rate=q, generator=sample_gen)
         # Fused Adam: one pass over each (dense, noised) table per step instead of about ten;

@@ -14,15 +14,17 @@ import math
 from pathlib import Path
 
 from ..errors import ConfigError, LedgerError
+from ..privacy.totals import MarketTotal
 from .epsilon_plot import plot_epsilon_per_round
 from .html_report import write_html_report
 from .report_data import NOT_PRIVATE_NOTE as _NOT_PRIVATE
 from .report_data import gather_privacy_report
 from .report_data import reproducible_noise as _reproducible_noise
 from .run_report import write_json_atomic
+from .run_totals import RunLedgerSet, describe_total, read_run_ledgers, run_totals
 from .run_verification import RunVerification, ledger_dirs, require_verified_run
 
-__all__ = ["budget_table", "write_privacy_report", "POST_PROCESSING_STEPS", "ACCOUNTED_STEPS"]
+__all__ = ["SCOPES", "budget_table", "write_privacy_report", "POST_PROCESSING_STEPS", "ACCOUNTED_STEPS"]
 
 ACCOUNTED_STEPS = (
     ("CTR model (joint design: the only raw-data stage; staged design: stage 3)",
@@ -62,29 +64,88 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
     return out
 
 
-def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None) -> tuple[str, bool]:
+SCOPES = ("total", "deployed")
+
+
+def _totals(run_dir: Path, read: dict, *, delta: float | None) -> tuple[RunLedgerSet, dict[str, MarketTotal]]:
+    lset = read_run_ledgers(run_dir, read["dirs"])
+    return lset, run_totals(lset, delta=delta)
+
+
+def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None,
+                 scope: str = "total") -> tuple[str, bool]:
+    """Gate on ``scope``: ``total`` (default) -- each market's spend over every method the run
+    trained on its data, infinite when a non-private method ran; ``deployed`` -- the deployed
+    method's own spend only (what the model that leaves the run cost, not what the data lost)."""
     if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
         raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
+    if scope not in SCOPES:
+        raise ConfigError("--scope", f"unknown scope {scope!r}", allowed=", ".join(SCOPES))
     verified = require_verified_run(run_dir)
     read = _read_ledgers(run_dir, delta=delta)
     spent = read["spent"]
     if not spent:
         raise LedgerError(f"the ledger(s) of {run_dir} record no DP event")
-    lines = ["| market | epsilon | delta | accountant | certified | max | status |", "|---|---|---|---|---|---|---|"]
+    lset, totals = _totals(run_dir, read, delta=delta)
+    lines = ["| market | deployed epsilon | total epsilon | unit | delta | accountant | certified | max | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ok = True
-    for m, rep in spent.items():
-        within = rep.epsilon <= max_epsilon
+    checked: dict[str, float] = {}
+    for m in sorted(set(spent) | set(totals)):
+        rep, tot = spent.get(m), totals.get(m)
+        eps = (tot.epsilon if tot is not None else rep.epsilon) if scope == "total" else \
+            (rep.epsilon if rep is not None else 0.0)
+        checked[m] = eps
+        within = eps <= max_epsilon
         ok &= within
-        lines.append(f"| {m} | {rep.epsilon:.4f} | {rep.delta:g} | {rep.accountant} | {rep.certified} | "
-                     f"{max_epsilon:g} | {'OK' if within else 'OVER BUDGET'} |")
-    worst = max(r.epsilon for r in spent.values())
+        ref = rep or tot
+        lines.append(f"| {m} | {'-' if rep is None else f'{rep.epsilon:.4f}'} | "
+                     f"{'-' if tot is None else describe_total(tot)} | {tot.unit if tot else '-'} | "
+                     f"{ref.delta:g} | {ref.accountant} | {ref.certified} | {max_epsilon:g} | "
+                     f"{'OK' if within else 'OVER BUDGET'} |")
+    worst = max(checked.values())
     lines.append("")
+    if scope == "total":
+        lines.append(f"checked: the TOTAL spent on each market's data by every method of the run "
+                     f"({', '.join(lset.methods)}; deployed: {lset.deployed}), composed with the run's accountant")
+        if lset.non_private:
+            lines.append(f"{', '.join(lset.non_private)} read every market's raw rows without DP: total epsilon = inf")
+    else:
+        lines.append(f"checked: the DEPLOYED method's own spend only ({lset.deployed}); the run's total over "
+                     f"{', '.join(lset.methods)} is in the 'total epsilon' column and is NOT gated")
     if _reproducible_noise(run_dir, read["configs"]):
         ok = False
         lines.append(_NOT_PRIVATE)
     lines += verified.lines()
-    lines.append(f"maximum epsilon over markets: {worst:.4f} -> {'PASS' if ok else 'FAIL'}")
+    lines.append(f"maximum {scope} epsilon over markets: {'inf' if math.isinf(worst) else f'{worst:.4f}'} -> "
+                 f"{'PASS' if ok else 'FAIL'}")
     return "\n".join(lines), ok
+
+
+_UNIT_MEANING = {
+    "record": "one training row",
+    "interaction": "one interaction: its positive row and every negative sampled for it",
+    "user": "all rows of one user",
+}
+
+
+def _total_section(run_dir: Path, read: dict) -> list[str]:
+    """Deployed epsilon next to the total over every method the run trained on the same data."""
+    lset, totals = _totals(run_dir, read, delta=None)
+    spent = read["spent"]
+    out = ["", "## Total spent on each market's data", "",
+           f"The run trained {', '.join(lset.methods)} on the same markets; the deployed model is "
+           f"**{lset.deployed}**. Every DP method's events are on a ledger; the total composes all of them "
+           "with the run's accountant (what the market's data has lost, whatever the model shipped).", ""]
+    if lset.non_private:
+        out += [f"**{', '.join(lset.non_private)} read every market's raw rows without DP: the total epsilon is "
+                "infinite on every market.** Drop it from `methods` for a run whose data stays private.", ""]
+    out += ["| market | deployed epsilon | total epsilon | DP steps per method |", "|---|---|---|---|"]
+    for m, t in totals.items():
+        rep = spent.get(m)
+        steps = ", ".join(f"{k}: {v}" for k, v in t.by_method) or "-"
+        out.append(f"| {m} | {'-' if rep is None else f'{rep.epsilon:.4f}'} | {describe_total(t)} | {steps} |")
+    return out
 
 
 def write_privacy_report(run_dir: Path) -> Path:
@@ -110,7 +171,7 @@ def write_privacy_report(run_dir: Path) -> Path:
         "short by a crash).",
         "",
         *[f"- {line}" for line in verified.lines()],
-        f"- unit of privacy: **{anyp.get('unit', 'record')}**-level",
+        f"- unit of privacy: **{anyp.get('unit', 'record')}**-level ({_UNIT_MEANING.get(anyp.get('unit', 'record'), '')})",
         f"- delta: {next(iter(spent.values())).delta:g}" if spent else "- delta: n/a",
         f"- accountant: {anyp.get('accountant', 'pld')} ({anyp.get('bound', 'certified upper bound')})",
         f"- budget per market: {budget if budget is not None else 'none set'}",
@@ -128,6 +189,7 @@ def write_privacy_report(run_dir: Path) -> Path:
         lines.append(f"| {m} | {rep.epsilon:.4f} | {p.get('noise_multiplier', float('nan')):.4g} | "
                      f"{p.get('max_grad_norm', float('nan')):g} | {p.get('sample_rate', float('nan')):.4g} | "
                      f"{rep.steps} | {status} |")
+    lines += _total_section(run_dir, read)
     lines += ["", f"![epsilon per round]({plot.name})", "", "## Rounds", "",
               f"{len(rounds)} ledger rounds"
               + (f" (summed over {len(read['dirs'])} ledgers); " if len(read["dirs"]) > 1 else "; ")
@@ -150,6 +212,13 @@ def write_privacy_report(run_dir: Path) -> Path:
               "`privacy_report.json` (every table above, per round and per market, machine-readable).", ""]
     path = run_dir / "privacy_report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
+    lset, totals = _totals(run_dir, read, delta=None)
+    # Strict JSON: an infinite total is null with "infinite": true.
+    data["total_per_market"] = {
+        "deployed_method": lset.deployed, "methods": list(lset.methods), "non_private_methods": list(lset.non_private),
+        "markets": {k: {"epsilon": None if t.infinite else t.epsilon, "infinite": t.infinite,
+                        "deployed_epsilon": spent[k].epsilon if k in spent else None,
+                        "dp_steps_by_method": dict(t.by_method)} for k, t in totals.items()}}
     write_json_atomic(run_dir / "privacy_report.json", data)
     write_html_report(data, png, run_dir / "privacy_report.html", generated_by=f"fedmm-secure {_version()}")
     return path

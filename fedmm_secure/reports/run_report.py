@@ -91,9 +91,20 @@ def write_run_report(results: dict, out_dir: Path) -> Path:
     priv = results.get("privacy")
     if priv:
         lines.append("- privacy: " + ", ".join(
-            f"{m}: eps={v['epsilon']:.3g} ({v['unit']}-level, delta={v['delta']:g})" for m, v in priv.items()))
+            f"{m}: eps={v['epsilon']:.3g} ({v['unit']}-level, delta={v['delta']:g})" for m, v in priv.items())
+            + (f" (deployed method {results['accounting']['deployed_method']} only)" if results.get("accounting") else ""))
     else:
         lines.append("- privacy: **no DP** (epsilon = infinity)")
+    acct = results.get("accounting")
+    if priv and acct:
+        # The deployed model's epsilon is not what the data lost: every method read the same rows.
+        def total(t: dict) -> str:
+            return "**inf**" if t.get("infinite") else f"{t['epsilon']:.3g}"
+        lines.append(f"- privacy, total over every method of the run ({', '.join(results.get('methods', []))}) "
+                     f"per market: " + ", ".join(f"{m}: eps={total(t)}" for m, t in acct.get("total", {}).items()))
+        if acct.get("total_is_infinite"):
+            lines.append("- **the total epsilon is infinite**: the non-private `centralized` baseline read every "
+                         "market's raw rows")
     rnd = results.get("randomness")
     if rnd and not rnd["private"]:
         lines.append(f"- DP noise: **{rnd['note']}**")

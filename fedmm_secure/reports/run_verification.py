@@ -10,7 +10,11 @@ For every ledger of the run (one per run directory on the embedded runtime, one 
    recomputed with the run's accountant, and no event comes after it;
 3. ``results.json`` reports, for every market, that epsilon, the ledger's delta, accountant and
    DP step count, and its per-round epsilons are the ledger's; and every market it reports is
-   charged by a ledger (a removed ledger directory is not a market with nothing spent).
+   charged by a ledger (a removed ledger directory is not a market with nothing spent);
+4. every DP baseline the run's (chained) configuration names has its own ledger
+   (``baselines/<method>/``), verified as above against its head and summary in ``results.json``'s
+   ``accounting`` section, and the total spend per market that section reports is the composition
+   of every method's events (infinite when a non-private method ran).
 
 A run without ``results.json`` (interrupted) fails: nothing outside its ledger says where the
 ledger ended, so removed rows could not be detected. Resuming the run finishes it.
@@ -28,6 +32,7 @@ from ..errors import ConfigError, LedgerError, VerificationError
 from ..primitives.keys import IdentityPublicKey
 from ..privacy.ledger import LEDGER_FILENAME, Ledger, LedgerAnchor, LedgerVerification, verify_ledger
 from ..privacy.ledger.accounting import rebuild_accountant
+from .run_totals import read_run_ledgers, run_totals
 
 __all__ = ["EPSILON_RTOL", "LedgerCheck", "RunVerification", "ledger_dirs", "verify_run",
            "require_verified_run"]
@@ -180,7 +185,70 @@ def verify_run(run_dir: Path, *,
     if missing:
         return fail(f"results.json reports epsilon for {', '.join(missing)} but no ledger of the run "
                     "charges it (a ledger was removed?)")
+    try:
+        problem = _verify_methods(run_dir, dirs, results, checks)
+    except LedgerError as exc:
+        problem = str(exc)
+    if problem:
+        return fail(problem)
     return RunVerification(ok=True, problem=None, ledgers=tuple(checks))
+
+
+def _verify_methods(run_dir: Path, dirs: list[Path], results: dict, checks: list[LedgerCheck]) -> str | None:
+    """Every method the run trained on raw rows: its ledger (baselines) verified like the deployed
+    one, and ``results.json``'s per-market totals recomputed from all of them."""
+    lset = read_run_ledgers(run_dir, dirs)
+    for f in lset.deployed_files:
+        with Ledger.open(f) as led:
+            if led.method not in (None, lset.deployed):
+                return f"{f.relative_to(run_dir).as_posix()}: tagged as {led.method!r}, not the deployed method"
+    if lset.unexpected:
+        return (f"{lset.unexpected[0].relative_to(run_dir).as_posix()}: a ledger of a method the run's "
+                "configuration does not name")
+    accounting = results.get("accounting")
+    if not (lset.baseline_files or lset.non_private):
+        return None   # one method: the deployed ledger(s) above are the whole spend
+    if not isinstance(accounting, Mapping) or not isinstance(accounting.get("methods"), Mapping):
+        return ("results.json has no accounting section, but the run trained "
+                f"{', '.join(lset.methods)} on the same markets: its total spend is not reported")
+    for m, f in lset.baseline_files.items():
+        rel = f.relative_to(run_dir).as_posix()
+        entry = accounting["methods"].get(m)
+        if not f.is_file():
+            return f"{rel}: missing, but the run trained {m} on raw rows: its spend must be on a ledger"
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("head"), Mapping):
+            return f"{rel}: results.json holds no head for this ledger"
+        anchor = LedgerAnchor.from_dict(entry["head"])
+        v = verify_ledger(f, anchor=anchor)
+        checks.append(LedgerCheck(rel, v))
+        if not v.ok:
+            return f"{rel}: {v.first_bad_entry}"
+        privacy = entry.get("privacy") if isinstance(entry.get("privacy"), Mapping) else {}
+        with Ledger.open(f) as led:
+            if led.method != m:
+                return f"{rel}: tagged as {led.method!r}, not {m!r}"
+            problem = _cross_check(led, anchor, privacy)
+            uncharged = sorted(set(privacy) - set(led.markets()))
+        if problem:
+            return f"{rel}: {problem}"
+        if uncharged:
+            return f"{rel}: results.json reports {m}'s epsilon for {', '.join(uncharged)}, which it does not charge"
+    shown = accounting.get("total")
+    if not isinstance(shown, Mapping):
+        return "results.json reports no total spend per market"
+    for market, t in run_totals(lset).items():
+        s = shown.get(market)
+        if not isinstance(s, Mapping):
+            return f"results.json reports no total spend for {market}"
+        if t.infinite:
+            if s.get("infinite") is not True:
+                return (f"results.json reports a finite total for {market}, but "
+                        f"{', '.join(t.non_private)} read its raw rows without DP")
+        elif s.get("infinite") or not isinstance(s.get("epsilon"), (int, float)) \
+                or not _close(s["epsilon"], t.epsilon, EPSILON_RTOL):
+            return (f"results.json reports a total of {s.get('epsilon')!r} for {market}; the ledgers' events "
+                    f"of every method give {t.epsilon:.4f}")
+    return None
 
 
 def require_verified_run(run_dir: Path, *,

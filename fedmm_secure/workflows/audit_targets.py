@@ -162,7 +162,7 @@ def _mechanism(run: AuditedRun, market: str, n_train: int, *, epochs: int | None
         return CtrMechanism(sample_rate_for(n_train, mc.batch_size), ep, lr or mc.ctr_lr, mc.batch_size, None, None)
     if not run.private:
         raise ConfigError("private", "the run was not trained with DP: no noise multiplier to audit")
-    if cfg.privacy.unit != "record":
+    if cfg.privacy_unit() != "record":
         raise ConfigError("privacy.unit", "the audit's pool records are single rows",
                           allowed="record (user-level runs are not supported by this audit target)")
     p = run.results["privacy"].get(market)

@@ -17,9 +17,9 @@ from sklearn.metrics import roc_auc_score
 
 from ..config import RunConfig
 from ..data.loaders import load_data
-from ..errors import ConfigError
 from ..federation.fedmm.driver import run_method
 from ..federation.fedmm.privacy import privacy_session
+from ..privacy.run_ledgers import RunLedgers
 from ..reports.run_report import write_json_atomic, write_run_report
 from ..runtime.embedded import EmbeddedSecureSum
 
@@ -32,28 +32,16 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                    resume: bool = False) -> dict:
     """Run every method of ``cfg``; write ``results.json`` and ``report.md`` into ``out_dir``.
 
-    With privacy on, the ``fedmm`` method's DP events go to ``out_dir/ledger.sqlite`` before any
-    round's result leaves the markets. ``resume=True`` reopens that ledger (the config must
-    match): every event already recorded, including those of a round cut short by a crash,
+    With privacy on, every DP method's events go to its ledger (``fedmm``'s: ``out_dir/ledger.sqlite``;
+    each baseline's: ``out_dir/baselines/<method>/``) before any round's result leaves the markets.
+    ``resume=True`` reopens those ledgers (the config must match): every event already recorded, including those of a round cut short by a crash,
     stays spent, and new rounds are numbered after it. Models restart from their initial state.
     """
     cfg = cfg.resolved()
     markets = load_data(cfg)   # a bad data path fails before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    ledger = None
-    resume_offset, prior = 0, None
-    if cfg.privacy.enabled:
-        from ..privacy.ledger import Ledger
-        if resume:
-            ledger = Ledger.open(out_dir, run_config=cfg.to_dict())
-            state = ledger.resume_state()
-            resume_offset = state.next_round
-            prior = ledger.spent_events()
-        else:
-            if (out_dir / "ledger.sqlite").exists():
-                raise ConfigError("--out", f"{out_dir} already holds a privacy ledger",
-                                  allowed="a new directory, or --resume DIR to continue that run")
-            ledger = Ledger.open(out_dir, run_config=cfg.to_dict(), create=True)
+    # Every DP method gets its own ledger (baselines read the same raw rows as the deployed method).
+    ledgers = RunLedgers(out_dir, cfg.to_dict(), cfg.methods, resume=resume) if cfg.privacy.enabled else None
     write_json_atomic(out_dir / "config.json", cfg.to_dict())
     names = [m.name for m in markets]
     results: dict = {
@@ -83,17 +71,17 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
 
         session = None
         kwargs: dict[str, Any] = {}
-        if cfg.privacy.enabled and method != "centralized":
-            # The federated method's spend is the one on the ledger (its outputs cross the market
-            # boundary); baselines are trained with the same DP settings for comparison.
-            session = privacy_session(cfg, markets, method=method, ledger=ledger if method == "fedmm" else None,
-                                       resume_offset=resume_offset if method == "fedmm" else 0,
-                                       prior_events=prior if method == "fedmm" else None, method_index=i)
+        if ledgers is not None and method != "centralized":   # ledgers exist iff the run is private
+            slot = ledgers.begin(method)
+            session = privacy_session(cfg, markets, method=method, ledger=slot.ledger, resume_offset=slot.resume_offset,
+                                      prior_events=slot.prior_events, method_index=i)
             kwargs = {"trainers": session, "hooks": session}
         out = run_method(method, markets, cfg.model, rounds=cfg.rounds, seed=cfg.seed, secure_sum=secure_sum,
                          progress=tick, **kwargs)
         if session is not None:
             summary = session.summary()
+            if ledgers is not None:
+                ledgers.end(method, summary)
             results.setdefault("privacy_by_method", {})[method] = {m: v["epsilon"] for m, v in summary.items()}
             if method == "fedmm" or "privacy" not in results:
                 results["privacy"] = summary
@@ -124,11 +112,10 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
                "mean_auc_sparse": float(np.nanmean([results["markets"][m][meth]["auc"] for m in sparse]))}
         for meth in cfg.methods
     }
-    if ledger is not None:
-        # The ledger's head travels with the results: without this copy, removing the
-        # ledger's last rows could not be detected.
-        results["ledger"] = ledger.finish().to_dict()
-        ledger.close()
+    if ledgers is not None:
+        # The ledgers' heads travel with the results (without this copy, removing a ledger's
+        # last rows could not be detected), with each market's total over every method.
+        ledgers.finish(results, markets=names, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta)
     write_json_atomic(out_dir / "results.json", results)
     write_run_report(results, out_dir)
     return results

@@ -27,6 +27,7 @@ from ..data.synthetic_scenarios import ScenarioConfig, ScenarioSpec, generate_sc
 from ..errors import ConfigError
 from ..federation.pf_msmtrec.driver import run_pf_method
 from ..federation.pf_msmtrec.settings import METHODS, STAGE, PFSettings
+from ..privacy.run_ledgers import RunLedgers
 from ..reports.run_report import write_json_atomic
 from ..runtime.embedded import EmbeddedSecureSum
 
@@ -98,16 +99,18 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
     from ..privacy.session import PrivacySession, plan_markets
 
     p = cfg.privacy
-    plans = plan_markets(unit=p.unit, batch_size=settings.batch_size, epochs={STAGE: settings.epochs},
+    plans = plan_markets(unit=cfg.privacy_unit(), batch_size=settings.batch_size, epochs={STAGE: settings.epochs},
                          rounds=cfg.rounds, n_records={m.name: len(m.train) for m in markets},
-                         n_users={m.name: m.n_users for m in markets})
+                         n_users={m.name: m.n_users for m in markets},
+                         n_interactions={m.name: m.train.n_interactions for m in markets})
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)  # type: ignore[arg-type]  # validated by PrivacyConfig
               if p.epsilon_budget is not None else None)
-    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
+    return PrivacySession(unit=cfg.privacy_unit(), delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier,
                           target_epsilon=p.target_epsilon,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness,
+                          interactions={m.name: m.train.interaction_ids() for m in markets},
                           noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
 
 
@@ -115,9 +118,10 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
                       progress: Callable[[str, float], None] | None = None, resume: bool = False) -> dict:
     """Run every PF-MSMTrec method of ``cfg``; write ``results.json`` and ``report.md``.
 
-    With privacy on, every method trains with DP-SGD under the same settings; the
-    ``pf_msmtrec`` method's events go to ``out_dir/ledger.sqlite`` before any round's update
-    leaves the scenarios. ``resume=True`` reopens that ledger (the config must match): every
+    With privacy on, every method trains with DP-SGD under the same settings and each one's events
+    go to its ledger (``pf_msmtrec``'s: ``out_dir/ledger.sqlite``; every other method's:
+    ``out_dir/baselines/<method>/``) before any round's update leaves the scenarios; results carry
+    each scenario's total over all methods. ``resume=True`` reopens those ledgers (the config must match): every
     event already recorded stays spent and new rounds are numbered after it; every method runs
     again from its initial state, as ``fedmm-secure run --resume`` does for FedMM.
     """
@@ -127,22 +131,11 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
     out_dir = Path(out_dir)
     markets = load_scenarios(cfg, data_overrides)   # a bad data path fails before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    ledger = None
-    resume_offset, prior = 0, None
+    ledgers = None
     if cfg.privacy.enabled:
-        from ..privacy.ledger import Ledger
-        if resume:
-            if not (out_dir / "ledger.sqlite").exists():
-                raise ConfigError("--resume", f"{out_dir} has no privacy ledger to resume")
-            ledger = Ledger.open(out_dir, run_config=cfg.to_dict())
-            resume_offset = ledger.resume_state().next_round
-            prior = ledger.spent_events()
-        elif (out_dir / "ledger.sqlite").exists():
-            raise ConfigError("--out", f"{out_dir} already holds a privacy ledger",
-                              allowed="a new directory, or --resume DIR to continue that run")
-        elif _LEDGER_METHOD in methods:
-            ledger = Ledger.open(out_dir, run_config=cfg.to_dict(), create=True)
-    elif resume:
+        # Every method trains with DP on the same scenarios: each one's spend goes to its own ledger.
+        ledgers = RunLedgers(out_dir, cfg.to_dict(), methods, resume=resume, deployed=_LEDGER_METHOD)
+    if resume and not cfg.privacy.enabled:
         raise ConfigError("--resume", "only private runs have a ledger to resume from")
     write_json_atomic(out_dir / "config.json", cfg.to_dict())
     names = [m.name for m in markets]
@@ -177,11 +170,10 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
 
             kwargs = {}
             session = None
-            if cfg.privacy.enabled:
-                mine = method == _LEDGER_METHOD
-                session = _privacy_session(cfg, settings, markets, ledger=ledger if mine else None, method_index=i,
-                                           resume_offset=resume_offset if mine else 0,
-                                           prior_events=prior if mine else None)
+            if ledgers is not None:   # ledgers exist iff the run is private
+                slot = ledgers.begin(method)
+                session = _privacy_session(cfg, settings, markets, ledger=slot.ledger, method_index=i,
+                                           resume_offset=slot.resume_offset, prior_events=slot.prior_events)
                 kwargs = {"trainers": session, "hooks": session}
             out = run_pf_method(method, markets, settings, rounds=cfg.rounds, seed=cfg.seed, secure_sum=secure_sum,
                                 progress=tick, **kwargs)
@@ -193,6 +185,8 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
                 for m, c in out["clients"].items()}
             if session is not None:
                 summary = session.summary()
+                if ledgers is not None:
+                    ledgers.end(method, summary)
                 results.setdefault("privacy_by_method", {})[method] = {m: v["epsilon"] for m, v in summary.items()}
                 if method == _LEDGER_METHOD or "privacy" not in results:
                     results["privacy"] = summary
@@ -202,11 +196,11 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             log.info("%s done in %.1f s", method, results["timing_s"][method])
             if progress is not None:
                 progress(f"{method}: done", (i + 1) / len(methods))
-        if ledger is not None:  # the head travels with the results (see fedmm_run.py)
-            results["ledger"] = ledger.finish().to_dict()
+        if ledgers is not None:  # the heads and totals travel with the results (see fedmm_run.py)
+            ledgers.finish(results, markets=names, accountant=cfg.privacy.accountant, delta=cfg.privacy.delta)
     finally:
-        if ledger is not None:
-            ledger.close()
+        if ledgers is not None:
+            ledgers.close()
     results["secagg"] = secagg.get(_LEDGER_METHOD, next(iter(secagg.values()), None))
     results["secagg_by_method"] = secagg
     results.setdefault("privacy", None)
@@ -231,6 +225,11 @@ def render_report(results: dict) -> str:
         lines.append(f"Privacy: DP-SGD, {first['unit']}-level, delta={first['delta']:g}, accountant "
                      f"{first['accountant']}; epsilon per scenario: "
                      + ", ".join(f"{m} {v['epsilon']:.3f}" for m, v in priv.items()))
+        acct = results.get("accounting")
+        if acct:   # every method read the same rows: what each scenario's data lost in total
+            lines.append(f"Total over every method of the run ({', '.join(methods)}) per scenario: " + ", ".join(
+                f"{m} {'inf' if t['infinite'] else format(t['epsilon'], '.3f')}" for m, t in acct["total"].items())
+                + f" (the epsilon above is the deployed {acct['deployed_method']} only)")
     else:
         lines.append("Privacy: no DP (epsilon = inf)")
     rnd = results.get("randomness")

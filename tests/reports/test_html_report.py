@@ -129,7 +129,11 @@ def test_page_is_self_contained_and_states_chain_and_settings(budgeted_run):
     assert page.refs and all(r.startswith("data:image/png;base64,") for r in page.refs)
     for ref in page.refs:
         assert base64.b64decode(ref.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    [(_, ledger)] = page.tables["ledgers"]
+    # One row per ledger: the deployed method's, then each baseline's (every DP method is accounted).
+    rows = {c[0]: c for _, c in page.tables["ledgers"]}
+    assert set(rows) == {"ledger.sqlite", "baselines/local/ledger.sqlite"}
+    assert rows["baselines/local/ledger.sqlite"][1] == "verified"
+    ledger = rows["ledger.sqlite"]
     with Ledger.open(budgeted_run) as led:
         assert ledger[0] == "ledger.sqlite" and ledger[1] == "verified"
         assert ledger[2] == str(led.entries) and ledger[3] == led.head_hash and ledger[5] == "unsigned"

@@ -7,6 +7,7 @@ account the same stages with the same plans.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 __all__ = ["privacy_session"]
 
+log = logging.getLogger(__name__)
+
 
 def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
                     resume_offset: int = 0, prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
@@ -34,7 +37,13 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     only some of them (a market worker on the Flower runtime); it sizes market-level noise.
     """
     p, mc = cfg.privacy, cfg.model
-    plans = plan_markets(unit=p.unit, batch_size=mc.batch_size,
+    if cfg.privacy_unit() == "record" and any(m.train.n_interactions < len(m.train) for m in markets):
+        # A registered implicit-feedback dataset defaults to "record" (the default follows the
+        # built-in loaders' names): one derived row would then be the protected unit.
+        log.warning("privacy.unit is 'record' but the training rows derive from fewer interactions "
+                    "(sampled negatives): one row is protected, not one interaction; set privacy.unit: "
+                    "interaction")
+    plans = plan_markets(unit=cfg.privacy_unit(), batch_size=mc.batch_size,
                          # One budget: in the joint design every method trains only the CTR model on
                          # raw rows (codes and sharing are post-processing), so a FedMM market
                          # spends exactly what `local` spends; the staged design adds a CF stage.
@@ -42,14 +51,17 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                                  else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs}),
                          rounds=cfg.rounds,
                          n_records={m.name: len(m.train) for m in markets},
-                         n_users={m.name: m.n_users for m in markets})
+                         n_users={m.name: m.n_users for m in markets},
+                         n_interactions={m.name: m.train.n_interactions for m in markets})
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
-    return PrivacySession(unit=p.unit, delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
+    return PrivacySession(unit=cfg.privacy_unit(), delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,
                           noise_multiplier=p.noise_multiplier, target_epsilon=p.target_epsilon,
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness, noise_seed=cfg.seed * 7_919 + method_index,
                           market_noise_multiplier=p.market_noise_multiplier,
                           federation_size=federation_size,
+                          # Every raw-data stage trains on the market's train rows, in order.
+                          interactions={m.name: m.train.interaction_ids() for m in markets},
                           # Upload noise must be unpredictable to the other parties: OS entropy.
                           upload_rng=np.random.default_rng(secrets.randbits(128)))

@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from ...errors import ConfigError, LedgerError
 from ...primitives.keys import IdentityPrivateKey
@@ -62,7 +62,8 @@ class Ledger:
     # -- opening ---------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | os.PathLike, *, run_config: Mapping[str, Any] | None = None,
-             create: bool = False, signing_key: IdentityPrivateKey | None = None) -> "Ledger":
+             create: bool = False, signing_key: IdentityPrivateKey | None = None,
+             method: str | None = None, run_methods: Sequence[str] | None = None) -> "Ledger":
         """Create (``create=True``; the file must not exist) or reopen a ledger.
 
         ``path`` may be the run directory (the file is ``ledger.sqlite`` inside it) or the file.
@@ -72,13 +73,19 @@ class Ledger:
 
         ``signing_key``: the market's identity key. A ledger created with one signs its head at
         every round commit and at :meth:`finish`, and can only be resumed with the same key.
+
+        ``method``: the training method whose spend this ledger holds (a run that trains several
+        methods on the same markets keeps one ledger per method); written as a chained ``meta``
+        entry at creation, so it cannot be relabelled without breaking the chain. ``run_methods``:
+        every method the run trains on the same markets (also chained), so a verifier knows which
+        other ledgers must exist without trusting ``results.json``.
         """
         p = Path(path)
         if p.is_dir() or (create and not p.exists() and p.suffix != ".sqlite"):
             p.mkdir(parents=True, exist_ok=True)
             p = p / LEDGER_FILENAME
         if create:
-            return cls._create(p, run_config, signing_key)
+            return cls._create(p, run_config, signing_key, method, run_methods)
         if not p.is_file():
             raise LedgerError(f"{p}: no privacy ledger found")
         conn = connect(p)
@@ -97,7 +104,8 @@ class Ledger:
 
     @classmethod
     def _create(cls, p: Path, run_config: Mapping[str, Any] | None,
-                signing_key: IdentityPrivateKey | None) -> "Ledger":
+                signing_key: IdentityPrivateKey | None, method: str | None = None,
+                run_methods: Sequence[str] | None = None) -> "Ledger":
         if run_config is None:
             raise ConfigError("run_config", "required to create a ledger")
         if p.exists():
@@ -123,6 +131,10 @@ class Ledger:
                                         "signer": signer, "opened_at": time.time(), "kind": "create"})
                 for key, value in (("format", FORMAT), ("version", VERSION), ("config_hash", h)):
                     ledger._append("meta", {"key": key, "value": value})
+                if method is not None:
+                    ledger._append("meta", {"key": "method", "value": str(method)})
+                if run_methods is not None:
+                    ledger._append("meta", {"key": "run_methods", "value": json.dumps([str(m) for m in run_methods])})
         except LedgerError:
             conn.close()
             raise
@@ -209,6 +221,26 @@ class Ledger:
     @property
     def head_hash(self) -> str:
         return self._head
+
+    @property
+    def method(self) -> str | None:
+        """The method whose spend this ledger holds (None: written without a method tag)."""
+        row = self._q("SELECT value FROM meta WHERE key = 'method'").fetchone()
+        return None if row is None else row[0]
+
+    @property
+    def run_methods(self) -> tuple[str, ...] | None:
+        """Every method of the run, as recorded at creation (None: not recorded)."""
+        row = self._q("SELECT value FROM meta WHERE key = 'run_methods'").fetchone()
+        if row is None:
+            return None
+        try:
+            value = json.loads(row[0])
+        except ValueError:
+            raise LedgerError(f"{self.path}: corrupt run_methods entry") from None
+        if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+            raise LedgerError(f"{self.path}: corrupt run_methods entry")
+        return tuple(value)
 
     @property
     def signed(self) -> bool:
