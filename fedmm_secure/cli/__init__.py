@@ -88,9 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         _configure_logging()
         _set_threads()
         return args.handler(args)
-    except ConfigError as e:
-        print(f"fedmm-secure: error: {e}", file=sys.stderr)
-        return 2
     except BudgetExceededError as e:
         print(f"fedmm-secure: budget exceeded: {e}", file=sys.stderr)
         return 3
@@ -98,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedmm-secure: error: {e}", file=sys.stderr)
         return 1
     except FedMMError as e:
-        # Bad or tampered input of any kind (data, files, messages): one line, exit 2. Exit 1 is
-        # kept for checks that ran and failed (budget check FAIL, --fail-on-skip).
+        # Bad or tampered input of any kind (flags, config, data, files, messages; ConfigError
+        # included): one line, exit 2. Exit 1 is kept for checks that ran and failed.
         print(f"fedmm-secure: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
