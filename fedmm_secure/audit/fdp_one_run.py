@@ -203,9 +203,10 @@ def fdp_family_bound(scores: np.ndarray, included: np.ndarray, family: Sequence[
     return out
 
 
-# Deltas at which each claim's profile is read: the test needs pairs with delta well below
-# alpha / m (about 1e-7 for 10^5 canaries); below 1e-14 the PLD's truncated tail dominates.
-PROFILE_DELTAS: tuple[float, ...] = tuple(float(d) for d in np.logspace(-1, -14, 27))
+# Deltas at which each claim's profile is read: large ones shape the curve's middle (many
+# guesses), small ones its ends (few confident guesses: pairs well below alpha / m matter);
+# below 1e-14 the PLD's truncated tail dominates.
+PROFILE_DELTAS: tuple[float, ...] = tuple(float(d) for d in np.logspace(-0.1, -14, 40))
 
 
 def subsampled_gaussian_profile(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float,
@@ -228,10 +229,18 @@ def subsampled_gaussian_profile(*, sample_rate: float, noise_multiplier: float, 
                           float(pld.get_epsilon_for_delta(delta)))
 
 
-def noise_family(noise_multiplier: float, *, steps_per_octave: int = 16,
-                 octaves: tuple[float, float] = (1.0, 1.0)) -> tuple[list[float], int]:
+def noise_family(noise_multiplier: float, *, steps_per_octave: int = 12,
+                 octaves: tuple[float, float] = (1.0, 1.0), fine: int = 4) -> tuple[list[float], int]:
     """Noise multipliers ``sigma * 2^x`` for x from ``-octaves[0]`` to ``+octaves[1]``, ascending
-    (weakest claim first), and the index of ``sigma`` itself in that list."""
+    (weakest claim first), and the index of ``sigma`` itself in that list.
+
+    ``fine`` extra members sit between the claim and the next weaker grid point (steps of
+    ``1 / (steps_per_octave * (fine + 1))`` octave): a bound just above the claimed epsilon needs
+    a rejected member whose epsilon is just above it.
+    """
     lo = -int(round(octaves[0] * steps_per_octave))
     hi = int(round(octaves[1] * steps_per_octave))
-    return [noise_multiplier * 2.0 ** (j / steps_per_octave) for j in range(lo, hi + 1)], -lo
+    xs = {j / steps_per_octave for j in range(lo, hi + 1)}
+    xs |= {-j / (steps_per_octave * (fine + 1)) for j in range(1, fine + 1)} if lo < 0 else set()
+    ordered = sorted(xs)
+    return [noise_multiplier * 2.0 ** x for x in ordered], ordered.index(0.0)

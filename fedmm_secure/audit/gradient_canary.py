@@ -90,7 +90,8 @@ def canary_llr(y: np.ndarray, *, sample_rate: float, noise_multiplier: float, ma
     """One step's log-likelihood ratio of "in" vs "out" for noisy clipped-sum coordinates ``y``."""
     c, s = float(max_grad_norm), float(noise_multiplier)
     z = (np.asarray(y, float) * c - c * c / 2.0) / (s * c) ** 2
-    return np.logaddexp(math.log1p(-sample_rate), math.log(sample_rate) + z)
+    with np.errstate(divide="ignore"):  # q = 1: the "not sampled" branch has probability 0
+        return np.logaddexp(np.log1p(-sample_rate), math.log(sample_rate) + z)
 
 
 def run_gradient_canaries(mechanism: DPSGDMechanism, *, m: int, repeats: int = 1,
