@@ -95,11 +95,11 @@ def run_gradient_command(args: argparse.Namespace) -> int:
         raise ConfigError("dir", f"{args.dir} is not a run directory")
     canaries = args.canaries if args.canaries is not None else (QUICK_CANARIES if args.quick else FULL_CANARIES)
     settings = GradientAuditSettings(canaries=canaries, repeats=args.repeats, plant_bug=args.plant_bug)
-    mechanisms = load_mechanisms(Path(args.dir) if args.dir else None, args.config, unit=args.unit)
     out = Path(args.out) if args.out else (Path(args.dir) / "audit" if args.dir else Path("audit-gradient")) \
         / "audit_gradient.json"
     if out.suffix != ".json":
         raise ConfigError("--out", f"{out} must be a .json file")
+    mechanisms = load_mechanisms(Path(args.dir) if args.dir else None, args.config, unit=args.unit)
     chosen = args.market or list(mechanisms)
     console = Console(stderr=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -68,7 +68,7 @@ def test_family_bound_never_exceeds_the_true_epsilon_and_detects_a_weaker_mechan
 def test_ceiling_at_epsilon_8_is_out_of_reach_of_the_eps_delta_bound_but_not_of_fdp():
     # Default "rich" market of the synthetic run: q, sigma, steps from its ledger; eps ~ 7.8.
     q, sigma, steps, m = 0.004571428571428572, 0.5208333333333333, 1752, 10_000
-    sigmas, claimed = noise_family(sigma, steps_per_octave=12, octaves=(0.5, 0.25))
+    sigmas, claimed = noise_family(sigma, steps_per_octave=4, octaves=(0.5, 0.25), fine=1)
     family = [subsampled_gaussian_profile(sample_rate=q, noise_multiplier=s, steps=steps, delta=DELTA)
               for s in sigmas]
     acc = family[claimed].label_epsilon
