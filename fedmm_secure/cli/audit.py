@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     grad.add_argument("--unit", choices=("record", "user", "interaction"),
                       help="with --config: the privacy unit (default: the config's)")
     grad.add_argument("--market", action="append", help="market to audit (repeatable; default: every market)")
-    grad.add_argument("--canaries", type=int, help="canaries per audit (default 10000; 1000 with --quick)")
+    grad.add_argument("--canaries", type=int, help="canaries per audit (default 20000; 1000 with --quick)")
     grad.add_argument("--repeats", type=int, default=1, help="independent audits per market")
     grad.add_argument("--plant-bug", action="store_true",
                       help="also audit a trainer whose noise multiplier is halved while the ledger keeps it")

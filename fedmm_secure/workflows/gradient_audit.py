@@ -42,7 +42,7 @@ __all__ = ["GradientAuditSettings", "mechanisms_from_config", "mechanisms_from_r
 
 log = logging.getLogger(__name__)
 
-QUICK_CANARIES, FULL_CANARIES = 1000, 10_000
+QUICK_CANARIES, FULL_CANARIES = 1000, 20_000
 NOT_FOR_CONCLUSIONS = "not for conclusions"
 
 
