@@ -144,8 +144,8 @@ def run_gradient_canaries(mechanism: DPSGDMechanism, *, m: int, repeats: int = 1
     def observe(opt: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         # The privatised gradient exactly as the trainer hands it to the optimizer.
         y = model.weight.grad.detach().view(-1).numpy() * scale
-        scores.__iadd__(canary_llr(y, sample_rate=mechanism.sample_rate,
-                                   noise_multiplier=mechanism.noise_multiplier, max_grad_norm=c))
+        np.add(scores, canary_llr(y, sample_rate=mechanism.sample_rate,
+                                  noise_multiplier=mechanism.noise_multiplier, max_grad_norm=c), out=scores)
 
     events: list[SubsampledGaussianEvent] = []
     trainer = DPTrainer(model, optimizer, loss_fn=loss_fn, noise_multiplier=trained, max_grad_norm=c,
