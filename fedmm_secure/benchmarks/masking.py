@@ -3,7 +3,8 @@
 The floor: a masking client must expand one self-mask and n-1 pairwise masks, i.e. n AES-CTR
 keystreams of 4d bytes each; nothing that produces those masks can be cheaper. The client's time
 is therefore reported as a ratio both to ``n`` keystreams (the fair floor: what is inherently
-required) and to one keystream of ``d`` values (the DESIGN §7 "AES floor" reading). The server's
+required; the "AES floor" of the targets in docs/performance.md) and to one keystream of ``d``
+values. The server's
 floor is the same n keystreams (it re-expands every survivor's self-mask) plus n vector additions.
 """
 
@@ -255,8 +256,10 @@ def shamir_timings(*, n: int = 100, repeats: int = 20) -> dict:
             "targets_ms": {"split": 1.0, "recover": 5.0}}
 
 
-def bench_masking(*, quick: bool) -> dict:
-    """Client/server time vs the keystream floor, upload size, Shamir timings (JSON-able)."""
+def bench_masking(*, quick: bool, scaling: bool = False) -> dict:
+    """Client/server time vs the keystream floor, upload size, Shamir timings (JSON-able);
+    ``floor_ratios`` at n = 10, d = 1M (the targets' setting); with ``scaling`` also the n x d
+    table of time and peak memory per party (minutes; ``quick`` keeps n <= 20, d <= 1M)."""
     grid = QUICK_GRID if quick else FULL_GRID
     repeats = 3 if quick else 2
     rows = []
@@ -285,7 +288,13 @@ def bench_masking(*, quick: bool) -> dict:
         import flwr  # noqa: F401
         flower = "installed (not benchmarked here)"
     except ImportError:
-        flower = "not installed; Flower SecAgg+ anchors are the DESIGN §7 figures"
+        flower = "not installed; Flower SecAgg+ anchors are the figures in docs/performance.md"
     breakdown = [mask_breakdown(n, d) for n, d in grid if d >= 262_144 and n <= 50]
-    return {"backend": "masking", "quick": quick, "rounds": rows, "mask_breakdown": breakdown,
-            "shamir": shamir_timings(), "flower": flower}
+    out = {"backend": "masking", "quick": quick,
+           "floor_ratios": floor_ratios(10, 1 << 20, repeats=5 if quick else 9), "rounds": rows,
+           "mask_breakdown": breakdown, "shamir": shamir_timings(), "flower": flower}
+    if scaling:
+        from .scaling import SCALING_DS, SCALING_NS, scaling_table
+        out["scaling"] = (scaling_table((5, 10, 20), (1 << 16, 1 << 20)) if quick
+                          else scaling_table(SCALING_NS, SCALING_DS))
+    return out
