@@ -71,17 +71,13 @@ def expand(key: SymmetricKey, length: int) -> np.ndarray:
 
 def accumulate_masks(acc: np.ndarray, *, add: Sequence[SymmetricKey],
                      subtract: Sequence[SymmetricKey],
-                     finish_chunk: Callable[[np.ndarray], None] | None = None,
-                     prepare_chunk: Callable[[np.ndarray, int], None] | None = None) -> None:
+                     finish_chunk: Callable[[np.ndarray], None] | None = None) -> None:
     """In place: ``acc += sum(expand(k) for k in add) - sum(expand(k) for k in subtract)`` mod 2^32.
 
     Identical to the naive sum of :func:`expand` outputs (tests check this), computed chunk by
     chunk with one live AES-CTR context per key. ``finish_chunk`` is called on each finished
     chunk (a writeable view of ``acc``, in order) while it is still in cache: reducing it mod 2^k
-    and hashing it there costs a fraction of a second pass over main memory. ``prepare_chunk``
-    is called as ``prepare_chunk(part, start)`` before each chunk is masked: it may write the
-    chunk's starting values (a market quantizes its input into ``acc`` there, so ``acc`` may
-    start uninitialized and the encoding is never a full-size vector of its own).
+    and hashing it there costs a fraction of a second pass over main memory.
     """
     if not isinstance(acc, np.ndarray) or acc.dtype != RING_DTYPE or acc.ndim != 1 \
             or not acc.flags.c_contiguous or not acc.flags.writeable:
@@ -102,8 +98,6 @@ def accumulate_masks(acc: np.ndarray, *, add: Sequence[SymmetricKey],
         m = stop - start
         part = acc[start:stop]
         src = zmv if m == chunk else zmv[:4 * m]
-        if prepare_chunk is not None:
-            prepare_chunk(part, start)
         for enc, op in ctxs:
             # CTR state carries over between calls, so chunked output equals one long stream.
             enc.update_into(src, buf)

@@ -18,10 +18,10 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, ProtocolError
 
-__all__ = ["CHUNK", "Quantizer", "make_quantizer", "ROUNDING_MODES"]
+__all__ = ["Quantizer", "make_quantizer", "ROUNDING_MODES"]
 
 ROUNDING_MODES = ("nearest", "stochastic")
-CHUNK = _CHUNK = 1 << 15  # float64 chunk of 256 KiB stays in L2
+_CHUNK = 1 << 15  # float64 chunk of 256 KiB stays in L2
 
 
 @dataclass(frozen=True, eq=False)
@@ -99,8 +99,8 @@ class Quantizer:
                       scratch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
         """Encode coordinates ``start .. start + len(xs)`` into ``out`` (uint32, same length);
         returns how many were clipped. Chunk by chunk it is bit-identical to :meth:`quantize`
-        (which calls it), so a market can quantize each chunk while it is in cache and mask and
-        hash it in the same pass. Raises :class:`DataError` on a non-finite value."""
+        (which calls it), for a caller that quantizes piece by piece. Raises
+        :class:`DataError` on a non-finite value."""
         m = xs.shape[0]
         if out.shape != (m,) or out.dtype != np.uint32 or not 0 <= start <= start + m <= self.length \
                 or scratch[0].shape[0] < m:

@@ -119,23 +119,3 @@ def test_keystream_reads_continue_one_aes_ctr_stream(sizes):
     got = b"".join(bytes(ks.read(n)) for n in sizes)
     enc = Cipher(algorithms.AES(NIST_KEY), modes.CTR(bytes(16))).encryptor()
     assert got == enc.update(bytes(sum(sizes)))
-
-
-@settings(max_examples=10, deadline=None)
-@given(length=st.integers(1, 140_000), seed=st.binary(min_size=32, max_size=32))
-def test_prepare_chunk_writes_each_chunk_before_it_is_masked(length, seed):
-    # The market quantizes into an uninitialized accumulator chunk by chunk: the outcome must be
-    # the masks over exactly what prepare_chunk wrote, whatever was in the buffer before.
-    keys = [SymmetricKey(seed).derive(context=b"p%d" % i) for i in range(3)]
-    start_values = np.arange(length, dtype=np.uint32) * np.uint32(2654435761)
-    acc = np.full(length, 0xDEADBEEF, dtype=np.uint32)
-    seen = []
-
-    def prepare(part, start):
-        seen.append((start, part.shape[0]))
-        part[:] = start_values[start:start + part.shape[0]]
-
-    accumulate_masks(acc, add=keys[:2], subtract=keys[2:], prepare_chunk=prepare)
-    want = start_values + expand(keys[0], length) + expand(keys[1], length) - expand(keys[2], length)
-    assert np.array_equal(acc, want)
-    assert sum(m for _, m in seen) == length and [s for s, _ in seen] == sorted(s for s, _ in seen)

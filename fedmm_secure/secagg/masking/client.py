@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ...errors import AbortError, DataError, IntegrityError, ProtocolError
+from ...errors import AbortError, IntegrityError, ProtocolError
 from ...primitives.aead import open_sealed, seal
 from ...primitives.keys import (AgreementPrivateKey, AgreementPublicKey, IdentityPrivateKey,
                                 IdentityPublicKey, SymmetricKey)
 from ...primitives.prg import accumulate_masks
-from ...primitives.quantization import CHUNK as QUANT_CHUNK, Quantizer
+from ...primitives.quantization import Quantizer
 from ...primitives.shamir import SHARE_SIZE, Share, split_key
 from ..base import ClientRound, RoundContext
 from ..codec import Envelope, decode_envelope, expect
@@ -51,17 +51,11 @@ class MaskingClient(ClientRound):
         self._t, self._q, self._entropy = threshold, quantizer, entropy
         self._base = session_digest(ctx, threshold, quantizer, policy.roster_digest)
         self._session = self._base
-        self._rng = None
+        rng = None
         if quantizer.rounding == "stochastic":
             # Dither only (not a secret): seeded from the entropy source, never from global state.
-            self._rng = np.random.Generator(np.random.PCG64(int.from_bytes(entropy(32), "big")))
-        # Quantized at MASKED_INPUT, chunk by chunk in the pass that masks and hashes it (no
-        # full-size encoding lives between stages); a non-finite input is refused now, before
-        # any message. A finite sum proves every value finite; only otherwise look closer.
-        if not np.isfinite(np.add.reduce(vector)) and not np.all(np.isfinite(vector)):
-            raise DataError("input holds non-finite values")
-        self._vector: np.ndarray | None = vector
-        self._clipped: int | None = None
+            rng = np.random.Generator(np.random.PCG64(int.from_bytes(entropy(32), "big")))
+        self._encoded, self._clipped = quantizer.quantize(vector, rng=rng)
         self._stage = NONCE
         # What this market itself sent at NONCE, ADVERTISE, CONSISTENCY and RESULT: its own entry
         # in each signed set the aggregator relays back must be these very bytes, compared
@@ -222,34 +216,21 @@ class MaskingClient(ClientRound):
             seed = self._s_key.derive(self._peers[v][1],
                                       context=context(self._session, b"pair-mask", *pair(self._market, v)))
             (add if self._market < v else sub).append(seed)
-        # Everything above validated the message. One chunked pass from here: each chunk of
-        # the input is quantized, masked and hashed while it is in cache.
-        x, q, n = self._vector, self._q, self._ctx.length
-        y = np.empty(n, dtype=np.uint32)
-        head = signed_head(self._ctx, MASKED_INPUT, self._market, 4 * n)
+        # Everything above validated the message; masking in place is the first state change
+        # (the unmasked encoding must not outlive this stage anyway).
+        y = self._encoded
+        head = signed_head(self._ctx, MASKED_INPUT, self._market, 4 * y.shape[0])
         digest = hashlib.sha256(head + self._session)
-        ring_mask = np.uint32(q.modulus - 1)
-        scratch = q.scratch(min(QUANT_CHUNK, n))
-        clipped = 0
-
-        def prepare(part: np.ndarray, start: int) -> None:
-            # In the quantizer's own, smaller pieces: its float64 scratch then stays in L2
-            # next to the keystream buffer and the chunk being masked.
-            nonlocal clipped
-            for off in range(0, part.shape[0], QUANT_CHUNK):
-                i, j = start + off, min(start + off + QUANT_CHUNK, start + part.shape[0])
-                clipped += q.quantize_into(x[i:j], part[off:off + j - i], start=i,
-                                           rng=self._rng, scratch=scratch)
+        ring_mask = np.uint32(self._q.modulus - 1)
 
         def finish(part: np.ndarray) -> None:
             # Reduce and hash each chunk while it is in cache: saves a second pass over the
             # 4 MB upload in main memory (SHA-256 itself, ~2.4 ms per 4 MB, remains).
-            if q.ring_bits < 32:
+            if self._q.ring_bits < 32:
                 part &= ring_mask
             digest.update(part)
 
-        accumulate_masks(y, add=add, subtract=sub, finish_chunk=finish, prepare_chunk=prepare)
-        self._clipped, self._vector = clipped, None
+        accumulate_masks(y, add=add, subtract=sub, finish_chunk=finish)
         sig = self._identity.sign(DOMAIN + b"/sig" + digest.digest())
         reply = b"".join([head, self._session, memoryview(y).cast("B"), sig])
         # Result confirmations to and from each peer are MACed under a key only the pair holds
@@ -257,7 +238,7 @@ class MaskingClient(ClientRound):
         self._echo_keys = {v: self._enc_keys[v].derive(
             context=context(self._session, b"echo-mac", *pair(self._market, v))) for v in incoming}
         self._held, self._u2, self._stage = held, u2, CONSISTENCY
-        self._enc_keys = {}
+        self._encoded, self._enc_keys = np.zeros(0, dtype=np.uint32), {}
         return reply
 
     def _consistency(self, payload: bytes) -> bytes:
@@ -362,11 +343,7 @@ class MaskingClient(ClientRound):
         return None
 
     def report(self) -> dict:
-        clipped = self._clipped
-        if clipped is None:  # left before masking: count what would have been clipped
-            x = self._vector if self._vector is not None else np.zeros(0)
-            clipped = int(np.count_nonzero(np.abs(x) > self._q.bounds[:x.shape[0]]))
-        return {"clipped_coordinates": clipped,
+        return {"clipped_coordinates": self._clipped,
                 "max_abs_error_bound": self._q.max_abs_error_bound(),
                 "ring_bits": self._q.ring_bits,
                 "scale": self._q.min_scale,
