@@ -79,61 +79,43 @@ class Quantizer:
             out = np.empty(self.length, dtype=np.uint32)
         elif out.shape != (self.length,) or out.dtype != np.uint32:
             raise ProtocolError("out must be a uint32 vector of the quantizer's length")
-        chunk = min(_CHUNK, self.length)
-        scratch = self.scratch(chunk)
-        clipped = 0
-        for start in range(0, self.length, chunk):
-            stop = min(start + chunk, self.length)
-            clipped += self.quantize_into(x[start:stop], out[start:stop], start=start, rng=rng,
-                                          scratch=scratch)
-        return out, clipped
-
-    @staticmethod
-    def scratch(chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Work buffers for :meth:`quantize_into` chunks of up to ``chunk`` values (allocated
-        once per vector: a fresh half-megabyte buffer per chunk would fault its pages in anew)."""
-        return np.empty(chunk), np.empty(chunk), np.empty(chunk, dtype=bool)
-
-    def quantize_into(self, xs: np.ndarray, out: np.ndarray, *, start: int,
-                      rng: np.random.Generator | None,
-                      scratch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> int:
-        """Encode coordinates ``start .. start + len(xs)`` into ``out`` (uint32, same length);
-        returns how many were clipped. Chunk by chunk it is bit-identical to :meth:`quantize`
-        (which calls it), for a caller that quantizes piece by piece. Raises
-        :class:`DataError` on a non-finite value."""
-        m = xs.shape[0]
-        if out.shape != (m,) or out.dtype != np.uint32 or not 0 <= start <= start + m <= self.length \
-                or scratch[0].shape[0] < m:
-            raise ProtocolError("quantization chunk does not fit the quantizer's length")
-        if self.rounding == "stochastic" and not isinstance(rng, np.random.Generator):
-            raise ConfigError("rng", "stochastic rounding needs a numpy Generator passed in")
-        b, a, f = scratch[0][:m], scratch[1][:m], scratch[2][:m]
+        uniform = self.scale.strides == (0,)
         limit = float(self.qmax)
-        # A finite sum proves every summand finite (one fast reduction); only a non-finite
-        # sum, which huge finite values can also cause, needs the element-wise check.
-        if not np.isfinite(np.add.reduce(xs)) and not np.all(np.isfinite(xs)):
-            raise DataError("input holds non-finite values")
-        np.abs(xs, out=a)
-        if self.scale.strides == (0,):
-            np.multiply(xs, self.scale[0], out=b)
-            np.greater(a, self.bounds[0], out=f)
-        else:
-            np.multiply(xs, self.scale[start:start + m], out=b)
-            np.greater(a, self.bounds[start:start + m], out=f)
-        clipped = int(np.count_nonzero(f))
-        np.clip(b, -limit, limit, out=b)
-        if self.rounding == "nearest":
-            np.rint(b, out=b)
-        else:
-            b += rng.random(m)
-            np.floor(b, out=b)
-            # floor(qmax + u) exceeds qmax only through float noise; keep the invariant.
+        n = self.length
+        chunk = min(_CHUNK, n)
+        buf = np.empty(chunk)
+        absbuf = np.empty(chunk)
+        flags = np.empty(chunk, dtype=bool)
+        signed = out.view(np.int32)  # |q| <= qmax < 2^31: int32 two's complement == value mod 2^32
+        clipped = 0
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            m = stop - start
+            xs, b, a, f = x[start:stop], buf[:m], absbuf[:m], flags[:m]
+            # A finite sum proves every summand finite (one fast reduction); only a non-finite
+            # sum, which huge finite values can also cause, needs the element-wise check.
+            if not np.isfinite(np.add.reduce(xs)) and not np.all(np.isfinite(xs)):
+                raise DataError("input holds non-finite values")
+            np.abs(xs, out=a)
+            if uniform:
+                np.multiply(xs, self.scale[0], out=b)
+                np.greater(a, self.bounds[0], out=f)
+            else:
+                np.multiply(xs, self.scale[start:stop], out=b)
+                np.greater(a, self.bounds[start:stop], out=f)
+            clipped += int(np.count_nonzero(f))
             np.clip(b, -limit, limit, out=b)
-        # |q| <= qmax < 2^31: int32 two's complement == value mod 2^32
-        np.copyto(out.view(np.int32), b, casting="unsafe")
+            if self.rounding == "nearest":
+                np.rint(b, out=b)
+            else:
+                b += rng.random(m)
+                np.floor(b, out=b)
+                # floor(qmax + u) exceeds qmax only through float noise; keep the invariant.
+                np.clip(b, -limit, limit, out=b)
+            np.copyto(signed[start:stop], b, casting="unsafe")
         if self.ring_bits < 32:
             out &= np.uint32(self.modulus - 1)
-        return clipped
+        return out, clipped
 
     def dequantize_sum(self, ring_sum: np.ndarray) -> np.ndarray:
         """Decode a ring sum of at most ``n_participants`` encoded values to float64."""

@@ -217,12 +217,7 @@ class MarketEndpoint(ABC):
         backend; every later round is checked against ``policy``."""
 
     @abstractmethod
-    def begin_round(self, ctx: RoundContext, vector: np.ndarray) -> ClientRound:
-        """This market's side of one round over ``vector`` (float64, ``ctx.length`` values).
-
-        A backend may read ``vector`` as late as the stage that uses it (``masking`` encodes
-        it while masking, to avoid a full-size copy): leave it unchanged until the round ends.
-        A non-finite or misshapen input is refused here."""
+    def begin_round(self, ctx: RoundContext, vector: np.ndarray) -> ClientRound: ...
 
 
 class AggregatorEndpoint(ABC):

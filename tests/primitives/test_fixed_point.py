@@ -89,18 +89,3 @@ def test_clipping_is_counted_per_coordinate_bound():
     q = make_quantizer(bounds=np.array([1.0, 2.0, 3.0]), length=3, n_participants=2)
     _, clipped = q.quantize(np.array([1.5, 1.5, -3.5]))
     assert clipped == 2
-
-
-@settings(max_examples=20, deadline=None)
-@given(length=st.integers(1, 5000), chunk=st.integers(1, 3000), ring_bits=st.integers(8, 32),
-       rounding=st.sampled_from(["nearest", "stochastic"]), seed=st.integers(0, 2**32 - 1))
-def test_quantize_into_chunks_equals_quantize(length, chunk, ring_bits, rounding, seed):
-    q = make_quantizer(bounds=np.linspace(0.5, 3.0, length), length=length, n_participants=3,
-                       ring_bits=ring_bits, rounding=rounding)
-    x = np.random.default_rng(seed).uniform(-4, 4, length)
-    rng = lambda: np.random.default_rng(seed) if rounding == "stochastic" else None  # noqa: E731
-    whole, clipped = q.quantize(x, rng=rng())
-    out, scratch, r, total = np.empty(length, dtype=np.uint32), q.scratch(chunk), rng(), 0
-    for i in range(0, length, chunk):
-        total += q.quantize_into(x[i:i + chunk], out[i:i + chunk], start=i, rng=r, scratch=scratch)
-    assert np.array_equal(out, whole) and total == clipped
