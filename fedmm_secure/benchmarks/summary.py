@@ -36,7 +36,7 @@ def _masking_rows(m: dict) -> list[Row]:
             rows.append(Row(f"masking market round, {tag}, {clock}", _ms(f[f"client{suffix}_ms"]),
                             f"{floor} {_ms(f[f'floor{suffix}_ms'])}",
                             f"{f[f'client_over_floor_{clock.lower()}']:.2f}x", "<= 1.3x"))
-        rows.append(Row(f"  of which quantize+mask+hash stage, CPU",
+        rows.append(Row("  of which the masking stage (mask + hash + sign), CPU",
                         _ms(f["client_mask_stage_cpu_ms"]), f"{floor} {_ms(f['floor_cpu_ms'])}",
                         f"{f['client_mask_stage_over_floor_cpu']:.2f}x", "(part of the above)"))
         for clock, suffix in (("CPU", "_cpu"), ("wall", "")):
