@@ -34,7 +34,20 @@ from ...errors import AbortError, ConfigError
 from .pki import FlowerTLS, loopback_tls
 from .processes import BIN, MARKER, free_port, group_exists, killpg, marked_pids, tool
 
-__all__ = ["APP_PYPROJECT", "FlowerLocalDeployment", "write_app_dir"]
+__all__ = ["APP_PYPROJECT", "FlowerLocalDeployment", "startup_timeout", "write_app_dir"]
+
+# Start-up cost per market on a small machine: its worker imports torch and builds its data, its
+# SuperNode starts Flower (together ~10 s of CPU, measured on 2 shared cores under load 3-5); all
+# markets start at once and queue for the same cores, so the wait grows with their number.
+STARTUP_BASE_S = 60.0
+STARTUP_PER_MARKET_S = 20.0
+
+
+def startup_timeout(n_markets: int) -> float:
+    """How long a deployment of ``n_markets`` markets may take to come up (every wait before
+    the run's first message: workers ready, SuperNode keys registered, ``flwr run`` accepted,
+    every SuperNode joined): ``STARTUP_BASE_S + STARTUP_PER_MARKET_S * n_markets``."""
+    return STARTUP_BASE_S + STARTUP_PER_MARKET_S * max(1, int(n_markets))
 
 APP_PYPROJECT = """\
 [build-system]
@@ -97,9 +110,14 @@ class FlowerLocalDeployment:
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
                  hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
                  workload: dict | None = None, node_poll: float = 0.1, tls: FlowerTLS | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, startup_timeout_s: float | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.markets = [m.name for m in load_data(cfg)]
+        if startup_timeout_s is not None and not startup_timeout_s > 0:
+            raise ConfigError("startup-timeout", f"got {startup_timeout_s!r}", allowed="seconds > 0")
+        # Derived from the number of markets unless the operator says otherwise.
+        self.startup_timeout_s = (startup_timeout(len(self.markets)) if startup_timeout_s is None
+                                  else float(startup_timeout_s))
         if cfg.data != "synthetic" and not cfg.markets:
             # Each market loads only its own data (node config), so the run config must give
             # the market order.
@@ -157,7 +175,10 @@ class FlowerLocalDeployment:
         self.tls = loopback_tls(directory, self.markets)
         return self.tls
 
-    def start(self, *, ready_timeout: float = 30.0) -> None:
+    def start(self, *, ready_timeout: float | None = None) -> None:
+        """Start every process; wait (``ready_timeout``, default the deployment's start-up
+        timeout) until every market worker is ready."""
+        ready_timeout = self.startup_timeout_s if ready_timeout is None else ready_timeout
         self._started = True
         self.logs.mkdir(parents=True, exist_ok=True)
         # Flower 1.40 serves the Fleet, Control and Runtime APIs over HTTP on one host:port.
@@ -174,13 +195,14 @@ class FlowerLocalDeployment:
         if self.tls is not None:
             for m in self.markets:  # SuperNode authentication: the operator registers each key
                 self._flwr(["supernode", "register", str(self.tls.node_keys[m][1]), "fedmm-local"],
-                           what=f"registering {m}'s SuperNode key", timeout=60.0)
+                           what=f"registering {m}'s SuperNode key", timeout=self.startup_timeout_s)
         ready = {}
         for m in self.markets:
             rport = free_port()
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower.worker", "--market", m,
                    "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m)),
+                   "--startup-timeout", str(self.startup_timeout_s),
                    *self._market_rules()]
             if self.resume:
                 cmd.append("--resume")
@@ -210,7 +232,8 @@ class FlowerLocalDeployment:
         while not all(f.exists() for f in ready.values()):
             self._check_alive()
             if time.monotonic() > deadline:
-                raise AbortError("market workers did not start in time (see flower_logs/)")
+                raise AbortError(f"market workers did not start within {ready_timeout:.0f} s "
+                                 f"(see flower_logs/; --startup-timeout raises the limit)")
             time.sleep(0.1)
 
     def _node_config(self, market: str) -> str:
@@ -266,7 +289,11 @@ class FlowerLocalDeployment:
                 raise AbortError(f"{what} failed: {(r.stdout + r.stderr)[-2000:]}")
             time.sleep(0.5)
 
-    def submit(self, *, join_timeout: float = 60.0, timeout: float = 120.0) -> None:
+    def submit(self, *, join_timeout: float | None = None, timeout: float | None = None) -> None:
+        """``flwr run`` the app; the ServerApp waits ``join_timeout`` for every SuperNode to
+        join (both default to the deployment's start-up timeout)."""
+        join_timeout = self.startup_timeout_s if join_timeout is None else join_timeout
+        timeout = self.startup_timeout_s if timeout is None else timeout
         import tomli_w
         overrides = self.work / "run_config.toml"
         overrides.write_text(tomli_w.dumps({
