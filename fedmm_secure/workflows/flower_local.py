@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import RunConfig, config_from_dict, load_config
 from ..errors import ConfigError
 from ..reports.run_report import write_json_atomic, write_run_report
-from ..runtime.flower.local import FlowerLocalDeployment
+from ..runtime.flower.local import FlowerLocalDeployment, same_roster
 
 __all__ = ["flower_local_command", "tiny_flower_config"]
 
@@ -140,6 +140,12 @@ def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float
         dep.submit()
         results = dep.wait(timeout=timeout, on_poll=show_progress)
         show_progress(dep)
+        # Each market trusted the first roster it was shown (keys are made per run, so no digest
+        # exists in advance); the records its worker kept must agree before the results count.
+        roster = same_roster(dep.pinned_rosters())
+        results["roster_sha256"] = roster
+        if progress is not None:
+            progress(f"every market pinned the same roster: sha256 {roster}")
     write_run_report(results, out)
     if progress is not None:
         auc = results.get("summary", {}).get("fedmm", {}).get("mean_auc")

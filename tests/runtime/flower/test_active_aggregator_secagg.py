@@ -371,3 +371,39 @@ def test_shim_passes_an_honest_run_through():
     assert not res["dropped"]
     assert all(v["max_abs_error"] < 1e-6 for v in res["markets"].values())
     assert all(w.result is not None for w in workers.values())
+
+
+# -- (b) without a digest obtained in advance: a split roster shows in the markets' records -------
+
+def test_b_flower_split_roster_is_exposed_by_the_markets_pinned_digests(tmp_path):
+    # No market pins a digest in advance (as in `flower local`, where keys are made per run):
+    # each trusts the first roster it is shown. The aggregator shows m1 a roster with a puppet
+    # market and the matching federation size. The records the markets keep on their own side
+    # disagree, and `same_roster` (what `flower local` checks before it reports) refuses.
+    from fedmm_secure.runtime.flower.local import same_roster
+    from fedmm_secure.runtime.flower.wire import pack_json, unpack_json
+
+    cfg = _cfg(3)
+    workers = {m: MarketWorker(market=m, rules=MarketRules(backends=frozenset({"masking"})),
+                               roster_out=tmp_path / f"{m}.sha256") for m in _names(3)}
+
+    class Split(Shim):
+        def _call(self, m, kind, payload, raw=False):
+            if kind == "start" and m == "m1":
+                msg = unpack_json(payload)
+                msg["roster"] = dict(msg["roster"], m9=msg["roster"]["m2"])
+                payload = pack_json(dict(msg, n_markets=4))
+            return super()._call(m, kind, payload, raw)
+
+    with pytest.raises(FAILED):
+        Malicious(cfg=cfg, run_id="b-split", links=Split(workers)).run()
+    pinned = {m: (tmp_path / f"{m}.sha256").read_text().strip() for m in workers}
+    assert pinned["m0"] == pinned["m2"] != pinned["m1"]
+    with pytest.raises(AbortError, match="different rosters"):
+        same_roster(pinned)
+    with pytest.raises(AbortError, match="m2"):
+        same_roster(dict(pinned, m2=None))
+    # An honest run: one digest, the one every market recorded.
+    honest = {m: MarketWorker(market=m, rules=MarketRules(backends=frozenset({"masking"}))) for m in _names(3)}
+    Malicious(cfg=cfg, run_id="b-ok", links=Shim(honest)).run()
+    assert same_roster({m: w.pinned_roster for m, w in honest.items()}) == honest["m0"].pinned_roster
