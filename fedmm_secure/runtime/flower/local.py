@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
 import os
 import signal
 import subprocess
@@ -27,6 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...config import RunConfig, config_from_dict
@@ -101,15 +101,17 @@ class Placement:
 
 
 def same_roster(pinned: Mapping[str, str | None]) -> str:
-    """The roster digest every market pinned (hex); :class:`AbortError` if one is missing or they
-    differ: the aggregator showed the markets different rosters (say, a puppet market added for
-    some). What a market without a digest obtained in advance can check, after the fact."""
-    missing = sorted(m for m, d in pinned.items() if not d)
-    if missing or not pinned:
-        raise AbortError(f"no pinned roster recorded by {', '.join(missing) or 'any market'}")
-    digests = set(pinned.values())
+    """The roster digest every market that took part pinned (hex); :class:`AbortError` if they
+    differ (the aggregator showed the markets different rosters, say a puppet market added for
+    some) or none recorded one. A market that never got to ``start`` (``None``: refused the run,
+    or was stopped before) pinned nothing and is left out. What markets without a digest
+    obtained in advance can check, after the fact."""
+    recorded = {m: d for m, d in pinned.items() if d}
+    if not recorded:
+        raise AbortError("no market recorded the roster it pinned")
+    digests = set(recorded.values())
     if len(digests) != 1:
-        detail = ", ".join(f"{m}: {d[:16]}" for m, d in sorted(pinned.items()))
+        detail = ", ".join(f"{m}: {d[:16]}" for m, d in sorted(recorded.items()))
         raise AbortError(f"the markets pinned different rosters ({detail}); do not use this run's results")
     return digests.pop()
 
@@ -325,8 +327,8 @@ class FlowerLocalDeployment:
         env["FLWR_HOME"] = str(self.work / "cli")
         deadline = time.monotonic() + timeout
         while True:  # the Control API may need a moment after the SuperLink process starts
-            r = subprocess.run([*self.placement.prefix.get("superlink", ()), tool("flwr"), *args], capture_output=True, text=True, env=env, cwd=self.work,
-                               timeout=timeout)
+            r = subprocess.run([*self.placement.prefix.get("superlink", ()), tool("flwr"), *args],
+                               capture_output=True, text=True, env=env, cwd=self.work, timeout=timeout)
             with (self.logs / "flwr_cli.log").open("a", encoding="utf-8") as f:
                 f.write(f"$ flwr {' '.join(args)}\n{r.stdout}{r.stderr}\n")
             if r.returncode == 0:

@@ -4,9 +4,10 @@
 
 A fresh CA signs the SuperLink's certificate (SAN ``localhost``, ``127.0.0.1`` and any address
 the SuperLink serves on) and every SuperNode gets its own ECDSA P-384 key pair (OpenSSH format,
-what ``flwr supernode register`` and ``--auth-supernode-private-key`` take). Keys are generated here, written with mode 0600 and
-never reused: this is for exercising the production settings on one machine, not a CA for a
-real federation (there, each market keeps its own key and the operator's CA signs the link).
+what ``flwr supernode register`` and ``--auth-supernode-private-key`` take). Keys are generated
+here, written with mode 0600 and never reused: this is for exercising the production settings on
+one machine, not a CA for a real federation (there, each market keeps its own key and the
+operator's CA signs the link).
 """
 
 from __future__ import annotations
