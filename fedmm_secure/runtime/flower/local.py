@@ -138,6 +138,10 @@ class FlowerLocalDeployment:
         args = ["--allow-backend", self.cfg.secagg, "--min-cohort", str(max(2, min(n - 1, -(-2 * n // 3))))]
         if self.cfg.privacy.enabled:
             args += ["--privacy-json", json.dumps(dataclasses.asdict(self.cfg.privacy))]
+        if self._listings is not None:
+            path = self.work / "public_listings.json"
+            path.write_text(json.dumps(self._listings), encoding="utf-8")
+            args += ["--listings", str(path)]
         return args
 
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
@@ -146,7 +150,13 @@ class FlowerLocalDeployment:
                  resume: bool = False, startup_timeout_s: float | None = None,
                  placement: Placement | None = None) -> None:
         self.out_dir = Path(out_dir)
-        self.markets = [m.name for m in load_data(cfg)]
+        loaded = load_data(cfg)
+        self.markets = [m.name for m in loaded]
+        # Real data: every market's public catalogue (its item keys), handed to each market's
+        # worker as that market's own listings (synthetic workers generate them from the seed).
+        self._listings = ({m.name: [str(k) for k in m.item_keys] for m in loaded}
+                          if cfg.data != "synthetic" and all(m.item_keys is not None for m in loaded) else None)
+        del loaded
         if startup_timeout_s is not None and not startup_timeout_s > 0:
             raise ConfigError("startup-timeout", f"got {startup_timeout_s!r}", allowed="seconds > 0")
         # Derived from the number of markets unless the operator says otherwise.

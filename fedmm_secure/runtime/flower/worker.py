@@ -46,6 +46,7 @@ from .wire import (
     unpack_json,
     unpack_with_header,
 )
+from .listings import check_offered_keys, market_catalogue, read_listings
 from .workloads import secure_sum_pipeline
 
 __all__ = ["MarketWorker", "MarketRules", "HangAt", "serve", "own_privacy", "run_with_own_privacy"]
@@ -61,6 +62,9 @@ class MarketRules:
     max(3, ceil(2n/3)) of the roster). ``colluders``: the c of the threshold rule.
     ``roster_digest``: the pinned roster (SHA-256 of every bundle and the aggregator's key),
     obtained out of band; ``None`` trusts the roster the first ``start`` hands out.
+    ``listings``: the public catalogues (market -> product keys) of the run's markets, which the
+    market obtained itself; with real data it is where the shared-key list comes from (synthetic
+    data: every market's listing is generated from the seed). Never an aggregator's list.
     """
 
     backends: frozenset[str] = frozenset({"masking", "ckks"})
@@ -68,6 +72,7 @@ class MarketRules:
     min_cohort: int | None = None
     colluders: int = DEFAULT_COLLUDERS
     roster_digest: bytes | None = None
+    listings: Mapping[str, list[str]] | None = None
 
     def privacy_settings(self) -> dict:
         return dict(self.privacy) if self.privacy is not None else {"enabled": False}
@@ -152,6 +157,7 @@ class MarketWorker:
         # comparing these records across markets afterwards exposes a split roster.
         self.roster_out = Path(roster_out) if roster_out is not None else None
         self.pinned_roster: str | None = None
+        self._catalogue = None   # the public shared keys this market built (set at hello)
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, kind: str, payload: bytes) -> tuple[str, bytes]:
@@ -202,12 +208,18 @@ class MarketWorker:
             raw.update(data=str(node["data"]), markets=[self.market])
             self._data = load_data(config_from_dict(raw))[0]
             self._index = order.index(self.market)
+            # Other markets' public listings as this market's rules give them (never their
+            # interactions); its own from its own data. Without listings: no key sharing.
+            listings = {**(self.rules.listings or {}), self.market: self._data.item_keys}
+            self._catalogue = market_catalogue(order, listings) if self.rules.listings else None
         else:
             markets = load_data(self._cfg)
             names = [m.name for m in markets]
             if self.market not in names:
                 raise ConfigError("market", f"{self.market!r} is not a market of this run", allowed=", ".join(names))
             self._index = names.index(self.market)
+            # The shared keys from every market's public listing (item keys), as the embedded run.
+            self._catalogue = market_catalogue(names, {m.name: m.item_keys for m in markets})
             # Synthetic data is generated for all markets from the seed; keep only ours.
             self._data = markets[self._index]
             del markets
@@ -247,7 +259,10 @@ class MarketWorker:
             tmp = self.roster_out.with_suffix(".tmp")
             tmp.write_text(self.pinned_roster + "\n", encoding="ascii")
             tmp.replace(self.roster_out)
-        meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
+        # The shared-key list is the market's own; one offered by the aggregator must equal it.
+        check_offered_keys(msg.get("shared_keys"), self._catalogue)
+        meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]),
+                          catalogue=self._catalogue)
         workload = msg.get("workload", {"name": "fedmm"})
         if workload.get("name") == "fedmm":
             trainers, hooks = self._privacy(n)
@@ -395,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-cohort", type=int, help="fewest markets in any sum (default max(3, 2/3 of the roster))")
     p.add_argument("--colluders", type=int, default=DEFAULT_COLLUDERS, help="c in the threshold rule 2t > n + c")
     p.add_argument("--roster-sha256", help="the pinned roster digest, obtained out of band")
+    p.add_argument("--listings", help="the markets' public catalogues, JSON {market: [key, ...]} (real data: "
+                                      "this market's source of the shared-key list)")
     p.add_argument("--roster-out", help="write the digest of the roster this market pinned here (hex)")
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds to wait for the SuperNode's Runtime API (flower local sets it from the number of markets)")
@@ -420,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     rules = MarketRules(backends=frozenset(args.allow_backend or ("masking", "ckks")),
                         privacy=json.loads(args.privacy_json) if args.privacy_json else None,
                         min_cohort=args.min_cohort, colluders=args.colluders,
-                        roster_digest=bytes.fromhex(args.roster_sha256) if args.roster_sha256 else None)
+                        roster_digest=bytes.fromhex(args.roster_sha256) if args.roster_sha256 else None,
+                        listings=read_listings(Path(args.listings)) if args.listings else None)
     worker = MarketWorker(market=args.market, rules=rules, hang_at=hang,
                           ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume,
                           roster_out=Path(args.roster_out) if args.roster_out else None)
