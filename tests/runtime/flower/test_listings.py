@@ -138,3 +138,25 @@ def test_real_data_worker_takes_other_markets_listings_from_its_own_rules(keyed,
     w = MarketWorker(market="m1", rules=rules)
     w.handle("hello", pack_json({"config": cfg.to_dict(), "run_id": "r", "node": {"data": "unused"}}))
     assert w._catalogue.shared_keys == tuple(sorted(f"p{i}" for i in range(N_SHARED)))
+
+
+def test_flower_local_hands_every_worker_the_public_listings_of_real_data(monkeypatch, tmp_path):
+    from fedmm_secure.runtime.flower import local
+
+    monkeypatch.setattr(local, "load_data", _keyed)
+    cfg = dataclasses.replace(CFG, data="xmrec:/srv/xmrec")
+    dep = local.FlowerLocalDeployment(cfg, out_dir=tmp_path)
+    try:
+        args = dep._market_rules()
+        listings = read_listings(args[args.index("--listings") + 1])
+        assert sorted(listings) == ["m0", "m1", "m2"]
+        shared = market_catalogue(["m0", "m1", "m2"], listings).shared_keys
+        assert shared == tuple(sorted(f"p{i}" for i in range(N_SHARED)))
+    finally:
+        dep.close()
+    # Synthetic data: no file, each worker generates the listings from the seed.
+    dep = local.FlowerLocalDeployment(CFG, out_dir=tmp_path / "s")
+    try:
+        assert "--listings" not in dep._market_rules()
+    finally:
+        dep.close()
