@@ -18,6 +18,7 @@ from pathlib import Path
 from ..config import RunConfig, config_from_dict, load_config
 from ..errors import ConfigError
 from ..reports.run_report import write_json_atomic, write_run_report
+from ..runtime.flower.listings import same_catalogue
 from ..runtime.flower.local import FlowerLocalDeployment, same_roster
 
 __all__ = ["flower_local_command", "tiny_flower_config"]
@@ -144,6 +145,8 @@ def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float
         # exists in advance); the records its worker kept must agree before the results count.
         roster = same_roster(dep.pinned_rosters())
         results["roster_sha256"] = roster
+        # Likewise the shared-key lists the markets built from their listings.
+        same_catalogue(results.get("catalogue", {}))
         if progress is not None:
             progress(f"every market pinned the same roster: sha256 {roster}")
     write_run_report(results, out)

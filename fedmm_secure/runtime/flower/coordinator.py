@@ -136,6 +136,7 @@ class Coordinator:
                 privacy = {m: h["privacy"] for m, h in headers.items() if "privacy" in h}
                 market_level = {m: h["privacy_market_level"] for m, h in headers.items()
                                 if "privacy_market_level" in h}
+                catalogue = {m: h["catalogue"] for m, h in headers.items() if "catalogue" in h}
                 break
             if kind == "broadcast":
                 headers = self._broadcast(headers)
@@ -152,6 +153,9 @@ class Coordinator:
             # Each market's own accounting, from its own ledger (ledger-dir on its machine).
             results["privacy"] = privacy
             results["privacy_by_method"] = {"fedmm": {m: v["epsilon"] for m, v in privacy.items()}}
+        if catalogue:
+            # Each market's shared-key list (size, SHA-256), built by the market itself.
+            results["catalogue"] = catalogue
         if market_level:
             results["privacy_market_level"] = next(iter(market_level.values()))
         return results

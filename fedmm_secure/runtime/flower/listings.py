@@ -11,14 +11,15 @@ public, its interactions are not) and refuses any list the aggregator offers tha
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ...errors import ConfigError, PolicyError
+from ...errors import AbortError, ConfigError, PolicyError
 from ...federation.catalogue import PublicCatalogue
 
-__all__ = ["market_catalogue", "check_offered_keys", "read_listings"]
+__all__ = ["market_catalogue", "check_offered_keys", "read_listings", "catalogue_record", "same_catalogue"]
 
 
 def read_listings(path: Path) -> dict[str, list[str]]:
@@ -61,3 +62,22 @@ def check_offered_keys(offered: object, own: PublicCatalogue | None) -> None:
         detail = f"; keys not shared in this market's listings: {extra[:5]}" if extra else ""
         raise PolicyError(f"the aggregator's shared-key list ({len(theirs)} keys) differs from the one this "
                           f"market built from public listings ({len(mine)} keys){detail}")
+
+
+def catalogue_record(cat: PublicCatalogue | None) -> dict:
+    """What a market reports of the shared-key list it used: its size and SHA-256 (of the keys,
+    one per line, in table order); 0 keys when it ran without key sharing."""
+    keys = cat.shared_keys if cat is not None else ()
+    return {"shared_keys": len(keys), "sha256": hashlib.sha256("\n".join(keys).encode()).hexdigest()}
+
+
+def same_catalogue(records: Mapping[str, Mapping]) -> dict:
+    """The one shared-key record every reporting market has; :class:`AbortError` if they differ.
+
+    Markets whose listings disagree build different lists; lists of different lengths already
+    fail the sums, but two lists of one length would average unrelated products row by row."""
+    digests = {m: r.get("sha256") for m, r in records.items()}
+    if len(set(digests.values())) > 1:
+        detail = ", ".join(f"{m}: {d[:16]}" for m, d in sorted(digests.items()))
+        raise AbortError(f"the markets used different shared-key lists ({detail}); do not use this run's results")
+    return dict(next(iter(records.values()))) if records else {}

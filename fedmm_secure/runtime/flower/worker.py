@@ -46,7 +46,7 @@ from .wire import (
     unpack_json,
     unpack_with_header,
 )
-from .listings import check_offered_keys, market_catalogue, read_listings
+from .listings import catalogue_record, check_offered_keys, market_catalogue, read_listings
 from .workloads import secure_sum_pipeline
 
 __all__ = ["MarketWorker", "MarketRules", "HangAt", "serve", "own_privacy", "run_with_own_privacy"]
@@ -315,6 +315,8 @@ class MarketWorker:
             self._pending = None
             self.result = stop.value
             done = {"type": "done", "metrics": stop.value["metrics"]}
+            if "run" in stop.value:   # a FedMM pipeline: the shared-key list it used (public)
+                done["catalogue"] = catalogue_record(self._catalogue)
             if self._session is not None:
                 done["privacy"] = self._session.summary()[self.market]
                 # This market's ledger head, released with its epsilon (results.json).

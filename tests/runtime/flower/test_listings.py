@@ -18,7 +18,8 @@ from fedmm_secure.federation.catalogue import PublicCatalogue
 from fedmm_secure.federation.fedmm import run_method
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum
 from fedmm_secure.runtime.flower.coordinator import Coordinator, InProcessLinks
-from fedmm_secure.runtime.flower.listings import check_offered_keys, market_catalogue, read_listings
+from fedmm_secure.runtime.flower.listings import (catalogue_record, check_offered_keys, market_catalogue,
+                                                  read_listings, same_catalogue)
 from fedmm_secure.runtime.flower.wire import pack_json, unpack_json
 from fedmm_secure.runtime.flower.worker import MarketRules, MarketWorker
 
@@ -79,6 +80,10 @@ def test_flower_fedmm_uses_the_catalogue_like_the_embedded_run(keyed):
                                    ref[m].ctr.embeddings["key"].weight.detach().numpy(), rtol=0, atol=1e-5)
         assert np.array_equal(r.codes[0], ref[m].codes[0])
         assert abs(res["markets"][m]["fedmm"]["auc"] - out["markets"][m]["auc"]) < 1e-6
+    # Every market reports the list it built; the run's record is that one list.
+    expected = catalogue_record(PublicCatalogue(tuple(sorted(f"p{i}" for i in range(N_SHARED)))))
+    assert res["catalogue"] == {m: expected for m in runs}
+    assert same_catalogue(res["catalogue"]) == expected and expected["shared_keys"] == N_SHARED
 
 
 def _offer(keys):
@@ -160,3 +165,13 @@ def test_flower_local_hands_every_worker_the_public_listings_of_real_data(monkey
         assert "--listings" not in dep._market_rules()
     finally:
         dep.close()
+
+
+def test_same_catalogue_refuses_markets_that_used_different_lists():
+    a = catalogue_record(PublicCatalogue(("x", "y")))
+    b = catalogue_record(PublicCatalogue(("x", "z")))   # same length, other products
+    assert same_catalogue({"m0": a, "m1": a}) == a
+    assert same_catalogue({}) == {}
+    assert catalogue_record(None)["shared_keys"] == 0
+    with pytest.raises(AbortError):
+        same_catalogue({"m0": a, "m1": b})
