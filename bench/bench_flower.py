@@ -12,7 +12,7 @@ deployment, so the ratio is against the same machine load.
 ``FEDMM_BENCH_FLOWER_STOCK=1`` also runs stock Flower isolation (SuperExec starts a ClientApp
 process per message, stock SuperNode waits): slow, several minutes.
 
-Targets (DESIGN §7): embedded < 1 s, Flower deployment < 5 s per round (Flower's own SecAgg+
+Targets (docs/performance.md): embedded < 1 s, Flower deployment < 5 s per round (Flower's own SecAgg+
 deployment: 32.5 s, a figure from the design document, not measured here).
 """
 

@@ -8,6 +8,11 @@ Full grid n in {3, 10, 50, 100} x d in {16K, 256K, 1M}::
 
     FEDMM_BENCH_FULL=1 .venv/bin/python -m pytest bench/bench_masking.py -s -p no:cacheprovider
 
+Targets and anchors: docs/performance.md. ``test_floor_ratios_n10_d1M`` prints the target table
+(market and aggregator over the AES floor at n = 10, d = 1M, CPU and wall, median of interleaved
+repeats); ``test_scaling_table`` the time and peak memory per party for n in {5, 10, 20, 50, 100}
+x d in {64K, 1M} (+ 4M with ``FEDMM_BENCH_FULL=1``; cells above 100M coordinates are cut).
+
 Floors (see fedmm_secure/benchmarks/masking.py): a client must expand n AES-256-CTR keystreams of
 4d bytes (1 self mask + n-1 pairwise masks), so the fair floor is ``n`` keystreams; the ratio to a
 single keystream of d values is printed too. Every round's floor is measured right before and
@@ -21,8 +26,11 @@ import statistics
 
 import pytest
 
-from fedmm_secure.benchmarks.masking import (FULL_GRID, QUICK_GRID, keystream_floor,
-                                             mask_breakdown, shamir_timings, time_round)
+from fedmm_secure.benchmarks.masking import (FULL_GRID, QUICK_GRID, floor_ratios,
+                                             keystream_floor, mask_breakdown, shamir_timings,
+                                             time_round)
+from fedmm_secure.benchmarks.scaling import SCALING_DS, SCALING_NS, scaling_table
+from fedmm_secure.benchmarks.summary import format_table, summary_rows
 from fedmm_secure.primitives.shamir import recover_secret, split_secret
 
 GRID = FULL_GRID if os.environ.get("FEDMM_BENCH_FULL") else QUICK_GRID
@@ -106,3 +114,30 @@ def test_shamir_recover_n100(benchmark):
                                 target_ms=5.0)
     print(f"\nshamir recover n=100 t=67: {ms:.3f} ms per secret, {batched:.3f} ms per secret "
           "when a round's secrets share one survivor set (target <= 5 ms; Flower 728 ms)")
+
+
+def test_floor_ratios_n10_d1M():
+    """The targets' setting: 9 interleaved repeats of (AES floor, one round, hash costs)."""
+    r = floor_ratios(10, 1 << 20, repeats=9)
+    print("\n" + format_table(summary_rows({"masking": {"floor_ratios": r}, "ckks": {
+        "skipped": "see bench_ckks.py"}})[:8]))
+    print(f"load average (1 min) {r['load_average_1min'][0]:.2f} before, "
+          f"{r['load_average_1min'][1]:.2f} after")
+
+
+def test_scaling_table():
+    ds = SCALING_DS if os.environ.get("FEDMM_BENCH_FULL") else SCALING_DS[:2]
+    t = scaling_table(SCALING_NS, ds)
+    print("\n| n | d | aggregator CPU ms | aggregator wall ms | aggregator peak MiB | "
+          "market CPU ms | market wall ms | market peak MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in t["rows"]:
+        print(f"| {r['n']} | {r['d']:,} | {r['aggregator_cpu_ms']:.0f} | {r['aggregator_wall_ms']:.0f} "
+              f"| {r['aggregator_peak_mib']:.1f} | {r['market_cpu_ms']:.0f} | "
+              f"{r['market_wall_ms']:.0f} | {r['market_peak_mib']:.1f} |")
+    for g in t["growth"]:
+        print(f"d={g['d']:,}: aggregator time ~ n^{g['aggregator_cpu_ms_vs_n_exponent']:.2f}, "
+              f"aggregator memory ~ n^{g['aggregator_peak_mib_vs_n_exponent']:.2f}, "
+              f"market time ~ n^{g['market_cpu_ms_vs_n_exponent']:.2f}")
+    print(f"cut (n x d > 100M): {t['cut']}; flat memory: {t['flat_memory']}; "
+          f"load average {t['load_average_1min']}")

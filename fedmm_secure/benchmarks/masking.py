@@ -3,7 +3,8 @@
 The floor: a masking client must expand one self-mask and n-1 pairwise masks, i.e. n AES-CTR
 keystreams of 4d bytes each; nothing that produces those masks can be cheaper. The client's time
 is therefore reported as a ratio both to ``n`` keystreams (the fair floor: what is inherently
-required) and to one keystream of ``d`` values (the DESIGN §7 "AES floor" reading). The server's
+required; the "AES floor" of the targets in docs/performance.md) and to one keystream of ``d``
+values. The server's
 floor is the same n keystreams (it re-expands every survivor's self-mask) plus n vector additions.
 """
 
@@ -14,9 +15,10 @@ import statistics
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 import hashlib
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..primitives.keys import SymmetricKey
 from ..primitives.prg import accumulate_masks, keystream_into
@@ -26,7 +28,7 @@ from ..secagg.base import RoundContext, Roster
 from ..secagg.policy import MarketPolicy
 from ..secagg.masking import MASKED_INPUT, MaskingAggregator
 
-__all__ = ["bench_masking", "keystream_floor", "time_round", "mask_breakdown", "shamir_timings",
+__all__ = ["bench_masking", "keystream_floor", "time_round", "floor_ratios", "mask_breakdown", "shamir_timings",
            "QUICK_GRID", "FULL_GRID"]
 
 QUICK_GRID = ((3, 16_384), (10, 262_144), (10, 1_048_576))
@@ -56,8 +58,23 @@ def keystream_floor(length: int, *, count: int = 1, repeats: int = 5) -> float:
     return _median_time(run, repeats)
 
 
-def time_round(n: int, length: int, *, bound: float = 1.0, seed: int = 0) -> dict:
-    """One complete round, timing every client call and every server call separately."""
+class _Clock:
+    """Wall (``perf_counter``) and CPU (``thread_time``: preemption by other jobs excluded) time
+    of the calls made inside ``with clock:``, summed."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> "_Clock":
+        self._w, self._c = time.perf_counter(), time.thread_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._w
+        self.cpu += time.thread_time() - self._c
+
+
+def _federation(n: int):
     backend = MaskingAggregator()
     ids = [f"m{i:03d}" for i in range(n)]
     markets = {m: backend.create_market(m) for m in ids}
@@ -67,52 +84,116 @@ def time_round(n: int, length: int, *, bound: float = 1.0, seed: int = 0) -> dic
     agg.install_roster(roster)
     for m in ids:
         markets[m].install_roster(roster, policy=policy)
+    return ids, markets, agg
+
+
+def time_round(n: int, length: int, *, bound: float = 1.0, seed: int = 0) -> dict:
+    """One complete round, every client call and every server call timed separately (wall and
+    CPU). Uploads are streamed: each goes to the aggregator as soon as its market produced it."""
+    ids, markets, agg = _federation(n)
     ctx = RoundContext("bench", 1, tuple(ids), length, bound)
     rng = np.random.default_rng(seed)
     vectors = {m: rng.uniform(-bound, bound, length) for m in ids}
-
-    client_time = {m: 0.0 for m in ids}
-    mask_stage_time = {m: 0.0 for m in ids}
-    server_time = 0.0
+    client = {m: _Clock() for m in ids}
+    mask_stage = {m: _Clock() for m in ids}
+    server_clock = _Clock()
     upload_bytes = 0
-    t0 = time.perf_counter()
-    server = agg.begin_round(ctx)
-    server_time += time.perf_counter() - t0
+    with server_clock:
+        server = agg.begin_round(ctx)
     clients = {}
     for m in ids:
-        t0 = time.perf_counter()
-        clients[m] = markets[m].begin_round(ctx, vectors[m])  # quantization happens here
-        client_time[m] += time.perf_counter() - t0
-    outbox = server.start()
+        with client[m]:
+            clients[m] = markets[m].begin_round(ctx, vectors[m])
+    with server_clock:
+        outbox = server.start()
     stage = 0
     while True:
-        replies = {}
+        final = server.done
         for m, msg in outbox.items():
-            t0 = time.perf_counter()
-            reply = clients[m].handle(msg)
-            dt = time.perf_counter() - t0
-            client_time[m] += dt
+            with client[m], (mask_stage[m] if stage == MASKED_INPUT else _Clock()):
+                reply = clients[m].handle(msg)
             if stage == MASKED_INPUT:
-                mask_stage_time[m] += dt
                 upload_bytes = len(reply)
-            if reply is not None:
-                replies[m] = reply
-        if server.done:
+            if not final:
+                with server_clock:
+                    server.receive(m, reply)
+            del reply
+        if final:
             break
-        t0 = time.perf_counter()
-        outbox = server.handle(replies)
-        server_time += time.perf_counter() - t0
-        del replies
+        with server_clock:
+            outbox = server.end_stage()
         stage += 1
     expected = sum(vectors.values())
     err = float(np.max(np.abs(server.result() - expected)))
     return {
-        "client_s": statistics.median(client_time.values()),
-        "client_mask_stage_s": statistics.median(mask_stage_time.values()),
-        "server_s": server_time,
+        "client_s": statistics.median(c.wall for c in client.values()),
+        "client_cpu_s": statistics.median(c.cpu for c in client.values()),
+        "client_mask_stage_s": statistics.median(c.wall for c in mask_stage.values()),
+        "client_mask_stage_cpu_s": statistics.median(c.cpu for c in mask_stage.values()),
+        "server_s": server_clock.wall,
+        "server_cpu_s": server_clock.cpu,
         "masked_upload_bytes": upload_bytes,
         "max_abs_error": err,
     }
+
+
+def _hash_costs(length: int) -> dict[str, Callable[[], object]]:
+    """What authenticating 4d bytes costs per primitive, next to one AES-CTR keystream of them."""
+    data = os.urandom(4 * length)
+    buf, zeros, key = bytearray(4 * length + 15), bytes(4 * length), os.urandom(32)
+
+    def gmac() -> bytes:
+        enc = Cipher(algorithms.AES(key), modes.GCM(bytes(12))).encryptor()
+        enc.authenticate_additional_data(data)
+        enc.finalize()
+        return enc.tag
+
+    return {"aes_ctr_keystream": lambda: keystream_into(key, buf, zeros=zeros),
+            "sha256": lambda: hashlib.sha256(data).digest(), "gmac": gmac}
+
+
+def floor_ratios(n: int = 10, length: int = 1 << 20, *, repeats: int = 5) -> dict:
+    """Market and aggregator time per round over the AES floor (n keystreams of ``length``
+    values: a market's n masks, the aggregator's n self-masks), wall and CPU.
+
+    Floor, round and the per-byte hash costs are interleaved ``repeats`` times (load drift hits
+    all alike); every ratio is the median of the per-repeat ratios."""
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
+    keys = [os.urandom(32) for _ in range(n)]
+    buf, zeros = bytearray(4 * length + 15), bytes(4 * length)
+    hashes = _hash_costs(length)
+    rows, load = [], [os.getloadavg()[0]]
+    time_round(n, min(length, 4096), seed=99)   # warm-up
+    for r in range(repeats):
+        with _Clock() as floor:
+            for k in keys:
+                keystream_into(k, buf, zeros=zeros)
+        row = {"floor_s": floor.wall, "floor_cpu_s": floor.cpu, **time_round(n, length, seed=r)}
+        for name, fn in hashes.items():
+            with _Clock() as c:
+                fn()
+            row[f"{name}_cpu_s"] = c.cpu
+        rows.append(row)
+    load.append(os.getloadavg()[0])
+
+    def med(fn: Callable[[dict], float]) -> float:
+        return statistics.median(fn(r) for r in rows)
+
+    out = {"n": n, "d": length, "repeats": repeats, "load_average_1min": load}
+    for who in ("floor", "client", "client_mask_stage", "server"):
+        out[f"{who}_ms"] = med(lambda r: r[f"{who}_s"]) * 1e3
+        out[f"{who}_cpu_ms"] = med(lambda r: r[f"{who}_cpu_s"]) * 1e3
+    for who in ("client", "client_mask_stage", "server"):
+        out[f"{who}_over_floor_wall"] = med(lambda r: r[f"{who}_s"] / r["floor_s"])
+        out[f"{who}_over_floor_cpu"] = med(lambda r: r[f"{who}_cpu_s"] / r["floor_cpu_s"])
+    for name in hashes:
+        out[f"{name}_cpu_ms_per_4d_bytes"] = med(lambda r: r[f"{name}_cpu_s"]) * 1e3
+    out["sha256_over_aes_per_byte"] = med(lambda r: r["sha256_cpu_s"] / r["aes_ctr_keystream_cpu_s"])
+    out["gmac_over_aes_per_byte"] = med(lambda r: r["gmac_cpu_s"] / r["aes_ctr_keystream_cpu_s"])
+    out["upload_bytes_per_coordinate"] = rows[0]["masked_upload_bytes"] / length
+    out["max_abs_error"] = max(r["max_abs_error"] for r in rows)
+    return out
 
 
 def mask_breakdown(n: int, length: int, *, repeats: int = 5) -> dict:
@@ -175,8 +256,10 @@ def shamir_timings(*, n: int = 100, repeats: int = 20) -> dict:
             "targets_ms": {"split": 1.0, "recover": 5.0}}
 
 
-def bench_masking(*, quick: bool) -> dict:
-    """Client/server time vs the keystream floor, upload size, Shamir timings (JSON-able)."""
+def bench_masking(*, quick: bool, scaling: bool = False) -> dict:
+    """Client/server time vs the keystream floor, upload size, Shamir timings (JSON-able);
+    ``floor_ratios`` at n = 10, d = 1M (the targets' setting); with ``scaling`` also the n x d
+    table of time and peak memory per party (minutes; ``quick`` keeps n <= 20, d <= 1M)."""
     grid = QUICK_GRID if quick else FULL_GRID
     repeats = 3 if quick else 2
     rows = []
@@ -205,7 +288,13 @@ def bench_masking(*, quick: bool) -> dict:
         import flwr  # noqa: F401
         flower = "installed (not benchmarked here)"
     except ImportError:
-        flower = "not installed; Flower SecAgg+ anchors are the DESIGN §7 figures"
+        flower = "not installed; Flower SecAgg+ anchors are the figures in docs/performance.md"
     breakdown = [mask_breakdown(n, d) for n, d in grid if d >= 262_144 and n <= 50]
-    return {"backend": "masking", "quick": quick, "rounds": rows, "mask_breakdown": breakdown,
-            "shamir": shamir_timings(), "flower": flower}
+    out = {"backend": "masking", "quick": quick,
+           "floor_ratios": floor_ratios(10, 1 << 20, repeats=5 if quick else 9), "rounds": rows,
+           "mask_breakdown": breakdown, "shamir": shamir_timings(), "flower": flower}
+    if scaling:
+        from .scaling import SCALING_DS, SCALING_NS, scaling_table
+        out["scaling"] = (scaling_table((5, 10, 20), (1 << 16, 1 << 20)) if quick
+                          else scaling_table(SCALING_NS, SCALING_DS))
+    return out

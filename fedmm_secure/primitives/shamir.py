@@ -3,7 +3,7 @@
 A prime just above 2^256 holds a whole 32-byte seed or X25519 scalar in one field element, so a
 secret is one polynomial (not several chunks) and a share value is 33 bytes.
 
-Speed (DESIGN §7: split <= 1 ms, recover <= 5 ms at n = 100): share x-coordinates are small
+Speed (docs/performance.md: split <= 1 ms, recover <= 5 ms at n = 100): share x-coordinates are small
 integers, so Horner's rule runs on exact integers with a single reduction mod p at the end
 (multiplying a big integer by a small one is cheap; reducing after every step is not). Recovery
 computes the Lagrange weights at zero once per set of x-coordinates, with one modular inversion

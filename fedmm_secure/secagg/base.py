@@ -171,6 +171,22 @@ class ServerRound(ABC):
         """Replies from the markets that answered this stage (absent markets have dropped out);
         returns the next messages. Raises :class:`AbortError` when the round cannot finish."""
 
+    def receive(self, market: str, reply: bytes) -> None:
+        """Take one reply of the current stage as it arrives; :meth:`end_stage` closes the stage.
+
+        The default keeps the replies for :meth:`handle`; a backend that can consume a reply
+        at once (the ``masking`` aggregator adds each upload into a running sum) overrides both,
+        so a caller that drops each reply after passing it holds one at a time, not n."""
+        pending: dict[str, bytes] = self.__dict__.setdefault("_stage_replies", {})
+        if market in pending:
+            raise ProtocolError(f"a second reply from {market!r} at this stage")
+        pending[market] = reply
+
+    def end_stage(self) -> dict[str, bytes]:
+        """Close the current stage over the replies :meth:`receive` took; the next messages."""
+        pending: dict[str, bytes] = self.__dict__.pop("_stage_replies", {})
+        return self.handle(pending)
+
     @property
     @abstractmethod
     def done(self) -> bool:

@@ -52,7 +52,7 @@ def run_round(
     outbox = server.start()
     stage = 0
     while True:
-        replies: dict[str, bytes] = {}
+        final = server.done
         for m, msg in outbox.items():
             if m in drop_at and stage >= drop_at[m]:
                 continue
@@ -62,10 +62,13 @@ def run_round(
                 up[m] += len(reply)
                 if recorder is not None:
                     recorder(m, stage, reply)
-                replies[m] = reply
-        if server.done:
+                if not final:
+                    # One reply at a time: the aggregator never holds every upload at once.
+                    server.receive(m, reply)
+            del reply
+        if final:
             break
-        outbox = server.handle(replies)
+        outbox = server.end_stage()
         stage += 1
     survivors = server.survivors
     results = {m: clients[m].result() for m in survivors

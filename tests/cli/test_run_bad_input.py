@@ -88,3 +88,23 @@ def test_refused_rounds_are_said_and_fail_on_skip_exits_1(tmp_path, tiny, capsys
     assert "REFUSED by the budget" in captured.out
     assert "refused by its budget" in captured.err   # logged as it happened
     assert main([*args, "--out", str(tmp_path / "b"), "--fail-on-skip"]) == 1
+
+
+def test_bench_secagg_prints_a_table_and_writes_the_json(tmp_path, capsys, monkeypatch):
+    # Real measurements, at sizes that take a second; the terminal gets the table, not JSON.
+    import fedmm_secure.benchmarks as b
+    from fedmm_secure.benchmarks.masking import floor_ratios, shamir_timings
+    small = {"backend": "masking", "floor_ratios": floor_ratios(3, 4096, repeats=1),
+             "shamir": shamir_timings(n=10, repeats=1)}
+    monkeypatch.setattr(b, "bench_masking", lambda **kw: small)
+    ckks = pytest.importorskip("fedmm_secure.benchmarks.ckks")
+    monkeypatch.setattr(ckks, "bench_ckks", lambda **kw: {"skipped": "not measured in this test"})
+    out = tmp_path / "bench.json"
+    assert main(["bench", "secagg", "--quick", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["metric", "ours"] and "target" in lines[0]
+    assert any(line.startswith("masking aggregator round, n=3 d=4,096, CPU") for line in lines)
+    assert "{" not in text
+    saved = json.loads(out.read_text())
+    assert saved["masking"]["floor_ratios"]["n"] == 3 and "ckks" in saved

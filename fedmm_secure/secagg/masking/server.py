@@ -3,10 +3,17 @@
 The aggregator signs every message it sends with its roster key, over the session the
 recipients are in. It rebuilds each missing seed from any t revealed shares that match their
 dealer's signed commitment, skipping (and naming in :attr:`MaskingServer.blamed`) the others.
+
+Masked uploads are taken one at a time (:meth:`MaskingServer.receive`): each is hashed for its
+signature and added into one running sum chunk by chunk while the chunk is in cache, and can be
+dropped by the caller right after, so the aggregator's memory is O(d), not O(n d). The masks are
+removed, the sum decoded and the RESULT hashed for its signature in one more chunked pass.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -18,12 +25,13 @@ from ...primitives.prg import accumulate_masks
 from ...primitives.quantization import Quantizer
 from ...primitives.shamir import SHARE_SIZE, Share, recover_secrets
 from ..base import RoundContext, ServerRound
-from .wire import (ADVERTISE, AGREE, CONSISTENCY, DIGEST, KIND_B, KIND_S, MASKED_INPUT, NONCE,
-                   NONCE_SIZE, RESULT, SEALED_SHARES, SERVER, SHARE_KEYS, UNMASK, b_commitment,
-                   blame, context, open_signed, pack_ids, pack_items, pack_sections, pair,
-                   parse_advert, ring_vector, session_digest, session_with_nonces,
-                   share_commitment, share_x, sign_message, signed_digest, unpack_items,
-                   unpack_sections)
+from ..codec import decode_envelope
+from .wire import (ADVERTISE, AGREE, CONSISTENCY, DIGEST, DOMAIN, KIND_B, KIND_S, MASKED_INPUT,
+                   NONCE, NONCE_SIZE, RESULT, SEALED_SHARES, SERVER, SHARE_KEYS, UNMASK,
+                   b_commitment, blame, context, open_signed, open_signed_streamed, pack_ids,
+                   pack_items, pack_sections, pair, parse_advert, ring_vector, session_digest,
+                   session_with_nonces, share_commitment, share_x, sign_message, signed_digest,
+                   signed_head, unpack_items, unpack_sections)
 
 __all__ = ["MaskingServer"]
 
@@ -46,6 +54,9 @@ class MaskingServer(ServerRound):
         self._u2: tuple[str, ...] = ()
         self._u3: tuple[str, ...] = ()
         self._ring_sum: np.ndarray | None = None
+        # This stage's verified replies (body, raw) and, at MASKED_INPUT, the running sum.
+        self._received: dict[str, tuple[bytes | memoryview, bytes]] = {}
+        self._running: np.ndarray | None = None
         self._result: np.ndarray | None = None
         self._result_digest = b""
         self._blamed: dict[str, str] = {}
@@ -81,6 +92,7 @@ class MaskingServer(ServerRound):
     def _abort(self, reason: str) -> None:
         self._aborted = True
         self._adverts, self._sealed, self._ring_sum, self._result = {}, {}, None, None
+        self._received, self._running = {}, None
         raise AbortError(f"{reason}; round aborted, nothing released")
 
     def _quorum(self, ids: Sequence[str], what: str) -> None:
@@ -88,25 +100,83 @@ class MaskingServer(ServerRound):
             self._abort(f"{what}: {len(ids)} markets answered, threshold is {self._t}")
 
     def handle(self, replies: Mapping[str, bytes]) -> dict[str, bytes]:
+        # All replies of the stage at once: the stage starts over (a retry after a blamed reply
+        # must not count the others twice).
+        self._check_open()
+        self._received, self._running = {}, None
+        for m in sorted(replies):
+            self.receive(m, replies[m])
+        return self.end_stage()
+
+    def _check_open(self) -> None:
         if self._aborted:
             raise AbortError("round was aborted")
         if self._done:
             raise ProtocolError("round already finished")
         if not self._expected:
             raise ProtocolError("round not started")
-        for m in replies:
-            if m not in self._expected:
-                raise ProtocolError(f"reply from {m!r}, who was not asked at this stage "
-                                    "(not a participant, dropped earlier, or a repeat)")
-        bodies = {}
-        for m in sorted(replies):
-            try:
-                bodies[m] = self._open(m, replies[m])
-            except ProtocolError as err:
-                raise blame(err, m)
+
+    def receive(self, market: str, reply: bytes) -> None:
+        """Verify one market's reply to the current stage and keep what the stage needs: a
+        masked upload is added into the running sum in the same chunked pass that hashes it
+        for its signature, so the caller may drop it at once. A reply that fails (a
+        :class:`ProtocolError` naming the market in ``.market``) leaves nothing behind."""
+        self._check_open()
+        if market not in self._expected or market in self._received:
+            raise ProtocolError(f"reply from {market!r}, who was not asked at this stage "
+                                "(not a participant, dropped earlier, or a repeat)")
+        try:
+            if self._stage == MASKED_INPUT:
+                self._add_upload(market, reply)
+                self._received[market] = (b"", b"")
+            else:
+                self._received[market] = (self._open(market, reply), reply)
+        except ProtocolError as err:
+            raise blame(err, market)
+
+    def end_stage(self) -> dict[str, bytes]:
+        """Close the stage over the replies received (absent markets have dropped out)."""
+        self._check_open()
+        received, self._received = self._received, {}
+        bodies = {m: received[m][0] for m in sorted(received)}
+        replies = {m: received[m][1] for m in sorted(received)}
         handler = (self._on_nonce, self._on_advertise, self._on_share_keys, self._on_masked_input,
                    self._on_consistency, self._on_unmask, self._on_result)[self._stage]
         return handler(bodies, replies)
+
+    def _add_upload(self, m: str, data: bytes) -> None:
+        n = self._ctx.length
+        if self._running is None:
+            self._running = np.zeros(n, dtype=np.uint32)
+        total = self._running
+        env = decode_envelope(data, view=True)
+        if len(env.payload) != DIGEST + 4 * n + SIGNATURE_SIZE:
+            # Verified as usual first, so a forged message is still the opaque IntegrityError.
+            ring_vector(self._ctx, self._q, self._open(m, data))
+            raise ProtocolError("masked upload of the wrong length")  # ring_vector raised
+        added = 0
+        outside = False
+
+        def add(part: memoryview, offset: int) -> None:
+            # Runs before the signature is known to hold: never raises; undone below on failure.
+            nonlocal added, outside
+            v = np.frombuffer(part, dtype="<u4")
+            i = offset // 4
+            if self._q.ring_bits < 32 and np.any(v >> np.uint32(self._q.ring_bits)):
+                outside = True
+            seg = total[i:i + v.shape[0]]
+            np.add(seg, v, out=seg)   # wraps mod 2^32 by design
+            added = offset + len(part)
+
+        try:
+            open_signed_streamed(data, env, ctx=self._ctx, stage=MASKED_INPUT, sender=m,
+                                 session=self._session, keys=self._keys, tail=4 * n, consume=add)
+            if outside:
+                raise ProtocolError(f"vector holds values outside Z_2^{self._q.ring_bits}")
+        except BaseException:
+            vec = np.frombuffer(memoryview(env.payload)[DIGEST:DIGEST + added], dtype="<u4")
+            np.subtract(total[:vec.shape[0]], vec, out=total[:vec.shape[0]])
+            raise
 
     def _validate_each(self, bodies: Mapping[str, bytes], check: Callable[[str, bytes], object]
                        ) -> dict[str, object]:
@@ -176,12 +246,9 @@ class MaskingServer(ServerRound):
                 for v in u2}
 
     def _on_masked_input(self, bodies, replies) -> dict[str, bytes]:
-        vecs = self._validate_each(bodies, lambda m, b: ring_vector(self._ctx, self._q, b))
-        u3 = tuple(sorted(vecs))
+        u3 = tuple(sorted(bodies))
         self._quorum(u3, "masked-input")
-        total = np.zeros(self._ctx.length, dtype=np.uint32)
-        for m in u3:
-            np.add(total, vecs[m], out=total)  # wraps mod 2^32 by design
+        total, self._running = self._running, None
         self._ring_sum, self._u3, self._sealed = total, u3, {}
         self._advance(CONSISTENCY, u3)
         return self._broadcast(CONSISTENCY, pack_ids(u3), u3)
@@ -261,16 +328,36 @@ class MaskingServer(ServerRound):
                                     context=context(self._session, b"pair-mask", *pair(u, v)))
                 # u added +PRG(s_uv) if u < v, -PRG(s_uv) otherwise; undo it.
                 (sub if u < v else add).append(seed)
-        total = self._ring_sum
-        accumulate_masks(total, add=add, subtract=sub + b_keys)
-        if self._q.ring_bits < 32:
-            total &= np.uint32(self._q.modulus - 1)
-        self._result = self._q.dequantize_sum(total)
-        payload = pack_sections(pack_ids(u3), pack_ids(u5),
-                                memoryview(total.astype("<u4", copy=False)).cast("B"))
-        msg, self._result_digest = self._sign(RESULT, payload)
+        msg, self._result_digest, self._result = self._unmask_sum(u3, u5, add, sub + b_keys)
         self._advance(RESULT, u5)
         return {m: msg for m in u5}
+
+    def _unmask_sum(self, u3: Sequence[str], u5: Sequence[str], add: list[SymmetricKey],
+                    sub: list[SymmetricKey]) -> tuple[bytes, bytes, np.ndarray]:
+        """The signed RESULT message, its digest and the decoded sum: masks removed, the sum
+        reduced, decoded and hashed for the signature in one chunked pass over the vector."""
+        total, q, n = self._ring_sum, self._q, self._ctx.length
+        # The vector is the last section: everything before it, its length prefix included.
+        prefix = pack_sections(pack_ids(u3), pack_ids(u5)) + struct.pack(">I", 4 * n)
+        head = signed_head(self._ctx, RESULT, SERVER, len(prefix) + 4 * n)
+        h = hashlib.sha256(head + self._session + prefix)
+        decoded = np.empty(n, dtype=np.float64)
+        done = 0
+
+        def finish(part: np.ndarray) -> None:
+            nonlocal done
+            if q.ring_bits < 32:
+                part &= np.uint32(q.modulus - 1)
+            q.dequantize_into(part, decoded[done:done + part.shape[0]], start=done)
+            h.update(part)
+            done += part.shape[0]
+
+        accumulate_masks(total, add=add, subtract=sub, finish_chunk=finish)
+        digest = DOMAIN + b"/sig" + h.digest()   # what signed_digest gives for the same bytes
+        msg = b"".join([head, self._session, prefix,
+                        memoryview(total.astype("<u4", copy=False)).cast("B"),
+                        self._identity.sign(digest)])
+        return msg, digest, decoded
 
     def _on_result(self, bodies, replies) -> dict[str, bytes]:
         def check(m: str, body: bytes) -> None:
