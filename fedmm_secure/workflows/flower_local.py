@@ -32,9 +32,9 @@ def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> 
         "seed": seed, "rounds": rounds, "methods": ["fedmm"], "secagg": secagg,
         # Non-private unless --epsilon / --epsilon-budget: this is the runtime's smoke config.
         "privacy": {"enabled": False},
-        # Disjoint catalogues: the Flower runtime runs FedMM without public catalogue keys, so
-        # the embedded run it is compared with must not share keys either.
-        "synthetic": {"markets": specs, "catalogue_overlap": 0.0},
+        # Overlapping catalogues (the generator's default): every market worker builds the
+        # shared-key list from the markets' public keys, as the embedded run does.
+        "synthetic": {"markets": specs},
         "model": {"vq_epochs": 3, "n_global": 8, "n_local": 4, "cf_dim": 8, "latent_dim": 4, "vq_hidden": 8,
                   "ctr_dim": 8, "ctr_hidden": [8]}})
 

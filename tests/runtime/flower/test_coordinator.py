@@ -49,6 +49,8 @@ def test_distributed_pipeline_equals_embedded(drop):
     res, books = _distributed(drop)
     expected = {"m0", "m1"} if drop else {"m0", "m1", "m2"}
     assert set(books) == expected
+    # The tiny config's markets list overlapping products: key sharing is on, as embedded.
+    assert res["catalogue"] and all(c["shared_keys"] > 0 for c in res["catalogue"].values())
     for m in expected:
         # Equal up to float32 rounding: the statistics are summed in another order.
         np.testing.assert_array_max_ulp(books[m], ref[m], maxulp=4)
