@@ -47,6 +47,7 @@ __all__ = [
     "default_k_grid",
     "count_correct_guesses",
     "one_run_audit",
+    "one_run_ceiling",
 ]
 
 # Search ceiling for eps. Computations are in log space, so 200 is safe numerically; reaching it
@@ -255,3 +256,17 @@ def one_run_audit(scores: np.ndarray, included: np.ndarray, *, delta: float, alp
             k_plus=grid[j][0], k_minus=grid[j][1], guesses=int(r[j]), correct=int(correct[row, j]),
             n_hypotheses=len(grid)))
     return results if two_d else results[0]
+
+
+def one_run_ceiling(m: int, *, delta: float, alpha: float = 0.05,
+                    k_grid: tuple[tuple[int, int], ...] | None = None) -> float:
+    """The achievable ceiling: the bound :func:`one_run_audit` reports if every guess is right.
+
+    No audit of ``m`` canaries at this ``delta`` and grid can report more, so an accountant
+    epsilon at or above it cannot be contradicted by the audit whatever the attack.
+    """
+    grid = tuple(k_grid) if k_grid is not None else default_k_grid(m)
+    if not grid:
+        raise ConfigError("k_grid", "must not be empty")
+    r = np.array([kp + km for kp, km in grid])
+    return float(np.max(epsilon_lower_bound(m=m, r=r, v=r, delta=delta, alpha=alpha / len(grid))))

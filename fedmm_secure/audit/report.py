@@ -28,6 +28,14 @@ class AttackResult:
     accountant_epsilon: float | None
     roc: RocCurve = field(repr=False, compare=False)
     n_models_trained: int = 1
+    # The bound if every guess were right (:func:`~.one_run.one_run_ceiling`); None if unknown.
+    ceiling: float | None = None
+
+    @property
+    def conclusive(self) -> bool:
+        """Could this audit have flagged the accountant's epsilon at all?"""
+        return (self.ceiling is None or self.accountant_epsilon is None
+                or self.ceiling > self.accountant_epsilon)
 
     @property
     def violation(self) -> bool:
@@ -52,6 +60,8 @@ class AttackResult:
             "attack": self.attack,
             **self.metrics.to_dict(),
             "epsilon_lower_bound": self.bound.to_dict(),
+            "ceiling": self.ceiling,
+            "conclusive": self.conclusive,
             "accountant_epsilon": self.accountant_epsilon,
             "violation": self.violation,
             "verdict": self.verdict,
@@ -88,6 +98,20 @@ class AuditReport:
             "results": [r.to_dict() for r in self.results],
         }
 
+    def ceiling_lines(self) -> list[str]:
+        """One line per result: its achievable ceiling, and "not for conclusions" when the
+        ceiling does not exceed the accountant's epsilon (the audit could not flag it)."""
+        out = []
+        for r in self.results:
+            if r.ceiling is None:
+                continue
+            line = f"{r.market} {r.attack}: achievable ceiling {r.ceiling:.3f} (bound if every guess were right)"
+            if not r.conclusive:
+                line += (f" <= accountant epsilon {r.accountant_epsilon:.3f}: not for conclusions "
+                         "(this audit cannot flag that epsilon; use more canaries)")
+            out.append(line)
+        return out
+
     def to_markdown(self) -> str:
         conf = f"{100 * self.confidence:g}%"
         lines = [
@@ -108,6 +132,8 @@ class AuditReport:
                 f"| {r.market} | {r.attack} | {r.metrics.auc:.3f} | {r.metrics.tpr_at_0_1pct_fpr:.4f} | "
                 f"{r.metrics.tpr_at_1pct_fpr:.4f} | {b.epsilon_lower_bound:.3f} | {b.correct}/{b.guesses} "
                 f"(k+={b.k_plus}, k-={b.k_minus}) | {acc} | {r.verdict} |")
+        lines.append("")
+        lines += self.ceiling_lines()
         lines.append("")
         small = [r for r in self.results if r.metrics.n_nonmembers < 1000]
         if small:

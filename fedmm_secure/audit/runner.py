@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .lira import fit_lira, lira_offline_scores, lira_online_scores, train_shadows
 from .metrics import membership_metrics
-from .one_run import one_run_audit
+from .one_run import one_run_audit, one_run_ceiling
 from .plot import save_roc_plot
 from .report import AttackResult, AuditReport
 from .target import MarketAuditTarget, TrainFn
@@ -46,7 +46,8 @@ def _result(market, attack, scores, included, *, delta, alpha, k_grid, acc_eps, 
     metrics, roc = membership_metrics(scores[included], scores[~included])
     bound = one_run_audit(scores, included, delta=delta, alpha=alpha, k_grid=k_grid)
     return AttackResult(market=market, attack=attack, metrics=metrics, bound=bound,
-                        accountant_epsilon=acc_eps, roc=roc, n_models_trained=n_models)
+                        accountant_epsilon=acc_eps, roc=roc, n_models_trained=n_models,
+                        ceiling=one_run_ceiling(scores.size, delta=delta, alpha=alpha, k_grid=k_grid))
 
 
 def run_audit(*, attack: str, markets: dict[str, MarketAuditTarget], out_dir: Path | str,

@@ -126,6 +126,14 @@ def test_cli_subcommand_audits_every_market(dp_run, tmp_path, capsys):
     rep = json.loads(out.read_text())
     assert {r["market"] for r in rep["results"]} == {"big", "small"}
     assert all(r["epsilon_lower_bound"]["epsilon_lower_bound"] <= r["accountant_epsilon"] for r in rep["results"])
+    # Quick mode prints each result's achievable ceiling, and "not for conclusions" exactly when
+    # that ceiling cannot exceed the accountant's epsilon.
+    printed = capsys.readouterr().out
+    for r in rep["results"]:
+        assert r["ceiling"] >= r["epsilon_lower_bound"]["epsilon_lower_bound"]
+        line = next(x for x in printed.splitlines() if x.startswith(f"{r['market']} loss: achievable ceiling"))
+        assert f"{r['ceiling']:.3f}" in line
+        assert ("not for conclusions" in line) == (r["ceiling"] <= r["accountant_epsilon"])
 
 
 def test_a_memorising_model_claimed_as_private_is_flagged(dp_run, tmp_path):
