@@ -171,7 +171,7 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
         rel = (d / LEDGER_FILENAME).relative_to(run_dir).as_posix()
         with Ledger.open(d) as led:
             rows += _ledger_rows(led, rel, privacy)
-            spent.update({m: rep.to_dict() for m, rep in led.spent().items()})
+            spent.update({m: rep.to_dict() for m, rep in led.spent(composed=verified.composed).items()})
             configs.append(led.run_config)
     budget = next((_finite(v.get("budget")) for v in privacy.values()
                    if isinstance(v, Mapping) and _finite(v.get("budget")) is not None), None)
