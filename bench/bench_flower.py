@@ -67,7 +67,8 @@ def _flower_rounds(tmp_path, *, stock: bool, rounds: int, secagg: str = "masking
     return res["secagg"]["rounds"], wall
 
 
-def _report(benchmark, name: str, rounds: list[dict], embedded: list[float], wall: float) -> dict:
+def _report(benchmark, name: str, rounds: list[dict], embedded: list[float], wall: float,
+            load: tuple[float, float] = (float("nan"), float("nan"))) -> dict:
     # Round 0 includes the workers' first use of each code path; report it apart.
     proto = [r["protocol_s"] for r in rounds[1:]]
     n_stages = len(rounds[0]["stage_s"]) - 1
@@ -82,6 +83,8 @@ def _report(benchmark, name: str, rounds: list[dict], embedded: list[float], wal
         "flower/target_5s": statistics.median(proto) / TARGET_FLOWER_S,
         "embedded/target_1s": statistics.median(emb) / TARGET_EMBEDDED_S,
         "deployment_wall_s": wall,
+        # The machine is shared: the 1-minute load average before and after the measurement.
+        "load_before": load[0], "load_after": load[1],
     }
     benchmark.extra_info.update(info)
     print(f"\nflower[{name}] " + "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -96,13 +99,15 @@ def test_secure_round_latency_flower_vs_embedded(benchmark, tmp_path, secagg):
     box: dict = {}
 
     def run() -> None:
+        box["load"] = os.getloadavg()[0]
         before = _embedded_rounds(ROUNDS, secagg=secagg)
         box["rounds"], box["wall"] = _flower_rounds(tmp_path / "fast", stock=False, rounds=ROUNDS, secagg=secagg)
         after = _embedded_rounds(ROUNDS, secagg=secagg)
         box["embedded"] = [min(a, b) for a, b in zip(before, after)]
 
     benchmark.pedantic(run, rounds=1, iterations=1)
-    _report(benchmark, f"worker-executor/{secagg}", box["rounds"], box["embedded"], box["wall"])
+    _report(benchmark, f"worker-executor/{secagg}", box["rounds"], box["embedded"], box["wall"],
+            (box["load"], os.getloadavg()[0]))
 
 
 @pytest.mark.skipif(not os.environ.get("FEDMM_BENCH_FLOWER_STOCK"), reason="set FEDMM_BENCH_FLOWER_STOCK=1")

@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     fll.add_argument("--epsilon-budget", type=float, help="per-market budget enforced before every round")
     fll.add_argument("--tls", action="store_true",
                      help="TLS on the SuperLink and SuperNode authentication, with a throwaway PKI in OUT/tls")
+    fll.add_argument("--startup-timeout", type=float, metavar="SECONDS",
+                     help="how long the deployment may take to come up (default 60 + 20 per market)")
     fll.add_argument("--quiet", action="store_true", help="no progress lines")
     out_or_resume = fll.add_mutually_exclusive_group(required=True)
     out_or_resume.add_argument("--out", help="a new run directory")
@@ -55,4 +57,4 @@ def command(args: argparse.Namespace) -> int:
         out=Path(args.resume or args.out), resume=bool(args.resume),
         config=load_config(args.config) if args.config else None,
         epsilon=args.epsilon, epsilon_budget=args.epsilon_budget,
-        tls=args.tls, progress=None if args.quiet else _stderr_line)
+        tls=args.tls, progress=None if args.quiet else _stderr_line, startup_timeout=args.startup_timeout)

@@ -43,7 +43,7 @@ __all__ = ["PrivacyPlan", "PrivateTraining", "make_private"]
 
 log = logging.getLogger(__name__)
 
-UNITS = ("record", "user")
+UNITS = ("record", "interaction", "user")
 # Relative precision of the noise calibration: the planned epsilon ends within about 0.5% below
 # the target (the accountant's answer moves less than sigma does near the target).
 _CALIBRATION_TOLERANCE = 2e-3
@@ -140,6 +140,7 @@ def make_private(
     max_grad_norm: float,
     unit: str = "record",
     user_of_record: torch.Tensor | None = None,
+    interaction_of_record: torch.Tensor | None = None,
     accountant: str = "pld",
     ledger: Ledger | None = None,
     ledger_market: str = "local",
@@ -158,8 +159,12 @@ def make_private(
         epochs: expected passes over the data; ``epochs * ceil(N / batch_size)`` steps at most.
         target_epsilon, delta: the (epsilon, delta) guarantee for one ``unit``. No defaults.
         max_grad_norm: clipping norm C of each unit's gradient (L2, over all parameters).
-        unit: ``"record"`` or ``"user"`` (then ``user_of_record``, a length-N int tensor, is
-            required; a step samples users with all their records).
+        unit: ``"record"``, ``"interaction"`` (then ``interaction_of_record``, a length-N int
+            tensor, is required: every record derived from one interaction, e.g. an
+            implicit-feedback positive and the negatives sampled for it, shares an id; a step
+            samples interactions with all their records and clips their summed gradient) or
+            ``"user"`` (then ``user_of_record`` is required; a step samples users with all their
+            records).
         accountant: ``"pld"`` (default, certified) or another registered accountant.
         ledger: an open :class:`~fedmm_secure.privacy.ledger.Ledger` (``Ledger.open(path,
             run_config=..., create=True)``); events are recorded as market ``ledger_market``
@@ -189,11 +194,13 @@ def make_private(
     epochs = _positive_int("epochs", epochs)
     if unit not in UNITS:
         raise ConfigError("unit", f"unknown unit {unit!r}", allowed=", ".join(UNITS))
-    if unit == "user":
-        if not isinstance(user_of_record, torch.Tensor) or user_of_record.shape != (n,):
-            raise ConfigError("user_of_record", f"user-level DP needs a ({n},) tensor of user ids")
-    elif user_of_record is not None:
-        raise ConfigError("user_of_record", "only for unit='user'")
+    groups = {"user": ("user_of_record", user_of_record), "interaction": ("interaction_of_record", interaction_of_record)}
+    for group_unit, (name, ids) in groups.items():
+        if unit == group_unit:
+            if not isinstance(ids, torch.Tensor) or ids.shape != (n,) or ids.dtype.is_floating_point:
+                raise ConfigError(name, f"{group_unit}-level DP needs a ({n},) integer tensor of {group_unit} ids")
+        elif ids is not None:
+            raise ConfigError(name, f"only for unit={group_unit!r}")
     if generator is None:
         generator = SecureRandom()
     elif isinstance(generator, torch.Generator):
@@ -201,15 +208,18 @@ def make_private(
                     "(anyone who knows the seed can remove the noise)")
     randomness = "secure" if isinstance(generator, SecureRandom) else "reproducible"
 
-    # Both units: batch_size records per step in expectation (a user-level step samples users
-    # at the same rate, carrying batch_size records on average).
+    # Every unit: batch_size records per step in expectation (a grouped step samples users or
+    # interactions at the same rate, carrying batch_size records on average).
     q = min(1.0, b / n)
     sampler: PoissonRecordSampler | PoissonUserSampler
     if unit == "record":
         sampler = PoissonRecordSampler(num_records=n, sample_rate=q, generator=generator)
     else:
-        assert user_of_record is not None
-        sampler = PoissonUserSampler(user_of_record=user_of_record, sample_rate=q, generator=generator)
+        ids = groups[unit][1]
+        assert ids is not None
+        # The grouped sampler works on any grouping of records; the accountant's event carries
+        # the unit, so the ledger says which one the epsilon protects.
+        sampler = PoissonUserSampler(user_of_record=ids, sample_rate=q, generator=generator, unit=unit)
     total = epochs * sampler.steps_per_epoch
     sigma = calibrate_noise_multiplier(target_epsilon=float(target_epsilon), delta=delta, sample_rate=q,
                                        steps=total, accountant=accountant, unit=unit,

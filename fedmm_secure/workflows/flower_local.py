@@ -18,7 +18,7 @@ from pathlib import Path
 from ..config import RunConfig, config_from_dict, load_config
 from ..errors import ConfigError
 from ..reports.run_report import write_json_atomic, write_run_report
-from ..runtime.flower.local import FlowerLocalDeployment
+from ..runtime.flower.local import FlowerLocalDeployment, same_roster
 
 __all__ = ["flower_local_command", "tiny_flower_config"]
 
@@ -31,7 +31,9 @@ def tiny_flower_config(*, markets: int, rounds: int, secagg: str, seed: int) -> 
         "seed": seed, "rounds": rounds, "methods": ["fedmm"], "secagg": secagg,
         # Non-private unless --epsilon / --epsilon-budget: this is the runtime's smoke config.
         "privacy": {"enabled": False},
-        "synthetic": {"markets": specs},
+        # Disjoint catalogues: the Flower runtime runs FedMM without public catalogue keys, so
+        # the embedded run it is compared with must not share keys either.
+        "synthetic": {"markets": specs, "catalogue_overlap": 0.0},
         "model": {"vq_epochs": 3, "n_global": 8, "n_local": 4, "cf_dim": 8, "latent_dim": 4, "vq_hidden": 8,
                   "ctr_dim": 8, "ctr_hidden": [8]}})
 
@@ -49,19 +51,25 @@ def _resume_config(out: Path) -> RunConfig:
 def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, seed: int,
                          config: RunConfig | None, timeout: float = 1800.0, epsilon: float | None = None,
                          epsilon_budget: float | None = None, tls: bool = False, resume: bool = False,
-                         progress: Callable[[str], None] | None = None) -> int:
+                         progress: Callable[[str], None] | None = None,
+                         startup_timeout: float | None = None) -> int:
     """``fedmm-secure flower local``: run FedMM on a loopback Flower deployment; 0 on success.
 
     ``resume=True``: continue the interrupted run in ``out`` with its own config (the other
     run arguments are not used): every market reopens its ledger, so what the interrupted run
     spent stays spent and new rounds are numbered after it; models restart from their initial
-    state, as with ``fedmm-secure run --resume``."""
+    state, as with ``fedmm-secure run --resume``. ``startup_timeout``: seconds the deployment may
+    take to come up (default derived from the number of markets,
+    :func:`~fedmm_secure.runtime.flower.local.startup_timeout`)."""
     out = Path(out)
+    if startup_timeout is not None and not startup_timeout > 0:
+        raise ConfigError("--startup-timeout", f"got {startup_timeout!r}", allowed="seconds > 0")
     if resume:
         cfg = _resume_config(out)
         if (out / "error.json").exists():   # the failed attempt's error stays readable
             (out / "error.json").replace(out / "error.previous.json")
-        return _run_flower_local(cfg, out, resume=True, timeout=timeout, tls=tls, progress=progress)
+        return _run_flower_local(cfg, out, resume=True, timeout=timeout, tls=tls, progress=progress,
+                                 startup_timeout=startup_timeout)
     if config is None:
         if not isinstance(markets, int) or markets < 2:
             raise ConfigError("--markets", f"got {markets!r}", allowed="an integer >= 2")
@@ -81,7 +89,8 @@ def flower_local_command(*, markets: int, rounds: int, secagg: str, out: Path, s
     cfg = cfg.resolved()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", cfg.to_dict())   # what --resume reads
-    return _run_flower_local(cfg, out, resume=False, timeout=timeout, tls=tls, progress=progress)
+    return _run_flower_local(cfg, out, resume=False, timeout=timeout, tls=tls, progress=progress,
+                             startup_timeout=startup_timeout)
 
 
 @contextmanager
@@ -104,7 +113,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 @_sigterm_as_interrupt()
 def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float, tls: bool,
-                      progress: Callable[[str], None] | None) -> int:
+                      progress: Callable[[str], None] | None, startup_timeout: float | None = None) -> int:
     log = out / "flower_server.log"
     seen = len(log.read_text(encoding="utf-8").splitlines()) if log.exists() else 0
 
@@ -118,7 +127,7 @@ def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float
             progress(line)
         seen = len(lines)
 
-    with FlowerLocalDeployment(cfg, out_dir=out, resume=resume) as dep:
+    with FlowerLocalDeployment(cfg, out_dir=out, resume=resume, startup_timeout_s=startup_timeout) as dep:
         if tls:
             tls_dir = out / "tls"
             if resume and tls_dir.exists():   # keys are never reused: the old PKI is set aside
@@ -133,6 +142,12 @@ def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float
         dep.submit()
         results = dep.wait(timeout=timeout, on_poll=show_progress)
         show_progress(dep)
+        # Each market trusted the first roster it was shown (keys are made per run, so no digest
+        # exists in advance); the records its worker kept must agree before the results count.
+        roster = same_roster(dep.pinned_rosters())
+        results["roster_sha256"] = roster
+        if progress is not None:
+            progress(f"every market pinned the same roster: sha256 {roster}")
     write_run_report(results, out)
     if progress is not None:
         auc = results.get("summary", {}).get("fedmm", {}).get("mean_auc")

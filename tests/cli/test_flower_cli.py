@@ -14,6 +14,8 @@ from fedmm_secure.cli import main  # noqa: E402
     (["--markets", "2", "--epsilon", "-1"], "privacy.epsilon"),
     (["--markets", "2", "--secagg", "nope"], "secagg"),
     (["--markets", "2", "--epsilon", "8", "--epsilon-budget", "5"], "privacy.epsilon"),  # target above budget
+    (["--markets", "2", "--startup-timeout", "0"], "--startup-timeout"),
+    (["--markets", "2", "--startup-timeout", "nan"], "--startup-timeout"),
 ])
 def test_bad_flower_flags_exit_2_with_one_line(args, field, tmp_path, capsys, monkeypatch):
     started = []
@@ -57,3 +59,27 @@ def test_resume_needs_a_flower_run_directory(tmp_path, capsys):
     assert "config.json" in capsys.readouterr().err
     assert main(["flower", "local", "--resume", str(tmp_path), "--seed", "1", "--quiet"]) == 2
     assert "--seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("markets,flag,expected", [(2, None, 100.0), (5, None, 160.0), (12, None, 300.0),
+                                                   (5, "45", 45.0)])
+def test_start_up_waits_grow_with_the_markets_unless_the_flag_says(markets, flag, expected, tmp_path, monkeypatch):
+    # Every start-up wait (workers ready, SuperNode keys registered, `flwr run`, SuperNodes
+    # joining) is the deployment's start-up timeout: derived from the number of markets, or
+    # --startup-timeout.
+    import fedmm_secure.runtime.flower.local as fl
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def start(self, **kw):
+        seen["timeout"] = self.startup_timeout_s
+        raise Stop
+
+    monkeypatch.setattr(fl.FlowerLocalDeployment, "start", start)
+    args = ["flower", "local", "--markets", str(markets), "--out", str(tmp_path / "out"), "--quiet"]
+    with pytest.raises(Stop):
+        main(args + (["--startup-timeout", flag] if flag else []))
+    assert seen["timeout"] == expected
+    assert fl.startup_timeout(markets) == fl.STARTUP_BASE_S + fl.STARTUP_PER_MARKET_S * markets

@@ -16,13 +16,57 @@ def test_default_has_one_rich_and_three_sparse_markets(markets):
     assert per_item[0] > 4 * max(per_item[1:])
 
 
-def test_ids_are_local_and_disjoint_by_construction(markets):
+def test_ids_are_local_to_each_market(markets):
     for m in markets:
         for split in (m.train, m.valid, m.test):
             assert split.users.min() >= 0 and split.users.max() < m.n_users
             assert split.items.min() >= 0 and split.items.max() < m.n_items
-        # nothing in the data links one market's items to another's except ground truth
-        assert m.item_keys is None
+        assert m.item_keys is not None and len(m.item_keys) == m.n_items
+        assert len(set(m.item_keys)) == m.n_items  # a market lists a product once
+
+
+def test_disjoint_catalogues_have_no_keys_and_are_the_old_generator():
+    ms = generate_markets(SyntheticConfig(catalogue_overlap=0.0), seed=3)
+    assert all(m.item_keys is None for m in ms)
+    # Known answer from the generator before catalogue overlap existed (seed 3, default markets).
+    assert int(ms[1].train.click.sum()) == 1938 and int(ms[0].train.items[:50].sum()) == 24900
+
+
+def _listed_elsewhere(ms):
+    from collections import Counter
+    count = Counter(k for m in ms for k in set(m.item_keys))
+    return {m.name: float(np.mean([count[k] > 1 for k in m.item_keys])) for m in ms}
+
+
+def test_catalogue_overlap_is_the_share_of_products_listed_elsewhere(markets):
+    shares = _listed_elsewhere(markets)
+    # The largest market lists the whole world catalogue, so every smaller market's world
+    # products are listed there: their share is exactly the overlap.
+    for name in ("sparse_a", "sparse_b", "sparse_c"):
+        assert shares[name] == pytest.approx(0.5, abs=1e-9)
+    assert 0.3 < shares["rich"] <= 0.5
+    more = _listed_elsewhere(generate_markets(SyntheticConfig(catalogue_overlap=0.9), seed=3))
+    assert all(more[k] > shares[k] for k in shares)
+
+
+def test_same_product_is_the_same_thing_in_every_market(markets):
+    # A world product keeps its cluster everywhere (its own component is shared through
+    # sqrt(1 - h^2), the rest is the market's view).
+    by_key = {}
+    for m in markets:
+        for i, k in enumerate(m.item_keys):
+            by_key.setdefault(k, []).append((m.name, int(m.item_cluster[i])))
+    shared = [v for k, v in by_key.items() if len(v) > 1]
+    assert shared and all(len({c for _, c in v}) == 1 for v in shared)
+
+
+def test_same_product_has_the_same_public_attributes_everywhere(markets):
+    attrs = {}
+    for m in markets:
+        for i, k in enumerate(m.item_keys):
+            attrs.setdefault(k, set()).add(tuple(m.item_features[i]))
+    listed_twice = [k for k in attrs if k.startswith("world/")]
+    assert listed_twice and all(len(attrs[k]) == 1 for k in listed_twice)
 
 
 def test_splits_partition_the_impressions(markets):
@@ -80,6 +124,9 @@ def test_heterogeneity_knob_changes_market_views():
     {"n_clusters": 1},
     {"heterogeneity": -1.0},
     {"category_noise": 2.0},
+    {"catalogue_overlap": 1.5},
+    {"catalogue_overlap": -0.1},
+    {"catalogue_overlap": True},
 ])
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ConfigError):

@@ -93,7 +93,12 @@ def test_dangerous_parameters_are_keyword_only_without_defaults():
 
 
 @pytest.mark.parametrize("bad", [{"target_epsilon": 0}, {"delta": 1.5}, {"max_grad_norm": float("inf")},
-                                 {"batch_size": 0}, {"unit": "market"}, {"unit": "user"}])
+                                 {"batch_size": 0}, {"unit": "market"}, {"unit": "user"},
+                                 {"unit": "interaction"},
+                                 {"unit": "interaction", "interaction_of_record": torch.zeros(N)},
+                                 {"unit": "record", "interaction_of_record": torch.zeros(N, dtype=torch.long)},
+                                 {"unit": "user", "user_of_record": torch.zeros(N, dtype=torch.long),
+                                  "interaction_of_record": torch.zeros(N, dtype=torch.long)}])
 def test_invalid_settings_are_refused(bad):
     kwargs = dict(loss_fn=_loss, data_size=N, batch_size=24, epochs=1, target_epsilon=2.0, delta=1e-5,
                   max_grad_norm=1.0)
@@ -115,3 +120,29 @@ def test_user_level_and_reproducible_mode():
     dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]))
     assert trainer.steps_taken == privacy.plan.total_steps
     assert privacy.epsilon() <= 3.0
+
+
+def test_interaction_level_samples_and_clips_whole_interactions(tmp_path):
+    # Implicit feedback: one positive and its 4 sampled negatives come from one interaction.
+    x, y = _data()
+    interactions = torch.arange(N) // 5
+    model = _model()
+    with Ledger.open(tmp_path, run_config={"example": "interaction"}, create=True) as ledger:
+        trainer, privacy = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=_loss,
+                                        data_size=N, batch_size=30, epochs=2, target_epsilon=4.0, delta=1e-5,
+                                        max_grad_norm=1.0, unit="interaction",
+                                        interaction_of_record=interactions, ledger=ledger)
+        assert privacy.plan.unit == trainer.unit == "interaction"
+        for _ in range(3):
+            draw = trainer.sample()
+            # every sampled interaction comes with all five of its records, as one clipped unit
+            counts = torch.bincount(interactions[draw.indices], minlength=N // 5)
+            assert set(counts.tolist()) <= {0, 5}
+            assert draw.unit == "interaction" and draw.num_units == int((counts > 0).sum())
+        dp_train_epoch(trainer, lambda idx: (x[idx], y[idx]))
+        units = {e.event.unit for e in ledger.event_records()}
+    assert units == {"interaction"}
+    # The epsilon the ledger holds is the accountant's for the plan, checked independently.
+    ref = _dp_accounting_epsilon(privacy.plan.sample_rate, privacy.plan.noise_multiplier,
+                                 trainer.steps_taken, 1e-5)
+    assert privacy.epsilon() == pytest.approx(ref, rel=0.01)

@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...config import RunConfig, config_from_dict
@@ -34,7 +35,21 @@ from ...errors import AbortError, ConfigError
 from .pki import FlowerTLS, loopback_tls
 from .processes import BIN, MARKER, free_port, group_exists, killpg, marked_pids, tool
 
-__all__ = ["APP_PYPROJECT", "FlowerLocalDeployment", "write_app_dir"]
+__all__ = ["APP_PYPROJECT", "FlowerLocalDeployment", "Placement", "same_roster", "startup_timeout",
+           "write_app_dir"]
+
+# Start-up cost per market on a small machine: its worker imports torch and builds its data, its
+# SuperNode starts Flower (together ~10 s of CPU, measured on 2 shared cores under load 3-5); all
+# markets start at once and queue for the same cores, so the wait grows with their number.
+STARTUP_BASE_S = 60.0
+STARTUP_PER_MARKET_S = 20.0
+
+
+def startup_timeout(n_markets: int) -> float:
+    """How long a deployment of ``n_markets`` markets may take to come up (every wait before
+    the run's first message: workers ready, SuperNode keys registered, ``flwr run`` accepted,
+    every SuperNode joined): ``STARTUP_BASE_S + STARTUP_PER_MARKET_S * n_markets``."""
+    return STARTUP_BASE_S + STARTUP_PER_MARKET_S * max(1, int(n_markets))
 
 APP_PYPROJECT = """\
 [build-system]
@@ -70,6 +85,37 @@ workload-json = '{"name": "fedmm"}'
 """
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where the deployment's parts run, when not all on this machine's loopback.
+
+    ``link_host``: the address the SuperLink serves on and the SuperNodes dial (TLS names it in
+    the SuperLink's certificate). ``prefix``: a command prefix per part (``"superlink"`` for the
+    SuperLink, its ServerApp and the ``flwr`` CLI; a market's name for its SuperNode and worker),
+    e.g. ``["ip", "netns", "exec", NS]``. A market's SuperNode and worker share one prefix and
+    talk over that place's own loopback.
+    """
+
+    link_host: str = "127.0.0.1"
+    prefix: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+def same_roster(pinned: Mapping[str, str | None]) -> str:
+    """The roster digest every market that took part pinned (hex); :class:`AbortError` if they
+    differ (the aggregator showed the markets different rosters, say a puppet market added for
+    some) or none recorded one. A market that never got to ``start`` (``None``: refused the run,
+    or was stopped before) pinned nothing and is left out. What markets without a digest
+    obtained in advance can check, after the fact."""
+    recorded = {m: d for m, d in pinned.items() if d}
+    if not recorded:
+        raise AbortError("no market recorded the roster it pinned")
+    digests = set(recorded.values())
+    if len(digests) != 1:
+        detail = ", ".join(f"{m}: {d[:16]}" for m, d in sorted(recorded.items()))
+        raise AbortError(f"the markets pinned different rosters ({detail}); do not use this run's results")
+    return digests.pop()
+
+
 def write_app_dir(path: Path) -> Path:
     """The Flower app project (a FAB is built from it); the code itself is the installed package."""
     path.mkdir(parents=True, exist_ok=True)
@@ -97,9 +143,15 @@ class FlowerLocalDeployment:
     def __init__(self, cfg: RunConfig, *, out_dir: Path, stage_timeout: float = 30.0, step_timeout: float = 600.0,
                  hang_at: dict[str, str] | None = None, poll_interval: float = 0.05, stock: bool = False,
                  workload: dict | None = None, node_poll: float = 0.1, tls: FlowerTLS | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, startup_timeout_s: float | None = None,
+                 placement: Placement | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.markets = [m.name for m in load_data(cfg)]
+        if startup_timeout_s is not None and not startup_timeout_s > 0:
+            raise ConfigError("startup-timeout", f"got {startup_timeout_s!r}", allowed="seconds > 0")
+        # Derived from the number of markets unless the operator says otherwise.
+        self.startup_timeout_s = (startup_timeout(len(self.markets)) if startup_timeout_s is None
+                                  else float(startup_timeout_s))
         if cfg.data != "synthetic" and not cfg.markets:
             # Each market loads only its own data (node config), so the run config must give
             # the market order.
@@ -112,6 +164,7 @@ class FlowerLocalDeployment:
         # The SuperNode's idle poll hits the SuperLink (one process for every market): 0.1 s
         # keeps it off the critical path's CPU on a small machine; see bench/RESULTS_flower.md.
         self.node_poll = node_poll
+        self.placement = placement or Placement()
         self.tls = tls
         if tls is not None and set(tls.node_keys) != set(self.markets):
             raise ConfigError("tls.node_keys", "one SuperNode key pair per market is required",
@@ -131,7 +184,9 @@ class FlowerLocalDeployment:
         self.marker = uuid.uuid4().hex
 
     # ------------------------------------------------------------------ processes
-    def _spawn(self, name: str, cmd: Sequence[str], *, env: dict | None = None) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: Sequence[str], *, env: dict | None = None,
+               where: str | None = None) -> subprocess.Popen:
+        cmd = [*self.placement.prefix.get(where or name, ()), *cmd]
         log = (self.logs / f"{name}.log").open("ab")
         self._files.append(log)
         # A session (hence process group) per process: its children (SuperExec, ClientApps,
@@ -154,10 +209,13 @@ class FlowerLocalDeployment:
         deployment's markets, written to ``directory`` (:func:`.pki.loopback_tls`)."""
         if self._started:
             raise ConfigError("tls", "TLS must be chosen before the deployment starts")
-        self.tls = loopback_tls(directory, self.markets)
+        self.tls = loopback_tls(directory, self.markets, hosts=[self.placement.link_host])
         return self.tls
 
-    def start(self, *, ready_timeout: float = 30.0) -> None:
+    def start(self, *, ready_timeout: float | None = None) -> None:
+        """Start every process; wait (``ready_timeout``, default the deployment's start-up
+        timeout) until every market worker is ready."""
+        ready_timeout = self.startup_timeout_s if ready_timeout is None else ready_timeout
         self._started = True
         self.logs.mkdir(parents=True, exist_ok=True)
         # Flower 1.40 serves the Fleet, Control and Runtime APIs over HTTP on one host:port.
@@ -169,25 +227,26 @@ class FlowerLocalDeployment:
                         "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
         self.groups["superlink"] = self._spawn("superlink", [
             tool("flower-superlink"), *link_sec, "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(self.link_port)], env=self._env("superlink"))
+            "--host", self.placement.link_host, "--port", str(self.link_port)], env=self._env("superlink"))
         self._write_cli_config()
         if self.tls is not None:
             for m in self.markets:  # SuperNode authentication: the operator registers each key
                 self._flwr(["supernode", "register", str(self.tls.node_keys[m][1]), "fedmm-local"],
-                           what=f"registering {m}'s SuperNode key", timeout=60.0)
+                           what=f"registering {m}'s SuperNode key", timeout=self.startup_timeout_s)
         ready = {}
         for m in self.markets:
             rport = free_port()
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower.worker", "--market", m,
                    "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m)),
+                   "--startup-timeout", str(self.startup_timeout_s), "--roster-out", str(self.roster_record(m)),
                    *self._market_rules()]
             if self.resume:
                 cmd.append("--resume")
             node_sec = ["--insecure"] if self.tls is None else [
                 "--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(self.tls.node_keys[m][0])]
             # The Runtime API (SuperNode <-> worker) stays plain HTTP on loopback.
-            node = [*node_sec, "--superlink", f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1",
+            node = [*node_sec, "--superlink", f"{self.placement.link_host}:{self.link_port}", "--host", "127.0.0.1",
                     "--port", str(rport)]
             if self.stock:
                 # Stock Flower: SuperExec starts a ClientApp process per message, which relays
@@ -204,13 +263,14 @@ class FlowerLocalDeployment:
                         "--isolation", "process", "--node-config", self._node_config(m)]
             if m in self.hang_at:
                 cmd += ["--hang-at", self.hang_at[m], "--hang-marker", str(self.hang_marker(m))]
-            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", node, env=self._env(f"node-{m}"))
-            self.groups[f"worker-{m}"] = self._spawn(f"worker-{m}", cmd, env=self._env(f"node-{m}"))
+            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", node, env=self._env(f"node-{m}"), where=m)
+            self.groups[f"worker-{m}"] = self._spawn(f"worker-{m}", cmd, env=self._env(f"node-{m}"), where=m)
         deadline = time.monotonic() + ready_timeout
         while not all(f.exists() for f in ready.values()):
             self._check_alive()
             if time.monotonic() > deadline:
-                raise AbortError("market workers did not start in time (see flower_logs/)")
+                raise AbortError(f"market workers did not start within {ready_timeout:.0f} s "
+                                 f"(see flower_logs/; --startup-timeout raises the limit)")
             time.sleep(0.1)
 
     def _node_config(self, market: str) -> str:
@@ -226,6 +286,18 @@ class FlowerLocalDeployment:
     def ledger_dir(self, market: str) -> Path:
         """Where ``market``'s worker keeps its privacy ledger (DP runs)."""
         return self.out_dir.resolve() / "ledgers" / market
+
+    def roster_record(self, market: str) -> Path:
+        """Where ``market``'s worker records the digest of the roster it pinned."""
+        return self.logs / f"roster-{market}.sha256"
+
+    def pinned_rosters(self) -> dict[str, str | None]:
+        """Each market's recorded roster digest (``None``: it pinned none, e.g. refused the run)."""
+        out: dict[str, str | None] = {}
+        for m in self.markets:
+            f = self.roster_record(m)
+            out[m] = f.read_text(encoding="ascii").strip() if f.exists() else None
+        return out
 
     def hang_marker(self, market: str) -> Path:
         return self.work / f"hang-{market}"
@@ -247,7 +319,7 @@ class FlowerLocalDeployment:
         sec = "insecure = true\n" if self.tls is None else f'root-certificates = "{self.tls.ca}"\n'
         (home / "config.toml").write_text(
             '[superlink]\ndefault = "fedmm-local"\n\n[superlink.fedmm-local]\n'
-            f'address = "127.0.0.1:{self.link_port}"\n{sec}', encoding="utf-8")
+            f'address = "{self.placement.link_host}:{self.link_port}"\n{sec}', encoding="utf-8")
 
     def _flwr(self, args: Sequence[str], *, what: str, timeout: float) -> None:
         """Run the ``flwr`` CLI against this deployment, retrying while the SuperLink starts."""
@@ -255,8 +327,8 @@ class FlowerLocalDeployment:
         env["FLWR_HOME"] = str(self.work / "cli")
         deadline = time.monotonic() + timeout
         while True:  # the Control API may need a moment after the SuperLink process starts
-            r = subprocess.run([tool("flwr"), *args], capture_output=True, text=True, env=env, cwd=self.work,
-                               timeout=timeout)
+            r = subprocess.run([*self.placement.prefix.get("superlink", ()), tool("flwr"), *args],
+                               capture_output=True, text=True, env=env, cwd=self.work, timeout=timeout)
             with (self.logs / "flwr_cli.log").open("a", encoding="utf-8") as f:
                 f.write(f"$ flwr {' '.join(args)}\n{r.stdout}{r.stderr}\n")
             if r.returncode == 0:
@@ -266,7 +338,11 @@ class FlowerLocalDeployment:
                 raise AbortError(f"{what} failed: {(r.stdout + r.stderr)[-2000:]}")
             time.sleep(0.5)
 
-    def submit(self, *, join_timeout: float = 60.0, timeout: float = 120.0) -> None:
+    def submit(self, *, join_timeout: float | None = None, timeout: float | None = None) -> None:
+        """``flwr run`` the app; the ServerApp waits ``join_timeout`` for every SuperNode to
+        join (both default to the deployment's start-up timeout)."""
+        join_timeout = self.startup_timeout_s if join_timeout is None else join_timeout
+        timeout = self.startup_timeout_s if timeout is None else timeout
         import tomli_w
         overrides = self.work / "run_config.toml"
         overrides.write_text(tomli_w.dumps({

@@ -2,11 +2,12 @@
 
 :class:`FlowerTLS` names the files a deployment's SuperLink and SuperNodes use.
 
-A fresh CA signs the SuperLink's certificate (SAN ``localhost`` and ``127.0.0.1``) and every
-SuperNode gets its own ECDSA P-384 key pair (OpenSSH format, what ``flwr supernode register``
-and ``--auth-supernode-private-key`` take). Keys are generated here, written with mode 0600 and
-never reused: this is for exercising the production settings on one machine, not a CA for a
-real federation (there, each market keeps its own key and the operator's CA signs the link).
+A fresh CA signs the SuperLink's certificate (SAN ``localhost``, ``127.0.0.1`` and any address
+the SuperLink serves on) and every SuperNode gets its own ECDSA P-384 key pair (OpenSSH format,
+what ``flwr supernode register`` and ``--auth-supernode-private-key`` take). Keys are generated
+here, written with mode 0600 and never reused: this is for exercising the production settings on
+one machine, not a CA for a real federation (there, each market keeps its own key and the
+operator's CA signs the link).
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def node_key_pair(path: Path) -> tuple[Path, Path]:
     return priv, pub
 
 
-def loopback_tls(directory: Path, markets: Iterable[str], *, days: int = 1) -> FlowerTLS:
-    """CA, SuperLink certificate and one SuperNode key pair per market, in a new ``directory``."""
+def loopback_tls(directory: Path, markets: Iterable[str], *, days: int = 1,
+                 hosts: Iterable[str] = ()) -> FlowerTLS:
+    """CA, SuperLink certificate and one SuperNode key pair per market, in a new ``directory``;
+    the certificate names ``localhost``, 127.0.0.1 and every address in ``hosts``."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -88,7 +91,8 @@ def loopback_tls(directory: Path, markets: Iterable[str], *, days: int = 1) -> F
     ca = cert("fedmm-secure loopback CA", ca_key, ca_key, ca_name, ca=True)
     link_key = ec.generate_private_key(ec.SECP256R1())
     link = cert("localhost", link_key, ca_key, ca_name, ca=False,
-                san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+                san=[x509.DNSName("localhost"),
+                     *(x509.IPAddress(ipaddress.ip_address(h)) for h in dict.fromkeys(["127.0.0.1", *hosts]))])
     pem = serialization.Encoding.PEM
     ca_path = _write(directory / "ca.crt", ca.public_bytes(pem), private=False)
     cert_path = _write(directory / "superlink.crt", link.public_bytes(pem), private=False)

@@ -127,7 +127,8 @@ class HangAt:
 
 class MarketWorker:
     def __init__(self, *, market: str, rules: MarketRules, hang_at: HangAt | None = None,
-                 ledger_dir: Path | None = None, resume: bool = False) -> None:
+                 ledger_dir: Path | None = None, resume: bool = False,
+                 roster_out: Path | None = None) -> None:
         self.market = market
         self.rules = rules
         # This market's privacy ledger (DP runs): on the market's own machine, written before
@@ -145,6 +146,12 @@ class MarketWorker:
         self._round = None
         self._stage = 0
         self.result: dict | None = None
+        self._joined: str | None = None   # the run this worker took part in (one per process)
+        # Where this market records the digest of the roster it pinned (hex), on its own machine:
+        # without a digest obtained in advance a market trusts the first roster it is shown, and
+        # comparing these records across markets afterwards exposes a split roster.
+        self.roster_out = Path(roster_out) if roster_out is not None else None
+        self.pinned_roster: str | None = None
 
     # ------------------------------------------------------------------ dispatch
     def handle(self, kind: str, payload: bytes) -> tuple[str, bytes]:
@@ -163,6 +170,13 @@ class MarketWorker:
     def _hello(self, msg: dict) -> bytes:
         from ...data.loaders import load_data  # heavy (data generators); only the worker needs it
 
+        # One run per worker: a second session over the same inputs (the pipeline is seeded, so
+        # a rerun computes them again) lets the aggregator difference two sums over different
+        # survivor sets and read one market's input. A new run needs a new worker, started by
+        # the market's operator.
+        if self._joined is not None:
+            raise PolicyError(f"this worker already took part in run {self._joined!r}; a market joins "
+                              "one run per worker (a repeated session could be differenced)")
         cfg = config_from_dict(msg["config"])
         # The aggregator's run config may not pick this market's backend or privacy settings:
         # the backend must be one the market runs, and from here on the privacy settings are the
@@ -201,6 +215,7 @@ class MarketWorker:
         options = {"colluders": self.rules.colluders} if self._cfg.secagg == "masking" else {}
         backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain", **options)
         self._endpoint = backend.create_market(self.market)
+        self._joined = self._run_id
         return pack_json({"market": self.market, "index": self._index, "bundle": b64(self._endpoint.public_bundle()),
                           "n_train": len(self._data.train), "n_items": int(self._data.n_items),
                           "n_users": int(self._data.n_users), "n_test": len(self._data.test)})
@@ -226,6 +241,12 @@ class MarketWorker:
                                   privacy=dataclasses.asdict(self._cfg.privacy),
                                   min_cohort=min_cohort, colluders=rules.colluders)
         self._endpoint.install_roster(roster, policy=policy)
+        self.pinned_roster = roster.digest().hex()
+        logging.getLogger(__name__).info("pinned roster sha256 %s (%d markets)", self.pinned_roster, n)
+        if self.roster_out is not None:
+            tmp = self.roster_out.with_suffix(".tmp")
+            tmp.write_text(self.pinned_roster + "\n", encoding="ascii")
+            tmp.replace(self.roster_out)
         meta = PublicMeta(index=self._index, n_train_max=int(msg["n_train_max"]), n_items_max=int(msg["n_items_max"]))
         workload = msg.get("workload", {"name": "fedmm"})
         if workload.get("name") == "fedmm":
@@ -374,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-cohort", type=int, help="fewest markets in any sum (default max(3, 2/3 of the roster))")
     p.add_argument("--colluders", type=int, default=DEFAULT_COLLUDERS, help="c in the threshold rule 2t > n + c")
     p.add_argument("--roster-sha256", help="the pinned roster digest, obtained out of band")
+    p.add_argument("--roster-out", help="write the digest of the roster this market pinned here (hex)")
+    p.add_argument("--startup-timeout", type=float, default=60.0,
+                   help="seconds to wait for the SuperNode's Runtime API (flower local sets it from the number of markets)")
     p.add_argument("--ready-file")
     p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
     p.add_argument("--hang-marker")
@@ -398,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                         min_cohort=args.min_cohort, colluders=args.colluders,
                         roster_digest=bytes.fromhex(args.roster_sha256) if args.roster_sha256 else None)
     worker = MarketWorker(market=args.market, rules=rules, hang_at=hang,
-                          ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume)
+                          ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume,
+                          roster_out=Path(args.roster_out) if args.roster_out else None)
     ready = Path(args.ready_file) if args.ready_file else None
     if args.listen:
         host, _, port = args.listen.rpartition(":")
@@ -406,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .executor import InProcessTaskExecutor, wait_for_runtime_api
 
-    wait_for_runtime_api(args.superexec, timeout=60.0)
+    wait_for_runtime_api(args.superexec, timeout=args.startup_timeout)
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
     executor = InProcessTaskExecutor(runtime_api_address=args.superexec, handle=guarded(worker.handle),
                                      insecure=certs is None, root_certificates=certs,
