@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .accountant import make_accountant
+from .composed import ComposedAccountants
 from .events import SubsampledGaussianEvent
 
 __all__ = ["NON_PRIVATE_METHODS", "MarketTotal", "compose_totals", "total_to_dict"]
@@ -47,23 +48,31 @@ class MarketTotal:
 
 def compose_totals(events: Mapping[str, Mapping[str, Sequence[SubsampledGaussianEvent]]], *,
                    accountant: str, delta: float, non_private: Sequence[str] = (),
-                   markets: Sequence[str] | None = None) -> dict[str, MarketTotal]:
+                   markets: Sequence[str] | None = None,
+                   composed: ComposedAccountants | None = None) -> dict[str, MarketTotal]:
     """``events[method][market]``: each method's DP events on each market. ``non_private``:
     methods of the run that read every market's raw rows without DP. ``markets``: report these
-    too (a market only a non-private method touched is still infinite)."""
+    too (a market only a non-private method touched is still infinite). ``composed``: reuse an
+    accountant already built for the same events (a one-method run's total is its ledger's)."""
     names = sorted({m for per in events.values() for m in per} | set(markets or ()))
     out: dict[str, MarketTotal] = {}
     for market in names:
-        acc = make_accountant(accountant)
         by_method = []
         units = set()
+        every: list[SubsampledGaussianEvent] = []
         for method, per in events.items():
             evs = list(per.get(market, ()))
-            for e in evs:
-                acc.compose(e)   # refuses mixing units: a total over different units means nothing
-                units.add(e.unit)
+            every += evs
+            units |= {e.unit for e in evs}
             if evs:
                 by_method.append((method, sum(e.steps for e in evs)))
+        # Composing refuses mixing units: a total over different units means nothing.
+        if composed is not None:
+            acc = composed.get(every, accountant)
+        else:
+            acc = make_accountant(accountant)
+            for e in every:
+                acc.compose(e)
         if len(units) > 1:
             raise ConfigError("unit", f"market {market!r} has events of units {sorted(units)}")
         eps = math.inf if non_private else acc.get_epsilon(delta)

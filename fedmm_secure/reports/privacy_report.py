@@ -41,9 +41,9 @@ POST_PROCESSING_STEPS = (
 )
 
 
-def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
+def _read_ledgers(run_dir: Path, verified: RunVerification, *, delta: float | None = None) -> dict:
     """Ledger directories, spend, epsilon history, rounds, skips and decisions over all of the
-    run's ledgers."""
+    run's ledgers (the spend from the accountants ``verified`` already composed)."""
     from ..privacy.ledger import Ledger
 
     dirs = ledger_dirs(run_dir)
@@ -51,7 +51,7 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
                  "configs": []}
     for d in dirs:
         with Ledger.open(d) as ledger:
-            spent = ledger.spent(delta=delta)
+            spent = ledger.spent(delta=delta, composed=verified.composed)
             clash = set(spent) & set(out["spent"])
             if clash:
                 raise LedgerError(f"market(s) {sorted(clash)} appear in more than one ledger under {run_dir}")
@@ -67,9 +67,10 @@ def _read_ledgers(run_dir: Path, *, delta: float | None = None) -> dict:
 SCOPES = ("total", "deployed")
 
 
-def _totals(run_dir: Path, read: dict, *, delta: float | None) -> tuple[RunLedgerSet, dict[str, MarketTotal]]:
+def _totals(run_dir: Path, read: dict, verified: RunVerification, *,
+            delta: float | None) -> tuple[RunLedgerSet, dict[str, MarketTotal]]:
     lset = read_run_ledgers(run_dir, read["dirs"])
-    return lset, run_totals(lset, delta=delta)
+    return lset, run_totals(lset, delta=delta, composed=verified.composed)
 
 
 def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None,
@@ -82,11 +83,11 @@ def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None,
     if scope not in SCOPES:
         raise ConfigError("--scope", f"unknown scope {scope!r}", allowed=", ".join(SCOPES))
     verified = require_verified_run(run_dir)
-    read = _read_ledgers(run_dir, delta=delta)
+    read = _read_ledgers(run_dir, verified, delta=delta)
     spent = read["spent"]
     if not spent:
         raise LedgerError(f"the ledger(s) of {run_dir} record no DP event")
-    lset, totals = _totals(run_dir, read, delta=delta)
+    lset, totals = _totals(run_dir, read, verified, delta=delta)
     lines = ["| market | deployed epsilon | total epsilon | unit | delta | accountant | certified | max | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     ok = True
@@ -129,9 +130,9 @@ _UNIT_MEANING = {
 }
 
 
-def _total_section(run_dir: Path, read: dict) -> list[str]:
+def _total_section(run_dir: Path, read: dict, verified: RunVerification) -> list[str]:
     """Deployed epsilon next to the total over every method the run trained on the same data."""
-    lset, totals = _totals(run_dir, read, delta=None)
+    lset, totals = _totals(run_dir, read, verified, delta=None)
     spent = read["spent"]
     out = ["", "## Total spent on each market's data", "",
            f"The run trained {', '.join(lset.methods)} on the same markets; the deployed model is "
@@ -175,7 +176,7 @@ def write_privacy_report(run_dir: Path) -> Path:
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     priv = results.get("privacy", {})
-    read = _read_ledgers(run_dir)
+    read = _read_ledgers(run_dir, verified)
     not_private = _reproducible_noise(run_dir, read["configs"])
     spent, rounds = read["spent"], read["rounds"]
     skips, decisions = read["skips"], read["decisions"]
@@ -218,7 +219,7 @@ def write_privacy_report(run_dir: Path) -> Path:
         lines.append(f"| {m} | {rep.epsilon:.4f} | {total} | {per} | {p.get('noise_multiplier', float('nan')):.4g} | "
                      f"{p.get('max_grad_norm', float('nan')):g} | {p.get('sample_rate', float('nan')):.4g} | "
                      f"{rep.steps} | {status} |")
-    lines += _total_section(run_dir, read)
+    lines += _total_section(run_dir, read, verified)
     lines += ["", f"![epsilon per round]({plot.name})", "", "## Rounds", "",
               f"{data['deployed_method']}: {len(rounds)} ledger rounds"
               + (f" (summed over {len(read['dirs'])} ledgers); " if len(read["dirs"]) > 1 else "; ")
@@ -242,7 +243,7 @@ def write_privacy_report(run_dir: Path) -> Path:
               "`privacy_report.json` (every table above, per round and per market, machine-readable).", ""]
     path = run_dir / "privacy_report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
-    lset, totals = _totals(run_dir, read, delta=None)
+    lset, totals = _totals(run_dir, read, verified, delta=None)
     # Strict JSON: an infinite total is null with "infinite": true.
     data["total_per_market"] = {
         "deployed_method": lset.deployed, "methods": list(lset.methods), "non_private_methods": list(lset.non_private),

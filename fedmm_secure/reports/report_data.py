@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..privacy.ledger import LEDGER_FILENAME, Ledger
+from ..privacy.ledger import Ledger
 from ..errors import LedgerError
 from .run_totals import read_run_ledgers
 from .run_verification import RunVerification, ledger_dirs
@@ -183,7 +183,7 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
             (entry.get("privacy") if isinstance(entry.get("privacy"), Mapping) else {})
         with Ledger.open(f) as led:
             rows += _ledger_rows(led, rel, labels, method)
-            for m, rep in led.spent().items():
+            for m, rep in led.spent(composed=verified.composed).items():
                 if method == lset.deployed:
                     # Flower: one deployed ledger per market; two holding one market is not a run.
                     if m in spent:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import LedgerError
+from ..privacy.composed import ComposedAccountants
 from ..privacy.events import SubsampledGaussianEvent
 from ..privacy.ledger import LEDGER_FILENAME, Ledger
 from ..privacy.run_ledgers import BASELINES_DIR, method_ledger_path
@@ -66,10 +67,11 @@ def _events(files: list[Path]) -> dict[str, list[SubsampledGaussianEvent]]:
     return out
 
 
-def run_totals(lset: RunLedgerSet, *, delta: float | None = None,
-               accountant: str | None = None) -> dict[str, MarketTotal]:
+def run_totals(lset: RunLedgerSet, *, delta: float | None = None, accountant: str | None = None,
+               composed: ComposedAccountants | None = None) -> dict[str, MarketTotal]:
     """Each market's total over every method of the run, recomputed from the ledgers' events with
-    the run's accountant (and delta, unless one is given)."""
+    the run's accountant (and delta, unless one is given); ``composed``: accountants already
+    built by the run's verification (:class:`~fedmm_secure.privacy.composed.ComposedAccountants`)."""
     priv = lset.config.get("privacy") if isinstance(lset.config.get("privacy"), Mapping) else {}
     name = accountant or str(priv.get("accountant", "pld"))
     d = float(delta if delta is not None else priv.get("delta", 1e-5))
@@ -77,7 +79,8 @@ def run_totals(lset: RunLedgerSet, *, delta: float | None = None,
     for m, f in lset.baseline_files.items():
         events[m] = _events([f])
     markets = sorted({m for per in events.values() for m in per})
-    return compose_totals(events, accountant=name, delta=d, non_private=lset.non_private, markets=markets)
+    return compose_totals(events, accountant=name, delta=d, non_private=lset.non_private, markets=markets,
+                          composed=composed)
 
 
 def describe_total(t: MarketTotal) -> str:

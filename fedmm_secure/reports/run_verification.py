@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, LedgerError, VerificationError
 from ..primitives.keys import IdentityPublicKey
 from ..privacy.ledger import LEDGER_FILENAME, Ledger, LedgerAnchor, LedgerVerification, verify_ledger
-from ..privacy.ledger.accounting import rebuild_accountant
+from ..privacy.composed import ComposedAccountants
 from .run_totals import read_run_ledgers, run_totals
 
 __all__ = ["EPSILON_RTOL", "LedgerCheck", "RunVerification", "ledger_dirs", "verify_run",
@@ -57,6 +57,9 @@ class RunVerification:
     ok: bool
     problem: str | None              # one line naming the first bad entry, when not ok
     ledgers: tuple[LedgerCheck, ...]
+    # The accountants the verification composed from the ledgers' events: the readers after
+    # it (spend per market, totals) reuse them instead of running the same PLD pass again.
+    composed: ComposedAccountants = field(default_factory=ComposedAccountants, compare=False, repr=False)
 
     def lines(self) -> list[str]:
         return [f"ledger {c.path}: {c.verification.describe()}" for c in self.ledgers]
@@ -92,7 +95,7 @@ def _anchor(results: dict, privacy: Mapping, run_dir: Path, d: Path) -> LedgerAn
     return LedgerAnchor.from_dict(raw)
 
 
-def _cross_check(led: Ledger, anchor: LedgerAnchor, privacy: Mapping) -> str | None:
+def _cross_check(led: Ledger, anchor: LedgerAnchor, privacy: Mapping, composed: ComposedAccountants) -> str | None:
     """Ledger events vs ledger epsilons vs results.json; the first disagreement, or None."""
     committed = sum(r.status == "committed" for r in led.rounds())
     if committed != anchor.committed_rounds:
@@ -109,7 +112,7 @@ def _cross_check(led: Ledger, anchor: LedgerAnchor, privacy: Mapping) -> str | N
         if late:
             return (f"entry {late[0].entry} (events): a DP event of {m} after its last reported epsilon "
                     f"(entry {last.entry})")
-        recomputed = rebuild_accountant([e.event for e in events], last.accountant).get_epsilon(last.delta)
+        recomputed = composed.get([e.event for e in events], last.accountant).get_epsilon(last.delta)
         if not _close(recomputed, last.epsilon, EPSILON_RTOL):
             return (f"entry {last.entry} (epsilons): {m} reported epsilon {last.epsilon:.4f} but the "
                     f"ledger's {len(events)} DP events give {recomputed:.4f} ({last.accountant})")
@@ -148,9 +151,10 @@ def verify_run(run_dir: Path, *,
     run_dir = Path(run_dir)
     dirs = ledger_dirs(run_dir)
     checks: list[LedgerCheck] = []
+    composed = ComposedAccountants()
 
     def fail(problem: str) -> RunVerification:
-        return RunVerification(ok=False, problem=problem, ledgers=tuple(checks))
+        return RunVerification(ok=False, problem=problem, ledgers=tuple(checks), composed=composed)
 
     res_path = run_dir / "results.json"
     if not res_path.is_file():
@@ -177,7 +181,7 @@ def verify_run(run_dir: Path, *,
         if not v.ok:
             return fail(f"{rel}: {v.first_bad_entry}")
         with Ledger.open(d) as led:
-            problem = _cross_check(led, anchor, privacy)
+            problem = _cross_check(led, anchor, privacy, composed)
             charged |= set(led.markets())
         if problem:
             return fail(f"{rel}: {problem}")
@@ -186,15 +190,16 @@ def verify_run(run_dir: Path, *,
         return fail(f"results.json reports epsilon for {', '.join(missing)} but no ledger of the run "
                     "charges it (a ledger was removed?)")
     try:
-        problem = _verify_methods(run_dir, dirs, results, checks)
+        problem = _verify_methods(run_dir, dirs, results, checks, composed)
     except LedgerError as exc:
         problem = str(exc)
     if problem:
         return fail(problem)
-    return RunVerification(ok=True, problem=None, ledgers=tuple(checks))
+    return RunVerification(ok=True, problem=None, ledgers=tuple(checks), composed=composed)
 
 
-def _verify_methods(run_dir: Path, dirs: list[Path], results: dict, checks: list[LedgerCheck]) -> str | None:
+def _verify_methods(run_dir: Path, dirs: list[Path], results: dict, checks: list[LedgerCheck],
+                    composed: ComposedAccountants) -> str | None:
     """Every method the run trained on raw rows: its ledger (baselines) verified like the deployed
     one, and ``results.json``'s per-market totals recomputed from all of them."""
     lset = read_run_ledgers(run_dir, dirs)
@@ -227,7 +232,7 @@ def _verify_methods(run_dir: Path, dirs: list[Path], results: dict, checks: list
         with Ledger.open(f) as led:
             if led.method != m:
                 return f"{rel}: tagged as {led.method!r}, not {m!r}"
-            problem = _cross_check(led, anchor, privacy)
+            problem = _cross_check(led, anchor, privacy, composed)
             uncharged = sorted(set(privacy) - set(led.markets()))
         if problem:
             return f"{rel}: {problem}"
@@ -236,7 +241,7 @@ def _verify_methods(run_dir: Path, dirs: list[Path], results: dict, checks: list
     shown = accounting.get("total")
     if not isinstance(shown, Mapping):
         return "results.json reports no total spend per market"
-    for market, t in run_totals(lset).items():
+    for market, t in run_totals(lset, composed=composed).items():
         s = shown.get(market)
         if not isinstance(s, Mapping):
             return f"results.json reports no total spend for {market}"

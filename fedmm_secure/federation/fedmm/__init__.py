@@ -15,12 +15,15 @@ Three stages run one after another, each for ``rounds`` federated rounds:
    shared across markets while ID spaces stay disjoint.
 
 Methods: ``local`` (stage 3 on IDs only), ``local_codes`` (all stages, nothing federated),
-``fedmm``, ``centralized`` (all markets pooled into one market: no privacy, an upper bound).
+``fedmm``, ``centralized`` (all markets pooled into one market, then each market fine-tunes the
+pooled model on its own rows and selects on its own validation split, :mod:`.finetune`: no
+privacy, an upper bound).
 
 Read top-down: :mod:`.protocol` (what a market's pipeline asks for), :mod:`.features` (a
 market's state and model inputs), :mod:`.stages` (the three stages, per market),
 :mod:`.pipeline` (one market's method, written once for every runtime), :mod:`.driver` (every
-market in this process: :func:`run_method`), :mod:`.evaluation` (test metrics) and
+market in this process: :func:`run_method`), :mod:`.finetune` (the ``centralized`` per-market
+step), :mod:`.evaluation` (test metrics) and
 :mod:`.privacy` (the DP session a private run hands to the stages). The Flower runtime drives
 each market's pipeline in its own market's worker instead of :mod:`.driver`.
 """

@@ -22,6 +22,7 @@ from ..hooks import RoundHooks
 from ..training import TrainerFactory, plain_trainers
 from ..transport import SecureSum
 from .evaluation import code_alignment, split_pooled
+from .finetune import finetune_pooled
 from .pipeline import market_pipeline
 from .protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
 
@@ -158,8 +159,15 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
             pooled = dataclasses.replace(pooled, item_keys=np.concatenate([m.item_keys for m in markets]))
         outs = run_pipelines("local_codes", [pooled], cfg, rounds=rounds, seed=seed, secure_sum=None,
                              progress=progress, catalogue=cat)
-        out = {"markets": {"pooled": outs["pooled"]["metrics"]}, "runs": {"pooled": outs["pooled"]["run"]}}
-        return split_pooled(out, pooled, markets, calibrate=cfg.calibrate)
+        run = outs["pooled"]["run"]
+        out = {"markets": {"pooled": outs["pooled"]["metrics"]}, "runs": {"pooled": run}}
+        # Each market then fine-tunes the pooled model on its own rows and keeps, by its own
+        # validation AUC, the pooled model or a fine-tuned state (one pooled model alone
+        # under-fits market differences). Still non-private: plain trainers, raw rows.
+        tuned = finetune_pooled(run, markets, cfg, rounds=rounds, seed=seed)
+        run.history["finetune"] = {m: {"chosen": t.chosen, "valid_auc": t.valid_auc} for m, t in tuned.items()}
+        return split_pooled(out, pooled, markets, calibrate=cfg.calibrate,
+                            models={m: t.model for m, t in tuned.items()})
     outs = run_pipelines(method, markets, cfg, rounds=rounds, seed=seed, secure_sum=secure_sum,
                          trainers=trainers, hooks=hooks, progress=progress)
     runs = {m.name: outs[m.name]["run"] for m in markets}

@@ -8,6 +8,7 @@ training). :func:`split_pooled` scores the ``centralized`` upper bound per origi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -104,13 +105,17 @@ def code_alignment(data: dict[str, MarketData], codes: dict[str, np.ndarray]) ->
     return {"pairs": len(pairs), "same_code_rate": float(same.mean()), "chance_rate": float(np.mean(chance))}
 
 
-def split_pooled(out: dict, pooled: MarketData, markets: Sequence[MarketData], *, calibrate: bool = False) -> dict:
-    """Per-market test metrics of the model trained on ``pooled`` (all ``markets`` as one)."""
-    r = out["runs"]["pooled"]
+def split_pooled(out: dict, pooled: MarketData, markets: Sequence[MarketData], *, calibrate: bool = False,
+                 models: dict[str, torch.nn.Module] | None = None) -> dict:
+    """Per-market test metrics of the model trained on ``pooled`` (all ``markets`` as one), or
+    of market ``m``'s own model ``models[m]`` (the pooled model fine-tuned and selected on
+    ``m``'s rows) where given; codes are the pooled run's either way."""
+    pooled_run = out["runs"]["pooled"]
     io = pooled.meta["item_offsets"]
     uo = pooled.meta["user_offsets"]
     res: dict = {"markets": {}, "runs": out["runs"]}
     for i, m in enumerate(markets):
+        r = pooled_run if models is None or m.name not in models else dataclasses.replace(pooled_run, ctr=models[m.name])
         shifted = MarketSplit(m.test.users + uo[i], m.test.items + io[i], m.test.click, m.test.conversion)
         x = ctr_inputs(r, shifted, True)
         metrics = evaluate_ctr(m.test.click, predict(r.ctr, x))

@@ -11,6 +11,7 @@ from typing import Protocol
 
 from ...errors import ConfigError
 from ..accountant import EpsilonReport, PrivacyAccountant, make_accountant
+from ..composed import ComposedAccountants
 from ..events import SubsampledGaussianEvent
 from .records import EpsilonRecord, ResumeState, RoundRecord
 
@@ -38,12 +39,13 @@ def rebuild_accountant(events: list[SubsampledGaussianEvent], accountant: str = 
     return acc
 
 
-def spent(ledger: LedgerReader, *, delta: float | None = None,
-          accountant: str | None = None) -> dict[str, EpsilonReport]:
+def spent(ledger: LedgerReader, *, delta: float | None = None, accountant: str | None = None,
+          composed: ComposedAccountants | None = None) -> dict[str, EpsilonReport]:
     """Epsilon actually spent per market, recomputed from the ledger's events (uncommitted
     rounds included) and never less than an epsilon the run recorded for that market.
     ``delta`` and ``accountant`` default to the last ones recorded for that market (delta:
-    else for any market; accountant: else ``pld``); with no recorded delta at all, pass one."""
+    else for any market; accountant: else ``pld``); with no recorded delta at all, pass one.
+    ``composed``: accountants already built for the same events (one PLD pass, not two)."""
     out: dict[str, EpsilonReport] = {}
     every = ledger.epsilons()
     for m in ledger.markets():
@@ -54,7 +56,8 @@ def spent(ledger: LedgerReader, *, delta: float | None = None,
         if d is None:
             raise ConfigError("delta", f"market {m!r} has no recorded delta; pass one")
         name = accountant or (recs[-1].accountant if recs else "pld")
-        rep = rebuild_accountant(ledger.events_for(m), name).report(d)
+        events = ledger.events_for(m)
+        rep = (composed.get(events, name) if composed is not None else rebuild_accountant(events, name)).report(d)
         # The run's accountant composes round by round and the discretised PLD depends
         # slightly on that history (~0.1%), so a recomputation can land just below an
         # epsilon the run already reported. Both are upper bounds; the spend on record is

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from ...errors import ConfigError, LedgerError
 from ...primitives.keys import IdentityPrivateKey
 from ..accountant import EpsilonReport, PrivacyAccountant
+from ..composed import ComposedAccountants
 from ..events import SubsampledGaussianEvent, event_from_dict
 from . import accounting
 from .chain import GENESIS_PREV, canonical_entry, coerce, entry_hash, head_message
@@ -435,10 +436,10 @@ class Ledger:
         """A fresh accountant that has composed every event of ``market`` in the ledger."""
         return accounting.rebuild_accountant(self.events_for(market), accountant, **options)
 
-    def spent(self, *, delta: float | None = None,
-              accountant: str | None = None) -> dict[str, EpsilonReport]:
+    def spent(self, *, delta: float | None = None, accountant: str | None = None,
+              composed: ComposedAccountants | None = None) -> dict[str, EpsilonReport]:
         """Epsilon spent per market (see :func:`.accounting.spent`); for ``budget check``."""
-        return accounting.spent(self, delta=delta, accountant=accountant)
+        return accounting.spent(self, delta=delta, accountant=accountant, composed=composed)
 
     def last_committed_round(self) -> int | None:
         (r,) = self._q("SELECT MAX(round) FROM rounds WHERE status = 'committed'").fetchone()
