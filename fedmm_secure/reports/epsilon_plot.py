@@ -32,7 +32,8 @@ def epsilon_plot_png(data: dict, *, dpi: int = 110) -> bytes:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    rows = data["rounds"]
+    # The deployed method's rounds: baselines' ledgers number their rounds on their own.
+    rows = [r for r in data["rounds"] if r.get("method") in (None, data.get("deployed_method"))]
     fig, ax = plt.subplots(figsize=(7.2, 3.9))
     spans = _stage_spans(rows)
     colour_of = {s: _STAGE_COLOURS[i % len(_STAGE_COLOURS)] for i, s in enumerate(dict.fromkeys(s for s, _, _ in spans))}

@@ -25,7 +25,7 @@ h1{font-size:24px;margin-bottom:4px}h2{font-size:18px;margin-top:28px;border-bot
 table{border-collapse:collapse;margin:8px 0;font-size:13px}
 th,td{border:1px solid #c8c8c8;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f0f0f2}td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.refused td{background:#fdecea}code{font-size:12px;word-break:break-all}
+tr.refused td{background:#fdecea}tr.group td{border-top:2px solid #888}code{font-size:12px;word-break:break-all}
 .muted{color:#666}.status{display:inline-block;padding:1px 7px;border-radius:3px;font-weight:600}
 .ok{background:#e3f4e5;color:#17642a}.bad{background:#fbe2e0;color:#a3160b}.warn{background:#fff3d6;color:#7a5200}
 code.path{white-space:nowrap;word-break:normal}ul.summary{list-style:none;padding-left:0}ul.summary li{margin:3px 0}
@@ -128,7 +128,13 @@ def _ledgers(data: dict) -> str:
 
 
 def _markets(data: dict) -> str:
-    rows = [[_e(m), _td_num(v["epsilon"]), _td_num(v["delta"], "g"), _e(v["accountant"]),
+    def total(v: dict) -> str:
+        return _badge("INFINITE", "bad") if v.get("total_infinite") else _td_num(v.get("total_epsilon"))
+
+    def per_method(v: dict) -> str:
+        return _e(", ".join(f"{k}: {_num(x.get('epsilon'))}" for k, x in (v.get("by_method") or {}).items()) or "-")
+
+    rows = [[_e(m), _td_num(v["epsilon"]), total(v), per_method(v), _td_num(v["delta"], "g"), _e(v["accountant"]),
              "yes" if v["certified"] else "no", _e(v["unit"]), _td_num(v["noise_multiplier"], ".4g"),
              _td_num(v["max_grad_norm"], "g"), _td_num(v["sample_rate"], ".4g"), _td_num(v["steps"], "d"),
              _td_num(v["budget"], "g"),
@@ -136,27 +142,40 @@ def _markets(data: dict) -> str:
                     if v["budget_status"] == "within" else "warn"),
              _e(", ".join(str(r) for r in v["refused_rounds"]) or "none")]
             for m, v in data["markets"].items()]
-    return _table(["market", "epsilon", "delta", "accountant", "certified", "unit", "sigma", "clip norm", "q",
-                   "DP steps", "budget", "status", "refused rounds"], rows, table_id="markets")
+    deployed = data.get("deployed_method") or "deployed"
+    return (f"<p>epsilon, sigma, q, DP steps, status and refused rounds: the deployed method "
+            f"(<b>{_e(deployed)}</b>); total: composed over every method the run trained on the market's data; "
+            "per method: each method's own ledger.</p>"
+            + _table(["market", f"epsilon ({deployed})", "total epsilon (all methods)", "epsilon per method",
+                      "delta", "accountant", "certified", "unit", "sigma", "clip norm", "q", "DP steps", "budget",
+                      "status", "refused rounds"], rows, table_id="markets"))
 
 
 def _rounds(data: dict) -> str:
-    multi = len({r["ledger"] for r in data["rounds"]}) > 1
+    # A ledger column only when one method has several ledgers (Flower: one per market).
+    multi = len({r["ledger"] for r in data["rounds"]}) > len({r.get("method") for r in data["rounds"]})
     rows, classes = [], []
+    previous = None
     for r in data["rounds"]:
         d = r["decision"]
         decision = ("-" if d is None else
                     (_badge("allowed", "ok") if d["allowed"] else _badge("REFUSED", "bad"))
                     + f" (would reach {_num(d['epsilon_if_run'])} / budget {_num(d['epsilon_budget'], 'g')})")
-        rows.append(([f'<code class="path">{_e(r["ledger"])}</code>'] if multi else [])
-                    + [f'<td class="num">{_e(r["round"])}</td>', _e(r["stage"].upper()), _e(r["market"]),
+        rows.append([f'<span title="{_e(r["ledger"])}">{_e(r.get("method", "-"))}</span>']
+                    + ([f'<code class="path">{_e(r["ledger"])}</code>'] if multi else [])
+                    + [_e(r["market"]), f'<td class="num">{_e(r["round"])}</td>', _e(r["stage"].upper()),
                        _e(r["round_status"]), _td_many(r["sample_rate"]), _td_many(r["noise_multiplier"]),
                        f'<td class="num">{_e(r["steps"])}</td>', _e(", ".join(r["unit"]) or "-"),
                        _td_num(r["epsilon_after"]), decision, _e(r["refusal_reason"] or "")])
-        classes.append("refused" if r["refused"] else "")
-    return _table((["ledger"] if multi else []) + ["round", "stage", "market", "round status", "q", "sigma",
-                                                   "steps", "unit", "epsilon after", "budget decision",
-                                                   "refusal"], rows, row_classes=classes, table_id="rounds")
+        # A rule above the first row of each (method, market) group.
+        group = (r.get("method"), r["market"])
+        classes.append(" ".join(c for c in ("refused" if r["refused"] else "",
+                                             "group" if previous not in (None, group) else "") if c))
+        previous = group
+    return _table(["method"] + (["ledger"] if multi else []) + ["market", "round", "stage", "round status", "q",
+                                                                "sigma", "steps", "unit", "epsilon after",
+                                                                "budget decision", "refusal"],
+                  rows, row_classes=classes, table_id="rounds")
 
 
 def _total_across_methods(data: dict) -> list[str]:

@@ -149,6 +149,28 @@ def _total_section(run_dir: Path, read: dict, verified: RunVerification) -> list
     return out
 
 
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _round_table(rows: list[dict]) -> list[str]:
+    """Every ledger's rounds (each DP method's), grouped by method, then market, then round."""
+    out = ["Every DP method's ledger, round by round (grouped by method, then market):", "",
+           "| method | ledger | market | round | stage | status | q | sigma | steps | unit | epsilon after | "
+           "decision | refusal |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d = r["decision"]
+        decision = "-" if d is None else ("allowed" if d["allowed"] else "REFUSED") + \
+            f" (would reach {_fmt(d['epsilon_if_run'])} / budget {_fmt(d['epsilon_budget'], 'g')})"
+        cells = [r["method"], f"`{r['ledger']}`", r["market"], str(r["round"]), r["stage"].upper(),
+                 r["round_status"], ", ".join(f"{x:.4g}" for x in r["sample_rate"]) or "-",
+                 ", ".join(f"{x:.4g}" for x in r["noise_multiplier"]) or "-", str(r["steps"]),
+                 ", ".join(r["unit"]) or "-", _fmt(r["epsilon_after"]), decision,
+                 (r["refusal_reason"] or "").replace("|", "\\|")]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def write_privacy_report(run_dir: Path) -> Path:
     verified = require_verified_run(run_dir)
     results_path = run_dir / "results.json"
@@ -181,18 +203,25 @@ def write_privacy_report(run_dir: Path) -> Path:
         "",
         "## Epsilon per market",
         "",
-        "| market | epsilon | noise multiplier | clip norm | sample rate | DP steps | budget status |",
-        "|---|---|---|---|---|---|---|",
+        f"Epsilon, noise, rate, steps and status: the deployed method (**{data['deployed_method']}**); "
+        "total: over every method the run trained on the market's data; per method: each method's own ledger.",
+        "",
+        f"| market | epsilon ({data['deployed_method']}) | total epsilon (all methods) | epsilon per method | "
+        "noise multiplier | clip norm | sample rate | DP steps | budget status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m, rep in spent.items():
         p = priv.get(m, {})
+        row = data["markets"].get(m, {})
         status = "n/a" if budget is None else ("within" if rep.epsilon <= budget else "OVER")
-        lines.append(f"| {m} | {rep.epsilon:.4f} | {p.get('noise_multiplier', float('nan')):.4g} | "
+        total = "inf" if row.get("total_infinite") else _fmt(row.get("total_epsilon"))
+        per = ", ".join(f"{k}: {_fmt(v.get('epsilon'))}" for k, v in (row.get("by_method") or {}).items()) or "-"
+        lines.append(f"| {m} | {rep.epsilon:.4f} | {total} | {per} | {p.get('noise_multiplier', float('nan')):.4g} | "
                      f"{p.get('max_grad_norm', float('nan')):g} | {p.get('sample_rate', float('nan')):.4g} | "
                      f"{rep.steps} | {status} |")
     lines += _total_section(run_dir, read, verified)
     lines += ["", f"![epsilon per round]({plot.name})", "", "## Rounds", "",
-              f"{len(rounds)} ledger rounds"
+              f"{data['deployed_method']}: {len(rounds)} ledger rounds"
               + (f" (summed over {len(read['dirs'])} ledgers); " if len(read["dirs"]) > 1 else "; ")
               + f"{sum(r.status == 'committed' for r in rounds)} committed, "
               f"{sum(r.status == 'started' for r in rounds)} started but not committed (counted as spent), "
@@ -205,6 +234,7 @@ def write_privacy_report(run_dir: Path) -> Path:
         refused = [d for d in decisions if not d.allowed]
         lines.append(f"Budget decisions recorded: {len(decisions)} ({len(refused)} refused).")
         lines.append("")
+    lines += _round_table(data["rounds"])
     lines += ["## Which steps cost epsilon", "", "| step | accounting |", "|---|---|"]
     lines += [f"| {s} | {why} |" for s, why in ACCOUNTED_STEPS]
     lines += [f"| {s} | post-processing (no epsilon): {why} |" for s, why in POST_PROCESSING_STEPS]

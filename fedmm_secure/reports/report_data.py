@@ -16,7 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..privacy.ledger import LEDGER_FILENAME, Ledger
+from ..privacy.ledger import Ledger
+from ..errors import LedgerError
+from .run_totals import read_run_ledgers
 from .run_verification import RunVerification, ledger_dirs
 
 __all__ = ["REPORT_KIND", "gather_privacy_report", "find_audits", "reproducible_noise", "NOT_PRIVATE_NOTE",
@@ -66,9 +68,9 @@ def _stage_of(round_id: int, market: str, privacy: Mapping, run_config: Mapping)
     return "unknown"
 
 
-def _ledger_rows(led: Ledger, rel: str, privacy: Mapping) -> list[dict]:
+def _ledger_rows(led: Ledger, rel: str, privacy: Mapping, method: str) -> list[dict]:
     """One row per (round, market) the ledger holds: stage, status, DP event parameters,
-    epsilon after the round and the budget decision."""
+    epsilon after the round and the budget decision, tagged with the ledger's method."""
     rounds = {r.round: r for r in led.rounds()}
     events: dict[tuple[int, str], list] = {}
     for e in led.event_records():
@@ -88,7 +90,7 @@ def _ledger_rows(led: Ledger, rel: str, privacy: Mapping) -> list[dict]:
             e = eps.get((rid, m))
             refused = (dec is not None and not dec.allowed) or (rid, m) in skips
             rows.append({
-                "ledger": rel, "round": rid, "stage": _stage_of(rid, m, privacy, cfg), "market": m,
+                "method": method, "ledger": rel, "round": rid, "stage": _stage_of(rid, m, privacy, cfg), "market": m,
                 "round_status": rec.status,
                 "sample_rate": sorted({ev.sample_rate for ev in evs}),
                 "noise_multiplier": sorted({ev.noise_multiplier for ev in evs}),
@@ -164,28 +166,53 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     privacy = results.get("privacy") if isinstance(results.get("privacy"), Mapping) else {}
+    accounting = results.get("accounting") if isinstance(results.get("accounting"), Mapping) else {}
+    per_method = accounting.get("methods") if isinstance(accounting.get("methods"), Mapping) else {}
+    total = accounting.get("total") if isinstance(accounting.get("total"), Mapping) else {}
+    lset = read_run_ledgers(run_dir, ledger_dirs(run_dir))
+    # Every DP method's ledger, the deployed method's first: each row says whose round it is.
+    files = [(lset.deployed, f) for f in lset.deployed_files] + list(lset.baseline_files.items())
     rows: list[dict] = []
-    spent: dict[str, dict] = {}
+    spent: dict[str, dict] = {}                       # the deployed method's spend per market
+    by_method: dict[str, dict[str, dict]] = {}        # market -> method -> that ledger's spend
     configs: list[Any] = []
-    for d in ledger_dirs(run_dir):
-        rel = (d / LEDGER_FILENAME).relative_to(run_dir).as_posix()
-        with Ledger.open(d) as led:
-            rows += _ledger_rows(led, rel, privacy)
-            spent.update({m: rep.to_dict() for m, rep in led.spent(composed=verified.composed).items()})
+    for method, f in files:
+        rel = f.relative_to(run_dir).as_posix()
+        entry = per_method.get(method) if isinstance(per_method.get(method), Mapping) else {}
+        labels = privacy if method == lset.deployed else \
+            (entry.get("privacy") if isinstance(entry.get("privacy"), Mapping) else {})
+        with Ledger.open(f) as led:
+            rows += _ledger_rows(led, rel, labels, method)
+            for m, rep in led.spent(composed=verified.composed).items():
+                if method == lset.deployed:
+                    # Flower: one deployed ledger per market; two holding one market is not a run.
+                    if m in spent:
+                        raise LedgerError(f"market {m!r} appears in more than one of {lset.deployed}'s ledgers")
+                    spent[m] = rep.to_dict()
+                by_method.setdefault(m, {})[method] = {"epsilon": rep.epsilon, "steps": rep.steps, "ledger": rel}
             configs.append(led.run_config)
+    order = {meth: i for i, meth in enumerate(dict.fromkeys(meth for meth, _ in files))}
+    # Grouped for a reader: per method (deployed first), then market, then round.
+    rows.sort(key=lambda r: (order[r["method"]], r["market"], r["round"]))
     budget = next((_finite(v.get("budget")) for v in privacy.values()
                    if isinstance(v, Mapping) and _finite(v.get("budget")) is not None), None)
     markets = {}
     for m, rep in spent.items():
         p = privacy.get(m) if isinstance(privacy.get(m), Mapping) else {}
-        mine = [r for r in rows if r["market"] == m]
-        markets[m] = {**rep, "unit": p.get("unit", "record"),
+        mine = [r for r in rows if r["market"] == m and r["method"] == lset.deployed]
+        t = total.get(m) if isinstance(total.get(m), Mapping) else {}
+        markets[m] = {**rep, "method": lset.deployed, "unit": p.get("unit", "record"),
                       "noise_multiplier": _finite(p.get("noise_multiplier")),
                       "max_grad_norm": _finite(p.get("max_grad_norm")), "sample_rate": _finite(p.get("sample_rate")),
                       "budget": budget,
                       "budget_status": "none set" if budget is None else
                       ("within" if rep["epsilon"] <= budget else "OVER BUDGET"),
-                      "rounds": len(mine), "refused_rounds": [r["round"] for r in mine if r["refused"]]}
+                      "rounds": len(mine), "refused_rounds": [r["round"] for r in mine if r["refused"]],
+                      # Over every method trained on this market's data (results.json's accounting,
+                      # checked against the ledgers by verify_run); absent for a one-method run.
+                      "total_epsilon": _finite(t.get("epsilon")) if t else rep["epsilon"],
+                      "total_infinite": bool(t.get("infinite")) if t else False,
+                      "by_method": by_method.get(m, {})}
     units = sorted({v["unit"] for v in markets.values()}) or ["record"]
     deltas = sorted({v["delta"] for v in markets.values()})
     not_private = reproducible_noise(run_dir, configs)
@@ -194,8 +221,6 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
     secure = bool(sec.get("secure", backend not in ("plain", "n/a"))) and backend != "plain"
     by_method = results.get("privacy_by_method") if isinstance(results.get("privacy_by_method"), Mapping) else {}
     totals = {k: v for k, v in results.items() if k.startswith("privacy_total")}
-    accounting = results.get("accounting") if isinstance(results.get("accounting"), Mapping) else {}
-    total = accounting.get("total") if isinstance(accounting.get("total"), Mapping) else {}
     return {
         "kind": REPORT_KIND, "version": 1, "run_dir": run_dir.resolve().name,
         "verification": {"ok": verified.ok, "ledgers": _ledger_status(run_dir, verified)},
@@ -204,6 +229,8 @@ def gather_privacy_report(run_dir: Path, verified: RunVerification) -> dict:
                        "certified": all(v["certified"] for v in markets.values()) if markets else False,
                        "bound": ", ".join(sorted({v["bound"] for v in markets.values()})) or "n/a"},
         "budget": budget,
+        "deployed_method": lset.deployed,
+        "methods": list(order),
         "randomness": {"private": not not_private,
                        "source": "reproducible" if not_private else "secure",
                        "note": NOT_PRIVATE_NOTE if not_private else "secure (OS-keyed AES-256-CTR)"},

@@ -103,21 +103,23 @@ def test_round_rows_are_the_ledgers(budgeted_run):
         steps: dict[tuple[int, str], int] = {}
         for e in led.event_records():
             steps[(e.round, e.market)] = steps.get((e.round, e.market), 0) + e.event.steps
-    # round, stage, market, status, q, sigma, steps, unit, epsilon after, decision, refusal
-    seen = {(int(c[0]), c[2]): (cls, c) for cls, c in rows}
+    # method, market, round, stage, status, q, sigma, steps, unit, epsilon after, decision, refusal
+    seen = {(int(c[2]), c[1]): (cls, c) for cls, c in rows if c[0] == "fedmm"}
+    assert {c[0] for _, c in rows} == {"fedmm", "local"}   # the baseline's ledger rounds are shown too
     assert set(seen) == set(eps)
     assert refused, "the budget was meant to refuse some CTR rounds"
     for key, (cls, cells) in seen.items():
-        assert cells[1] == ("CF" if key[0] < ROUNDS else "CTR")
-        assert cells[8] == f"{eps[key]:.4f}"
-        assert cells[6] == str(steps.get(key, 0))
-        assert ("REFUSED" in cells[9]) == (key in refused) == (cls == "refused")
+        assert cells[3] == ("CF" if key[0] < ROUNDS else "CTR")
+        assert cells[9] == f"{eps[key]:.4f}"
+        assert cells[7] == str(steps.get(key, 0))
+        assert ("REFUSED" in cells[10]) == (key in refused) == ("refused" in cls.split())
         if key not in refused:
-            assert cells[7] == "record" and cells[5] == "1"
+            assert cells[8] == "record" and cells[6] == "1"
     # The JSON twin holds the same rows, unformatted.
     data = json.loads((budgeted_run / "privacy_report.json").read_text())
-    assert {(r["round"], r["market"]): r["epsilon_after"] for r in data["rounds"]} == eps
-    assert {(r["round"], r["market"]) for r in data["rounds"] if r["refused"]} == refused
+    mine = [r for r in data["rounds"] if r["method"] == "fedmm"]
+    assert {(r["round"], r["market"]): r["epsilon_after"] for r in mine} == eps
+    assert {(r["round"], r["market"]) for r in mine if r["refused"]} == refused
     res = json.loads((budgeted_run / "results.json").read_text())
     assert data["privacy_by_method"] == res["privacy_by_method"]
     assert [c[0] for _, c in page.tables["by-method"]] == ["local", "fedmm"]
