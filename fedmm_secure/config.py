@@ -76,6 +76,11 @@ class ModelConfig:
     ctr_epochs: int = 2          # local epochs per federated round
     ctr_lr: float = 3e-3
     batch_size: int = 256
+    # A market needing more steps than this per epoch at ``batch_size`` samples 1/this of its
+    # rows per step instead: large markets get large batches (fast, less noise per averaged
+    # gradient), small ones keep ``batch_size``. The default changes nothing on markets below
+    # 256 x 256 = 65,536 records (the default synthetic markets). null: no cap.
+    max_steps_per_epoch: int | None = 256
     share_ctr_mlp: bool = True       # FedMM: average the CTR interaction MLP across markets
     share_autoencoder: bool = True   # FedMM: average RQ-VAE encoder/decoder across markets
     shared_bound: float = 2.0    # clip bound of every shared parameter coordinate (sizes the ring)
@@ -100,6 +105,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{f}", f"must be an integer >= {0 if f == 'code_round' else 1}, got {v!r}")
         if not isinstance(self.ctr_model, str) or not self.ctr_model:
             raise ConfigError("model.ctr_model", f"must be a registered CTR model name, got {self.ctr_model!r}")
+        if self.max_steps_per_epoch is not None:
+            _positive("model.max_steps_per_epoch", self.max_steps_per_epoch, integer=True)
         if not isinstance(self.calibrate, bool):
             raise ConfigError("model.calibrate", f"must be true or false, got {self.calibrate!r}")
         if not 0 <= self.codebook_decay < 1:
