@@ -21,7 +21,7 @@ def test_the_cap_only_raises_the_rate_and_never_past_one(q: float, cap: int) -> 
     c = capped_sample_rate(q, cap)
     assert q <= c <= 1.0
     assert c == q or math.isclose(c, 1.0 / cap)
-    assert max(1, math.ceil(1.0 / c)) <= max(cap, 1) or c == q
+    assert 1.0 / c <= cap * (1 + 1e-12)   # never more than cap steps per epoch
 
 
 def test_no_cap_keeps_the_rate() -> None:
