@@ -21,6 +21,14 @@ import logging
 import os
 import sys
 
+# Idle OpenMP threads sleep instead of spinning. With spinning (libgomp's default), a second
+# intra-op thread on a loaded 2-core machine made each fused Adam pass over a market's tables up
+# to 10x slower (threads spin at barriers while descheduled); with PASSIVE two threads cost about
+# what one does under load and help when the second core is free (bench/RESULTS_throughput.md).
+# libgomp reads this once, when torch loads it: the CLI imports torch only later. An explicit
+# setting in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from ..errors import BudgetExceededError, ConfigError, FedMMError, VerificationError
 from . import audit, bench, budget, flower, run
 
@@ -72,10 +80,10 @@ def _configure_logging() -> None:
 
 
 def _set_threads() -> None:
-    # The models are small: on a 2-core machine one intra-op thread beats an oversubscribed
-    # pool. FEDMM_THREADS overrides.
+    # One intra-op thread per core this process may use (with passive OpenMP waits, see the top
+    # of this module); FEDMM_THREADS overrides.
     import torch
-    raw = os.environ.get("FEDMM_THREADS", "1")
+    raw = os.environ.get("FEDMM_THREADS", str(len(os.sched_getaffinity(0))))
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError("FEDMM_THREADS", f"must be a positive integer, got {raw!r}")
     torch.set_num_threads(int(raw))
