@@ -74,3 +74,14 @@ def test_the_default_leaves_the_default_synthetic_markets_unchanged() -> None:
     for n in (3_920, 5_040, 56_000, 65_536):
         assert sample_rate_for(n, cfg.model.batch_size, cfg.model.max_steps_per_epoch) == sample_rate_for(n, 256)
     assert sample_rate_for(65_537, 256, 256) > sample_rate_for(65_537, 256)
+
+
+def test_pf_msmtrec_plans_and_trains_with_the_same_capped_rate(monkeypatch) -> None:
+    # PF-MSMTrec passes its own cap (off by default) to the plan and to its trainers alike.
+    from fedmm_secure.federation.pf_msmtrec.settings import PFSettings
+    assert PFSettings().max_steps_per_epoch is None
+    s = PFSettings(max_steps_per_epoch=32)
+    plan = plan_markets(unit="record", batch_size=s.batch_size, epochs={"pf": 1}, rounds=1,
+                        n_records={"m": 100_000}, n_users={"m": 1}, max_steps_per_epoch=s.max_steps_per_epoch)
+    assert plan["m"].sample_rate == pytest.approx(1 / 32)
+    assert sample_rate_for(100_000, s.batch_size, s.max_steps_per_epoch) == plan["m"].sample_rate
