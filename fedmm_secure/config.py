@@ -77,10 +77,11 @@ class ModelConfig:
     ctr_lr: float = 3e-3
     batch_size: int = 256
     # A market needing more steps than this per epoch at ``batch_size`` samples 1/this of its
-    # rows per step instead: large markets get large batches (fast, less noise per averaged
-    # gradient), small ones keep ``batch_size``. The default changes nothing on markets below
-    # 256 x 256 = 65,536 records (the default synthetic markets). null: no cap.
-    max_steps_per_epoch: int | None = 256
+    # records per step instead: large markets get large batches (fast; less noise per averaged
+    # gradient at the same epsilon), markets below 64 x batch_size records keep ``batch_size``.
+    # 64 was chosen on development seeds against 256 and no cap (bench/RESULTS_throughput.md).
+    # null: no cap.
+    max_steps_per_epoch: int | None = 64
     share_ctr_mlp: bool = True       # FedMM: average the CTR interaction MLP across markets
     share_autoencoder: bool = True   # FedMM: average RQ-VAE encoder/decoder across markets
     shared_bound: float = 2.0    # clip bound of every shared parameter coordinate (sizes the ring)
