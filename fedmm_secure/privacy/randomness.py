@@ -33,13 +33,17 @@ import torch
 
 from ..config import RANDOMNESS
 from ..primitives.keys import SymmetricKey
-from ..primitives.prg import Keystream
+from ..primitives.prg import BulkKeystream
 
 __all__ = ["RANDOMNESS", "RandomSource", "SecureRandom", "bernoulli_indices", "describe", "gaussian_from_words",
            "indices_below", "normal_", "poisson_indices", "uniform", "GEOMETRIC_MAX_RATE", "GEOMETRIC_RATE_MARGIN"]
 
 _TWO_PI = 2.0 * math.pi
 _MASK53 = (1 << 53) - 1
+# Box-Muller pairs per chunk of a large draw: 2 x 32 Ki values, so a chunk's keystream (256 KiB)
+# and its float32 working arrays fit in L2 together. Measured 2.1-2.3 ns per value at 2^14 to
+# 2^17 pairs, slower above (cache) and below (per-call overhead).
+_CHUNK_PAIRS = 1 << 15
 
 
 class SecureRandom:
@@ -58,7 +62,7 @@ class SecureRandom:
     _SMALL = 1 << 15
 
     def __init__(self, *, entropy: Callable[[int], bytes] | None = None) -> None:
-        self._stream = Keystream(SymmetricKey.generate(entropy=entropy or os.urandom))
+        self._stream = BulkKeystream(SymmetricKey.generate(entropy=entropy or os.urandom))
         self._pool: torch.Tensor | None = None
         self._pool_at = 0
         self._scratch: dict[torch.dtype, np.ndarray] = {}
@@ -93,20 +97,43 @@ class SecureRandom:
         return self._draw(out, std)
 
     def _draw(self, out: torch.Tensor, std: float) -> torch.Tensor:
-        n = out.numel()
-        h = (n + 1) // 2
-        words = np.frombuffer(self._stream.read(8 * h), dtype="<u4", count=2 * h)
+        # Chunk by chunk, so the keystream, the uniforms and the radii of a chunk are still in
+        # cache when the next operation reads them: one pass over main memory (the write of
+        # ``out``) instead of about ten. Measured 3.7 -> 2.1 ns per value for 3.2 M values.
+        flat = out.view(-1)
+        n = flat.numel()
         scratch = self._scratch.get(out.dtype)
-        if scratch is None or scratch.size < 2 * h:
-            scratch = self._scratch[out.dtype] = np.empty(2 * h, dtype=torch.empty(0, dtype=out.dtype).numpy().dtype)
-        return gaussian_from_words(words, out, std, scratch=scratch,
-                                   more=lambda k: np.frombuffer(self._stream.read(4 * k), dtype="<u4", count=k))
+        if scratch is None:
+            scratch = self._scratch[out.dtype] = np.empty(2 * _CHUNK_PAIRS,
+                                                          dtype=torch.empty(0, dtype=out.dtype).numpy().dtype)
+
+        def more(k: int) -> np.ndarray:
+            return np.frombuffer(self._stream.read(4 * k), dtype="<u4", count=k)
+        for start in range(0, n, 2 * _CHUNK_PAIRS):
+            part = flat[start:start + 2 * _CHUNK_PAIRS]
+            h = (part.numel() + 1) // 2
+            words = np.frombuffer(self._stream.read(8 * h), dtype="<u4", count=2 * h)
+            gaussian_from_words(words, part, std, scratch=scratch, more=more)
+        return out
 
 
 def indices_below(words: np.ndarray, p: float) -> torch.Tensor:
     """hazmat: positions of the uint32 ``words`` below ``floor(p * 2**32)``: each kept with
     probability at most ``p`` (never above: the rate the accountant is told bounds the real one)."""
     return torch.from_numpy(np.flatnonzero(words < np.uint32(min(2 ** 32 - 1, math.floor(p * 2.0 ** 32)))))
+
+
+_shift_cache: tuple[float, torch.dtype, torch.Tensor] | None = None
+
+
+def _shift(value: float, dtype: torch.dtype) -> torch.Tensor:
+    # A 0-d tensor, so that one torch.sub computes value - k2 * log(...); building it costs
+    # more than the subtraction on a chunk, and a run draws with one std.
+    global _shift_cache
+    cached = _shift_cache
+    if cached is None or cached[0] != value or cached[1] != dtype:
+        cached = _shift_cache = (value, dtype, torch.tensor(value, dtype=dtype))
+    return cached[2]
 
 
 def gaussian_from_words(words: np.ndarray, out: torch.Tensor, std: float, *,
@@ -129,25 +156,24 @@ def gaussian_from_words(words: np.ndarray, out: torch.Tensor, std: float, *,
     u = np.add(words[:h], 1.0, out=scratch[:h], dtype=fdt, casting="unsafe")
     # Angle from the other words read as int32: a uniform on [-pi, pi). Taken before `more` is
     # called, which may reuse the memory `words` lives in.
-    angle = torch.from_numpy(np.multiply(words[h:2 * h].view(np.int32), _TWO_PI * 2.0 ** -32,
-                                         out=scratch[h:2 * h], dtype=fdt, casting="unsafe"))
-    sq = torch.from_numpy(u).log_().mul_(-2.0 * std * std).add_(64.0 * math.log(2.0) * std * std)
-    if float(sq.amax()) >= 2.0 * std * std * 24.5 * math.log(2.0):  # a cheap gate before the exact test
+    angle = torch.from_numpy(np.multiply(words[h:2 * h].view(np.int32), fdt(_TWO_PI * 2.0 ** -32),
+                                         out=scratch[h:2 * h], casting="unsafe"))
+    # -2 std^2 ln u = 2 std^2 (32 ln 2 - ln(w + 1)): one log and one fused subtract.
+    k2 = 2.0 * std * std
+    sq = torch.from_numpy(u)
+    torch.sub(_shift(32.0 * math.log(2.0) * k2, out.dtype), sq.log_(), alpha=k2, out=sq)
+    if int(words[:h].min()) < (1 << 7):  # once in 2^25 draws
         tiny = np.flatnonzero(words[:h] < (1 << 7))
-        if tiny.size:
-            high = words[tiny].astype(np.float64) * 2.0 ** 32
-            fine = high + more(tiny.size).astype(np.float64) + 1.0
-            sq[torch.from_numpy(tiny)] = torch.from_numpy(
-                (np.log(fine) - 64.0 * math.log(2.0)) * (-2.0 * std * std)).to(out.dtype)
+        high = words[tiny].astype(np.float64) * 2.0 ** 32
+        fine = high + more(tiny.size).astype(np.float64) + 1.0
+        sq[torch.from_numpy(tiny)] = torch.from_numpy(
+            (np.log(fine) - 64.0 * math.log(2.0)) * -k2).to(out.dtype)
     # u within a few ulps of 1 can give a log a hair above 32 ln 2 after float rounding, hence a
     # tiny negative square (NaN radius, then a NaN model) for some std values; the true radius
     # there is ~0.
     radius = sq.clamp_(min=0.0).sqrt_()
     torch.cos(angle, out=flat[:h]).mul_(radius)
-    if n == 2 * h:
-        torch.sin(angle, out=flat[h:]).mul_(radius)
-    else:
-        flat[h:].copy_(angle.sin_().mul_(radius)[:n - h])
+    torch.mul(angle.sin_()[:n - h], radius[:n - h], out=flat[h:])
     return out
 
 
