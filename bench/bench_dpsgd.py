@@ -19,8 +19,9 @@ same expected batch; each user's summed gradient clipped).
 * ``medium``: the same with 50,000-row tables, dim 16 (the light end of the target range).
 * ``small``: tables of 5,000 rows, dim 16, batch ~256, where Opacus hooks mode fits.
 
-A "noise only" line times drawing the Gaussian noise for every parameter, which any DP-SGD
-step must do (V x D floats per table): the floor under every DP mode.
+Two "noise only" lines time drawing the Gaussian noise for every parameter, which any DP-SGD
+step must do (V x D floats per table): with torch's seeded ``normal_`` (the floor under every
+DP mode) and from ``SecureRandom`` (the floor under ``fast``).
 
 Peak memory: each mode runs in a child process (``MALLOC_MMAP_THRESHOLD_=65536`` so freed
 buffers go back to the OS); after two warm-up steps the child resets its peak-RSS mark
@@ -87,8 +88,9 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
 def make_step(config: str, mode: str, seed: int = 0):
     """Return a zero-argument callable doing one training step of ``mode``.
 
-    ``mode="noise"`` only draws the Gaussian noise DP-SGD adds to every parameter (as the DP
-    modes do, in place): the part of a DP step that no clipping method can avoid.
+    ``mode="noise"`` only draws the Gaussian noise DP-SGD adds to every parameter, with torch's
+    seeded ``normal_``: the part of a DP step that no clipping method can avoid.
+    ``mode="noise_secure"`` draws the same noise from ``SecureRandom`` (what ``fast`` uses).
     """
     c = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
@@ -99,12 +101,22 @@ def make_step(config: str, mode: str, seed: int = 0):
     y = torch.randint(0, 2, (n,), generator=g).float()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     if mode == "noise":
-        noise_gen = torch.Generator().manual_seed(seed + 1)
+        # Into reused buffers, as DPTrainer draws (a fresh table-sized buffer per step would
+        # add page faults to the floor).
+        noise_gen, noise_bufs = torch.Generator().manual_seed(seed + 1), [torch.empty_like(p) for p in model.parameters()]
 
         def noise() -> None:
-            for p in model.parameters():
-                torch.empty_like(p).normal_(0.0, 1.0, generator=noise_gen)
+            for b in noise_bufs:
+                b.normal_(0.0, 1.0, generator=noise_gen)
         return noise
+    if mode == "noise_secure":
+        # The same draws from the default source.
+        secure, bufs = SecureRandom(), [torch.empty_like(p) for p in model.parameters()]
+
+        def noise_secure() -> None:
+            for b in bufs:
+                secure.normal_(b, 1.0)
+        return noise_secure
     if mode == "plain":
         def step() -> None:
             idx = torch.randint(0, n, (c["batch"],), generator=g)
@@ -196,7 +208,7 @@ def test_interleaved_time_ratios(config):
     import statistics
     import time
 
-    modes = CONFIGS[config]["modes"] + ("noise",)
+    modes = CONFIGS[config]["modes"] + ("noise", "noise_secure")
     steps = {m: make_step(config, m) for m in modes}
     for m in modes:
         steps[m]()
@@ -224,10 +236,12 @@ def test_report():
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for config in CONFIGS:
-        if (config, "noise") in _ratios:
-            lines.append(f"| {config} | noise only (floor of any DP step) | | | "
-                         f"{_ratios[(config, 'noise')]:.2f} | {_cpu_ms[(config, 'noise')]:.1f} | "
-                         f"{_cpu_ratios[(config, 'noise')]:.2f} | | | | |")
+        for m, label in (("noise", "noise only, torch normal_ (floor of any DP step)"),
+                         ("noise_secure", "noise only, SecureRandom (fast's source)")):
+            if (config, m) in _ratios:
+                lines.append(f"| {config} | {label} | | | "
+                             f"{_ratios[(config, m)]:.2f} | {_cpu_ms[(config, m)]:.1f} | "
+                             f"{_cpu_ratios[(config, m)]:.2f} | | | | |")
     for config, mode in CASES:
         t, t0 = _times.get((config, mode)), _times.get((config, "plain"))
         m, m0 = _mem.get((config, mode)), _mem.get((config, "plain"))
