@@ -99,21 +99,42 @@ class SecureRandom:
     def _draw(self, out: torch.Tensor, std: float) -> torch.Tensor:
         # Chunk by chunk, so the keystream, the uniforms and the radii of a chunk are still in
         # cache when the next operation reads them: one pass over main memory (the write of
-        # ``out``) instead of about ten. Measured 3.7 -> 2.1 ns per value for 3.2 M values.
+        # ``out``) instead of about ten. Whole chunks run the loop below, which is
+        # gaussian_from_words on each chunk's words (a test checks they agree bit for bit) with
+        # its per-call work (views, slices, checks: ~15 us, 0.2 ns per value) hoisted out.
         flat = out.view(-1)
         n = flat.numel()
+        m = _CHUNK_PAIRS
+        whole = n - n % (2 * m)
         scratch = self._scratch.get(out.dtype)
         if scratch is None:
-            scratch = self._scratch[out.dtype] = np.empty(2 * _CHUNK_PAIRS,
-                                                          dtype=torch.empty(0, dtype=out.dtype).numpy().dtype)
+            scratch = self._scratch[out.dtype] = np.empty(2 * m, dtype=torch.empty(0, dtype=out.dtype).numpy().dtype)
 
         def more(k: int) -> np.ndarray:
             return np.frombuffer(self._stream.read(4 * k), dtype="<u4", count=k)
-        for start in range(0, n, 2 * _CHUNK_PAIRS):
-            part = flat[start:start + 2 * _CHUNK_PAIRS]
-            h = (part.numel() + 1) // 2
+        if whole:
+            u_np, angle_np = scratch[:m], scratch[m:]
+            radius, angle = torch.from_numpy(u_np), torch.from_numpy(angle_np)
+            k2 = 2.0 * std * std
+            shift = _shift(32.0 * math.log(2.0) * k2, out.dtype)
+            fdt = scratch.dtype  # the loops numpy runs (a float64 loop then a cast costs 2x)
+            turn = _TWO_PI * 2.0 ** -32
+            halves = flat[:whole].view(-1, m).unbind(0)
+            for i in range(0, len(halves), 2):
+                words = np.frombuffer(self._stream.read(8 * m), dtype="<u4", count=2 * m)
+                np.add(words[:m], 1.0, out=u_np, dtype=fdt, casting="unsafe")
+                np.multiply(words[m:].view(np.int32), turn, out=angle_np, dtype=fdt, casting="unsafe")
+                torch.sub(shift, radius.log_(), alpha=k2, out=radius)
+                if int(words[:m].min()) < _FINE:
+                    _refine_radius_sq(words[:m], radius, k2, more)
+                radius.clamp_(min=0.0).sqrt_()
+                torch.cos(angle, out=halves[i]).mul_(radius)
+                torch.mul(angle.sin_(), radius, out=halves[i + 1])
+        if whole < n:
+            rest = flat[whole:]
+            h = (rest.numel() + 1) // 2
             words = np.frombuffer(self._stream.read(8 * h), dtype="<u4", count=2 * h)
-            gaussian_from_words(words, part, std, scratch=scratch, more=more)
+            gaussian_from_words(words, rest, std, scratch=scratch, more=more)
         return out
 
 
@@ -124,6 +145,17 @@ def indices_below(words: np.ndarray, p: float) -> torch.Tensor:
 
 
 _shift_cache: tuple[float, torch.dtype, torch.Tensor] | None = None
+# Radius words below this get 32 more random bits (see gaussian_from_words).
+_FINE = 1 << 7
+
+
+def _refine_radius_sq(words: np.ndarray, sq: torch.Tensor, k2: float, more: Callable[[int], np.ndarray]) -> None:
+    """Squared radii ``k2 * -ln u`` of the words below :data:`_FINE` recomputed from 64-bit
+    uniforms u = (w * 2^32 + w' + 1) / 2^64, w' fresh from ``more``."""
+    tiny = np.flatnonzero(words < _FINE)
+    high = words[tiny].astype(np.float64) * 2.0 ** 32
+    fine = high + more(tiny.size).astype(np.float64) + 1.0
+    sq[torch.from_numpy(tiny)] = torch.from_numpy((np.log(fine) - 64.0 * math.log(2.0)) * -k2).to(sq.dtype)
 
 
 def _shift(value: float, dtype: torch.dtype) -> torch.Tensor:
@@ -156,18 +188,14 @@ def gaussian_from_words(words: np.ndarray, out: torch.Tensor, std: float, *,
     u = np.add(words[:h], 1.0, out=scratch[:h], dtype=fdt, casting="unsafe")
     # Angle from the other words read as int32: a uniform on [-pi, pi). Taken before `more` is
     # called, which may reuse the memory `words` lives in.
-    angle = torch.from_numpy(np.multiply(words[h:2 * h].view(np.int32), fdt(_TWO_PI * 2.0 ** -32),
-                                         out=scratch[h:2 * h], casting="unsafe"))
+    angle = torch.from_numpy(np.multiply(words[h:2 * h].view(np.int32), _TWO_PI * 2.0 ** -32,
+                                         out=scratch[h:2 * h], dtype=fdt, casting="unsafe"))
     # -2 std^2 ln u = 2 std^2 (32 ln 2 - ln(w + 1)): one log and one fused subtract.
     k2 = 2.0 * std * std
     sq = torch.from_numpy(u)
     torch.sub(_shift(32.0 * math.log(2.0) * k2, out.dtype), sq.log_(), alpha=k2, out=sq)
-    if int(words[:h].min()) < (1 << 7):  # once in 2^25 draws
-        tiny = np.flatnonzero(words[:h] < (1 << 7))
-        high = words[tiny].astype(np.float64) * 2.0 ** 32
-        fine = high + more(tiny.size).astype(np.float64) + 1.0
-        sq[torch.from_numpy(tiny)] = torch.from_numpy(
-            (np.log(fine) - 64.0 * math.log(2.0)) * -k2).to(out.dtype)
+    if int(words[:h].min()) < _FINE:  # once in 2^25 draws
+        _refine_radius_sq(words[:h], sq, k2, more)
     # u within a few ulps of 1 can give a log a hair above 32 ln 2 after float rounding, hence a
     # tiny negative square (NaN radius, then a NaN model) for some std values; the true radius
     # there is ~0.

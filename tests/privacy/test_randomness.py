@@ -173,3 +173,40 @@ def test_default_bulk_noise_is_unpredictable():
     b = SecureRandom().normal_(torch.empty(300_000), 1.0)
     assert not torch.equal(a, b)
     assert abs(np.corrcoef(a.numpy(), b.numpy())[0, 1]) < 4 / math.sqrt(300_000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bulk_loop_is_gaussian_from_words_chunk_by_chunk(dtype):
+    """The whole-chunk loop of SecureRandom is the documented transform, bit for bit: the same
+    keystream cut into the same chunks and passed to gaussian_from_words gives the same values."""
+    from fedmm_secure.primitives.keys import SymmetricKey
+    from fedmm_secure.primitives.prg import BulkKeystream
+    from fedmm_secure.privacy import randomness
+    c = 2 * randomness._CHUNK_PAIRS
+    n = 3 * c + 7  # three whole chunks and an odd remainder
+    got = _fixed(9).normal_(torch.empty(n, dtype=dtype), 0.7)
+    ks = BulkKeystream(SymmetricKey.generate(entropy=lambda k: bytes([9]) * k))
+    want = torch.empty(n, dtype=dtype)
+    for start in range(0, n, c):
+        part = want[start:start + c]
+        h = (part.numel() + 1) // 2
+        words = np.frombuffer(ks.read(8 * h), dtype="<u4", count=2 * h).copy()
+        gaussian_from_words(words, part, 0.7,
+                            more=lambda k: np.frombuffer(ks.read(4 * k), dtype="<u4", count=k).copy())
+    assert torch.equal(got, want)
+
+
+def test_bulk_loop_refines_small_radius_words():
+    """Inside a whole chunk, radius words below 2^7 take 32 more bits (the tails reach 9.4 sigma)."""
+    from fedmm_secure.privacy import randomness
+
+    class Zeros:  # a keystream of zero bytes: every radius word is 0, every angle 0
+        def read(self, nbytes: int) -> memoryview:
+            return memoryview(bytes(nbytes))
+
+    src = SecureRandom()
+    src._stream = Zeros()
+    m = randomness._CHUNK_PAIRS
+    z = src.normal_(torch.empty(2 * m), 2.0)
+    assert torch.allclose(z[:m], torch.full((m,), 2.0 * math.sqrt(2 * 64 * math.log(2))), rtol=1e-6)
+    assert torch.count_nonzero(z[m:]) == 0  # sin(0)
