@@ -184,6 +184,7 @@ def test_bulk_loop_is_gaussian_from_words_chunk_by_chunk(dtype):
     from fedmm_secure.privacy import randomness
     c = 2 * randomness._CHUNK_PAIRS
     n = 3 * c + 7  # three whole chunks and an odd remainder
+    assert n > randomness._ONE_PASS
     got = _fixed(9).normal_(torch.empty(n, dtype=dtype), 0.7)
     ks = BulkKeystream(SymmetricKey.generate(entropy=lambda k: bytes([9]) * k))
     want = torch.empty(n, dtype=dtype)
@@ -207,6 +208,7 @@ def test_bulk_loop_refines_small_radius_words():
     src = SecureRandom()
     src._stream = Zeros()
     m = randomness._CHUNK_PAIRS
-    z = src.normal_(torch.empty(2 * m), 2.0)
-    assert torch.allclose(z[:m], torch.full((m,), 2.0 * math.sqrt(2 * 64 * math.log(2))), rtol=1e-6)
-    assert torch.count_nonzero(z[m:]) == 0  # sin(0)
+    assert 6 * m > randomness._ONE_PASS  # drawn in whole chunks, not in one pass
+    z = src.normal_(torch.empty(6 * m), 2.0).view(3, 2 * m)
+    assert torch.allclose(z[:, :m], torch.full((3, m), 2.0 * math.sqrt(2 * 64 * math.log(2))), rtol=1e-6)
+    assert torch.count_nonzero(z[:, m:]) == 0  # sin(0)
