@@ -4,6 +4,10 @@ Run::
 
     .venv/bin/python -m pytest bench/bench_dpsgd.py -s -p no:warnings
 
+(``-k "interleaved or pairwise or report"`` for the time ratios alone, in about a minute.)
+``test_pairwise_fast_vs_plain`` gives the strict DP-step ratio: fast and plain alone, with
+glibc's heap pinned so that neither faults pages in (see its docstring).
+
 Two configurations, all modes of one configuration timed in the same run on the same model,
 batch and data; ratios are printed against the plain (non-private) step:
 

@@ -19,7 +19,7 @@ Gaussian noise from :class:`SecureRandom` is Box-Muller, as torch's own ``normal
 radius from a 32-bit uniform in (0, 1] refined to 64 bits below 2^-25, so its tails reach 9.4
 standard deviations (torch's float32 uniforms stop at 5.77: a truncation the accountant does not
 model). Table-sized draws run chunk by chunk (32 Ki pairs), so each chunk's keystream and working
-arrays stay in cache: 2.2-2.6 ns per value against 3.5-3.8 ns for one pass per operation over the
+arrays stay in cache: 2.2-2.7 ns per value against 3.5-3.8 ns for one pass per operation over the
 whole tensor and 3.3-4.5 ns for torch's seeded ``normal_`` (bench/RESULTS_dpsgd.md).
 Opacus's ``secure_mode`` also sums four draws (Holohan & Braghin's defence against attacks on
 the low-order bits of floating-point noise); that multiplies the cost of the largest part of a
@@ -45,8 +45,8 @@ __all__ = ["RANDOMNESS", "RandomSource", "SecureRandom", "bernoulli_indices", "d
 _TWO_PI = 2.0 * math.pi
 _MASK53 = (1 << 53) - 1
 # Box-Muller pairs per chunk of a large draw: 2 x 32 Ki values, so a chunk's keystream (256 KiB)
-# and its float32 working arrays fit in L2 together. Measured 2.1-2.3 ns per value at 2^14 to
-# 2^17 pairs, slower above (cache) and below (per-call overhead).
+# and its float32 working arrays fit in L2 together. Measured on 6.4 M values: 2.5, 2.2, 2.3 and
+# 2.4 ns per value at 2^14, 2^15, 2^16 and 2^17 pairs (per-call overhead below, cache above).
 _CHUNK_PAIRS = 1 << 15
 # Draws of at most this many values run as one chunk.
 _ONE_PASS = 1 << 17
