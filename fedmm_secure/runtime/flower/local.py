@@ -82,6 +82,8 @@ step-timeout = 600.0
 join-timeout = 60.0
 poll-interval = 0.05
 workload-json = '{"name": "fedmm"}'
+identity-key = ""
+roster = ""
 """
 
 
@@ -184,6 +186,7 @@ class FlowerLocalDeployment:
         self._started = False
         self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
         self.work = Path(self._tmp.name)
+        self._make_identities()
         self.logs = self.out_dir / "flower_logs"
         self.groups: dict[str, subprocess.Popen] = {}   # name -> group leader
         self._files: list = []
@@ -243,6 +246,7 @@ class FlowerLocalDeployment:
             for m in self.markets:  # SuperNode authentication: the operator registers each key
                 self._flwr(["supernode", "register", str(self.tls.node_keys[m][1]), "fedmm-local"],
                            what=f"registering {m}'s SuperNode key", timeout=self.startup_timeout_s)
+        (self.logs / "identity_roster.json").write_text(self.identity_roster.to_json(), encoding="utf-8")
         ready = {}
         for m in self.markets:
             rport = free_port()
@@ -250,6 +254,7 @@ class FlowerLocalDeployment:
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower.worker", "--market", m,
                    "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m)),
                    "--startup-timeout", str(self.startup_timeout_s), "--roster-out", str(self.roster_record(m)),
+                   "--identity-key", str(self.identity_key(m)), "--roster", str(self.identity_roster_file),
                    *self._market_rules()]
             if self.resume:
                 cmd.append("--resume")
@@ -282,6 +287,25 @@ class FlowerLocalDeployment:
                 raise AbortError(f"market workers did not start within {ready_timeout:.0f} s "
                                  f"(see flower_logs/; --startup-timeout raises the limit)")
             time.sleep(0.1)
+
+    def _make_identities(self) -> None:
+        """Every market's and the aggregator's identity key, made before any process starts, and
+        the roster of their public keys, which every worker is given as its pin: the loopback
+        deployment runs with pre-run roster pinning. The private keys live in the deployment's
+        temporary directory (0600, gone at close); start() keeps the public roster in the logs
+        (``flower_logs/identity_roster.json``)."""
+        from .keyfiles import write_identity_key, write_roster
+
+        keys = self.work / "identity"
+        keys.mkdir(mode=0o700)
+        public = {m: write_identity_key(self.identity_key(m))[1] for m in self.markets}
+        _, aggregator = write_identity_key(self.identity_key(None))
+        self.identity_roster_file = keys / "roster.json"
+        self.identity_roster = write_roster(self.identity_roster_file, public, aggregator)
+
+    def identity_key(self, market: str | None) -> Path:
+        """The identity key file of ``market`` (``None``: the aggregator's)."""
+        return self.work / "identity" / ("aggregator.key" if market is None else f"market-{market}.key")
 
     def _node_config(self, market: str) -> str:
         # Real data: each market's SuperNode names its own data source (here all markets share
@@ -360,7 +384,9 @@ class FlowerLocalDeployment:
             "expected-markets": len(self.markets), "stage-timeout": float(self.stage_timeout),
             "step-timeout": float(self.step_timeout), "join-timeout": float(join_timeout),
             "poll-interval": float(self.poll_interval),
-            "workload-json": json.dumps(self.workload)}), encoding="utf-8")
+            "workload-json": json.dumps(self.workload),
+            "identity-key": str(self.identity_key(None)), "roster": str(self.identity_roster_file)}),
+            encoding="utf-8")
         app = write_app_dir(self.work / "app")
         self._flwr(["run", str(app), "fedmm-local", "--run-config", str(overrides)], what="flwr run",
                    timeout=timeout)
