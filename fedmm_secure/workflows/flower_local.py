@@ -149,6 +149,7 @@ def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float
         roster = same_roster(dep.pinned_rosters())
         results["roster_sha256"] = roster
         results["identity_roster_sha256"] = dep.identity_roster.digest().hex()
+        write_json_atomic(out / "results.json", results)   # both digests, next to the run's results
         # Likewise the shared-key lists the markets built from their listings.
         same_catalogue(results.get("catalogue", {}))
         if progress is not None:
