@@ -26,7 +26,8 @@ from ..errors import ConfigError, IntegrityError, PolicyError, ProtocolError
 from ..primitives.keys import IdentityPrivateKey, IdentityPublicKey
 from .base import Roster, check_id
 
-__all__ = ["IdentityRoster", "endorse", "check_session_roster", "AGGREGATOR_ROLE", "ROSTER_FORMAT"]
+__all__ = ["IdentityRoster", "endorse", "verify_endorsement", "check_session_roster", "AGGREGATOR_ROLE",
+           "ROSTER_FORMAT"]
 
 ROSTER_FORMAT = "fedmm-secure/identity-roster/v1"
 AGGREGATOR_ROLE = "aggregator"
@@ -118,6 +119,15 @@ def endorse(identity: IdentityPrivateKey, *, run_id: str, backend: str, name: st
     return identity.sign(_endorsed_bytes(run_id, backend, role, name, bundle))
 
 
+def verify_endorsement(key: IdentityPublicKey, signature: object, *, run_id: str, backend: str, name: str,
+                       bundle: bytes, role: str = "market") -> None:
+    """:class:`IntegrityError` unless ``signature`` is :func:`endorse`'s output for these values
+    under ``key``."""
+    if not isinstance(signature, (bytes, bytearray)):
+        raise IntegrityError()
+    key.verify(signature, _endorsed_bytes(run_id, backend, role, name, bundle))
+
+
 def check_session_roster(pinned: IdentityRoster, roster: Roster, endorsements: Mapping[str, bytes],
                          *, aggregator_endorsement: bytes, run_id: str, backend: str) -> None:
     """Accept ``roster`` (this run's bundles) only if it lists exactly ``pinned``'s markets and
@@ -133,16 +143,13 @@ def check_session_roster(pinned: IdentityRoster, roster: Roster, endorsements: M
     if missing:
         raise PolicyError(f"the roster omits pinned markets: {', '.join(missing)}")
     for m in roster.markets:
-        sig = endorsements.get(m)
         try:
-            if not isinstance(sig, (bytes, bytearray)):
-                raise IntegrityError()
-            pinned.markets[m].verify(sig, _endorsed_bytes(run_id, backend, "market", m, roster.bundle(m)))
+            verify_endorsement(pinned.markets[m], endorsements.get(m), run_id=run_id, backend=backend, name=m,
+                               bundle=roster.bundle(m))
         except IntegrityError:
             raise PolicyError(f"{m}'s key on the roster is not signed by {m}'s pinned identity key") from None
     try:
-        pinned.aggregator.verify(aggregator_endorsement,
-                                 _endorsed_bytes(run_id, backend, AGGREGATOR_ROLE, AGGREGATOR_ROLE,
-                                                 roster.aggregator))
+        verify_endorsement(pinned.aggregator, aggregator_endorsement, run_id=run_id, backend=backend,
+                           name=AGGREGATOR_ROLE, bundle=roster.aggregator, role=AGGREGATOR_ROLE)
     except IntegrityError:
         raise PolicyError("the aggregator's key on the roster is not signed by its pinned identity key") from None

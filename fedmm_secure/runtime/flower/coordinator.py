@@ -19,10 +19,10 @@ from typing import Protocol
 import numpy as np
 
 from ...config import RunConfig
-from ...errors import AbortError, ConfigError, ProtocolError
+from ...errors import AbortError, ConfigError, IntegrityError, ProtocolError
 from ...primitives.keys import IdentityPrivateKey
 from ...secagg import Roster, RoundContext, create_backend
-from ...secagg.identity import AGGREGATOR_ROLE, IdentityRoster, endorse
+from ...secagg.identity import AGGREGATOR_ROLE, IdentityRoster, endorse, verify_endorsement
 from .wire import (b64, error_reply, pack_json, pack_with_header, unb64, unpack_json,
                    with_node_config)
 
@@ -124,6 +124,8 @@ class Coordinator:
         self.order = sorted(info, key=lambda m: info[m]["index"])
         if len({info[m]["index"] for m in info}) != len(info):
             raise ProtocolError("two markets claim the same position in the market order")
+        if self.identity_roster is not None:
+            self._check_endorsements(info)
         backend = create_backend(cfg.secagg, allow_insecure=cfg.secagg == "plain", **self.backend_options)
         aggregator = backend.create_aggregator()
         roster_b = {m: unb64(info[m]["bundle"]) for m in self.order}
@@ -181,6 +183,20 @@ class Coordinator:
         if market_level:
             results["privacy_market_level"] = next(iter(market_level.values()))
         return results
+
+    def _check_endorsements(self, info: Mapping[str, dict]) -> None:
+        """Every market that answered ``hello`` is on the identity roster and endorsed its bundle
+        with its pinned key; otherwise the pinning markets would refuse ``start``, so the run
+        stops here naming the market (a run with markets missing is left to the markets)."""
+        for m, i in info.items():
+            key = self.identity_roster.markets.get(m)
+            try:
+                if key is None:
+                    raise AbortError(f"market {m} is not on the identity roster")
+                verify_endorsement(key, unb64(str(i.get("endorsement", ""))), run_id=self.run_id,
+                                   backend=self.cfg.secagg, name=m, bundle=unb64(i["bundle"]))
+            except IntegrityError:
+                raise AbortError(f"market {m}'s bundle is not endorsed by its pinned identity key") from None
 
     def _broadcast(self, headers: dict[str, dict]) -> dict[str, dict]:
         labels = {h["label"] for h in headers.values()}

@@ -96,8 +96,8 @@ class MarketWorker:
         self._stage = 0
         self.result: dict | None = None
         self._joined: str | None = None   # the run this worker took part in (one per process)
-        # Where this market records the digest of the roster it pinned (hex), on its own machine:
-        # without a digest obtained in advance a market trusts the first roster it is shown, and
+        # Where this market records the digest of the per-run roster it installed (hex), on its own
+        # machine: a market without a pre-run pin trusts the first roster it is shown, and
         # comparing these records across markets afterwards exposes a split roster.
         self.roster_out = Path(roster_out) if roster_out is not None else None
         self.pinned_roster: str | None = None

@@ -323,3 +323,25 @@ def test_coordinator_identity_must_match_the_roster():
     with pytest.raises(ConfigError, match="go together"):
         Coordinator(cfg=cfg, run_id="x", links=Recording({}), stage_timeout=1, step_timeout=1,
                     identity=keys.agg)
+
+
+def test_honest_aggregator_names_a_market_whose_bundle_is_not_endorsed():
+    # A market (or whoever sits between it and the aggregator) answers hello with a bundle its
+    # identity key did not sign: the pinning markets would refuse start; the aggregator stops
+    # first and says which market.
+    keys = Keys(_names(3))
+    workers = _workers(keys, pin=True)
+
+    class Tampered(Recording):
+        def hello(self, payload, *, timeout):
+            out = super().hello(payload, timeout=timeout)
+            kind, body = out["m1"]
+            msg = unpack_json(body)
+            msg["bundle"] = _puppet("m1")[0]
+            out["m1"] = (kind, pack_json(msg))
+            return out
+
+    links = Tampered(workers)
+    with pytest.raises(AbortError, match="market m1's bundle is not endorsed"):
+        _run(keys, links, markets=3)
+    assert all(k == ["hello"] for k in links.kinds.values())
