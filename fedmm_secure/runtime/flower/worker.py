@@ -55,6 +55,10 @@ from .workloads import secure_sum_pipeline
 
 __all__ = ["MarketWorker", "MarketRules", "HangAt", "serve", "own_privacy", "run_with_own_privacy"]
 
+# Named, not ``__name__``: run as ``python -m`` this module is ``__main__``, whose records would
+# miss the package logger that main() points at the market's log file.
+_log = logging.getLogger("fedmm_secure.runtime.flower.worker")
+
 
 class HangAt:
     """Fault injection for tests: on the given stage of the given sum, write ``marker`` and
@@ -175,6 +179,8 @@ class MarketWorker:
         backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain", **options)
         self._endpoint = backend.create_market(self.market)
         self._joined, self._pinned = self._run_id, pinned
+        if pinned is not None:
+            _log.info("run %s held to the identity roster sha256 %s", self._run_id, pinned.digest().hex())
         bundle = self._endpoint.public_bundle()
         reply = {"market": self.market, "index": self._index, "bundle": b64(bundle),
                  "n_train": len(self._data.train), "n_items": int(self._data.n_items),
@@ -209,7 +215,7 @@ class MarketWorker:
                                   min_cohort=min_cohort, colluders=rules.colluders)
         self._endpoint.install_roster(roster, policy=policy)
         self.pinned_roster = roster.digest().hex()
-        logging.getLogger(__name__).info("pinned roster sha256 %s (%d markets)", self.pinned_roster, n)
+        _log.info("pinned roster sha256 %s (%d markets)", self.pinned_roster, n)
         if self.roster_out is not None:
             tmp = self.roster_out.with_suffix(".tmp")
             tmp.write_text(self.pinned_roster + "\n", encoding="ascii")
