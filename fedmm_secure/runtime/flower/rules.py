@@ -16,19 +16,24 @@ adds or omits a market or carries a bundle not endorsed by its owner's pinned ke
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ...config import DEFAULT_MAX_GRAD_NORM, PrivacyConfig, RunConfig, config_from_dict
 from ...errors import ConfigError, PolicyError
 from ...primitives.keys import IdentityPrivateKey
 from ...secagg import DEFAULT_COLLUDERS, Roster
 from ...secagg.identity import IdentityRoster, check_session_roster
+from .keyfiles import read_identity_key, read_roster
+from .listings import read_listings
 from .wire import unb64
 
 __all__ = ["MarketRules", "own_privacy", "run_with_own_privacy", "pinned_roster_at_hello",
-           "check_start_roster"]
+           "check_start_roster", "add_rule_arguments", "rules_from_arguments"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +167,40 @@ def check_start_roster(pinned: IdentityRoster, msg: Mapping, roster: Roster, *, 
         raise PolicyError("the roster's endorsements are malformed") from None
     check_session_roster(pinned, roster, endorsements, aggregator_endorsement=agg, run_id=run_id,
                          backend=backend)
+
+
+def add_rule_arguments(p: argparse.ArgumentParser) -> None:
+    """The worker's flags for the market's own rules and its identity key."""
+    p.add_argument("--allow-backend", action="append", default=None,
+                   help="a secure-aggregation backend this market runs (repeat; default masking and ckks)")
+    p.add_argument("--privacy-json", help="this market's own privacy settings (JSON; default: not private)")
+    p.add_argument("--min-cohort", type=int, help="fewest markets in any sum (default max(3, 2/3 of the roster))")
+    p.add_argument("--colluders", type=int, default=DEFAULT_COLLUDERS, help="c in the threshold rule 2t > n + c")
+    p.add_argument("--identity-key", help="this market's long-term identity key (`fedmm-secure keys new`; mode 0600)")
+    p.add_argument("--roster", help="the pinned identity roster (JSON, market -> public key and the aggregator's), "
+                                    "obtained out of band; needs --identity-key")
+    p.add_argument("--roster-sha256", help="the pinned identity roster's SHA-256 (hex), obtained out of band; "
+                                           "needs --identity-key")
+    p.add_argument("--listings", help="the markets' public catalogues, JSON {market: [key, ...]} (real data: "
+                                      "this market's source of the shared-key list)")
+
+
+def rules_from_arguments(args: argparse.Namespace) -> tuple[MarketRules, IdentityPrivateKey | None]:
+    """The market's rules and identity key from :func:`add_rule_arguments`' flags; bad input
+    (a key file open to others, a corrupt roster, bad JSON, ...) raises :class:`ConfigError`."""
+    digest = None
+    if args.roster_sha256 is not None:
+        text = args.roster_sha256.strip().lower()
+        if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+            raise ConfigError("--roster-sha256", f"got {args.roster_sha256!r}", allowed="64 hex digits")
+        digest = bytes.fromhex(text)
+    try:
+        privacy = json.loads(args.privacy_json) if args.privacy_json else None
+    except json.JSONDecodeError as e:
+        raise ConfigError("--privacy-json", f"not JSON ({e.msg})") from None
+    identity = read_identity_key(Path(args.identity_key)) if args.identity_key else None
+    rules = MarketRules(backends=frozenset(args.allow_backend or ("masking", "ckks")), privacy=privacy,
+                        min_cohort=args.min_cohort, colluders=args.colluders, roster_digest=digest,
+                        roster=read_roster(Path(args.roster)) if args.roster else None,
+                        listings=read_listings(Path(args.listings)) if args.listings else None)
+    return rules, identity

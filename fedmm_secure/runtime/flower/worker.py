@@ -33,11 +33,11 @@ from ...errors import ConfigError, FedMMError, PolicyError, ProtocolError
 from ...federation.fedmm.pipeline import market_pipeline
 from ...federation.fedmm.protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
 from ...primitives.keys import IdentityPrivateKey
-from ...secagg import (DEFAULT_COLLUDERS, MarketPolicy, Roster, RoundContext, create_backend,
+from ...secagg import (MarketPolicy, Roster, RoundContext, create_backend,
                        default_min_cohort)
 from ...secagg.identity import endorse
-from .rules import (MarketRules, check_start_roster, own_privacy, pinned_roster_at_hello,
-                    run_with_own_privacy)
+from .rules import (MarketRules, add_rule_arguments, check_start_roster, own_privacy,
+                    pinned_roster_at_hello, rules_from_arguments, run_with_own_privacy)
 from .wire import (
     b64,
     encode_bound,
@@ -50,7 +50,7 @@ from .wire import (
     unpack_json,
     unpack_with_header,
 )
-from .listings import catalogue_record, check_offered_keys, market_catalogue, read_listings
+from .listings import catalogue_record, check_offered_keys, market_catalogue
 from .workloads import secure_sum_pipeline
 
 __all__ = ["MarketWorker", "MarketRules", "HangAt", "serve", "own_privacy", "run_with_own_privacy"]
@@ -348,27 +348,6 @@ def serve(worker: MarketWorker, *, host: str, port: int, ready_file: Path | None
                     pass
 
 
-def _worker_from_args(args, hang: HangAt | None) -> MarketWorker:
-    import json
-
-    from .keyfiles import read_identity_key, read_roster
-
-    if args.roster_sha256 is not None:
-        digest = args.roster_sha256.strip().lower()
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise ConfigError("--roster-sha256", f"got {args.roster_sha256!r}", allowed="64 hex digits")
-    identity = read_identity_key(Path(args.identity_key)) if args.identity_key else None
-    rules = MarketRules(backends=frozenset(args.allow_backend or ("masking", "ckks")),
-                        privacy=json.loads(args.privacy_json) if args.privacy_json else None,
-                        min_cohort=args.min_cohort, colluders=args.colluders,
-                        roster_digest=bytes.fromhex(args.roster_sha256) if args.roster_sha256 else None,
-                        roster=read_roster(Path(args.roster)) if args.roster else None,
-                        listings=read_listings(Path(args.listings)) if args.listings else None)
-    return MarketWorker(market=args.market, rules=rules, hang_at=hang, identity=identity,
-                        ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume,
-                        roster_out=Path(args.roster_out) if args.roster_out else None)
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedmm_secure.runtime.flower.worker --market M (--superexec ADDR | --listen ADDR)``.
 
@@ -388,18 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the ledger already in --ledger-dir (an interrupted run); its events stay spent")
-    p.add_argument("--allow-backend", action="append", default=None,
-                   help="a secure-aggregation backend this market runs (repeat; default masking and ckks)")
-    p.add_argument("--privacy-json", help="this market's own privacy settings (JSON; default: not private)")
-    p.add_argument("--min-cohort", type=int, help="fewest markets in any sum (default max(3, 2/3 of the roster))")
-    p.add_argument("--colluders", type=int, default=DEFAULT_COLLUDERS, help="c in the threshold rule 2t > n + c")
-    p.add_argument("--identity-key", help="this market's long-term identity key (`fedmm-secure keys new`; mode 0600)")
-    p.add_argument("--roster", help="the pinned identity roster (JSON, market -> public key and the aggregator's), "
-                                    "obtained out of band; needs --identity-key")
-    p.add_argument("--roster-sha256", help="the pinned identity roster's SHA-256 (hex), obtained out of band; "
-                                           "needs --identity-key")
-    p.add_argument("--listings", help="the markets' public catalogues, JSON {market: [key, ...]} (real data: "
-                                      "this market's source of the shared-key list)")
+    add_rule_arguments(p)
     p.add_argument("--roster-out", help="write the digest of the roster this market pinned here (hex)")
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds to wait for the SuperNode's Runtime API (flower local sets it from the number of markets)")
@@ -412,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         label, rnd, stage = args.hang_at.split(":")
         hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
     try:
-        worker = _worker_from_args(args, hang)
-    except (FedMMError, ValueError) as e:
+        rules, identity = rules_from_arguments(args)
+        worker = MarketWorker(market=args.market, rules=rules, hang_at=hang, identity=identity,
+                              ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume,
+                              roster_out=Path(args.roster_out) if args.roster_out else None)
+    except FedMMError as e:
         # Bad input (a key file open to others, a corrupt roster, ...): one line, exit 2.
         p.exit(2, f"{p.prog}: error: {e}\n")
     import torch

@@ -100,6 +100,7 @@ def _worker_args(tmp_path, *extra):
     ("ok", ["--identity-key", "{k}", "--roster-sha256", "zz"], "64 hex digits"),
     ("ok", ["--roster", "{k}.pub"], "not JSON"),
     ("ok", ["--roster-sha256", "00" * 32], "needs its identity key"),
+    ("ok", ["--privacy-json", "nope"], "--privacy-json: not JSON"),
 ])
 def test_worker_refuses_bad_key_material_with_one_line_exit_2(tmp_path, capsys, setup, flags, needle):
     k = tmp_path / "k"
