@@ -246,7 +246,6 @@ class FlowerLocalDeployment:
             for m in self.markets:  # SuperNode authentication: the operator registers each key
                 self._flwr(["supernode", "register", str(self.tls.node_keys[m][1]), "fedmm-local"],
                            what=f"registering {m}'s SuperNode key", timeout=self.startup_timeout_s)
-        (self.logs / "identity_roster.json").write_text(self.identity_roster.to_json(), encoding="utf-8")
         ready = {}
         for m in self.markets:
             rport = free_port()
@@ -289,23 +288,33 @@ class FlowerLocalDeployment:
             time.sleep(0.1)
 
     def _make_identities(self) -> None:
-        """Every market's and the aggregator's identity key, made before any process starts, and
-        the roster of their public keys, which every worker is given as its pin: the loopback
-        deployment runs with pre-run roster pinning. The private keys live in the deployment's
-        temporary directory (0600, gone at close); start() keeps the public roster in the logs
-        (``flower_logs/identity_roster.json``)."""
-        from .keyfiles import write_identity_key, write_roster
+        """Every market's and the aggregator's identity key, and the roster of their public keys,
+        made before any process starts in ``OUT/identity/`` (0700; keys 0600): every worker is
+        given its key and the roster as its pin (pre-run roster pinning) and signs its ledger
+        with the key. A resumed run reuses them, so each ledger continues under its key and
+        ``budget check OUT --roster OUT/identity/roster.json`` checks every signature. (One
+        operator runs every market here, as with ``--tls``'s keys in ``OUT/tls``; across
+        machines each party keeps its own key.)"""
+        from .keyfiles import read_roster, write_identity_key, write_roster
 
-        keys = self.work / "identity"
-        keys.mkdir(mode=0o700)
+        keys = self.out_dir / "identity"
+        self.identity_roster_file = keys / "roster.json"
+        if self.resume and self.identity_roster_file.exists():
+            roster = read_roster(self.identity_roster_file, flag="--resume")
+            if set(roster.markets) != set(self.markets):
+                raise ConfigError("--resume", f"{self.identity_roster_file} lists other markets than the run")
+            self.identity_roster = roster
+            return
+        if keys.exists() and not self.resume:
+            raise ConfigError("out", f"{keys} already exists", allowed="a new run directory (keys are never reused)")
+        keys.mkdir(parents=True, mode=0o700, exist_ok=self.resume)
         public = {m: write_identity_key(self.identity_key(m))[1] for m in self.markets}
         _, aggregator = write_identity_key(self.identity_key(None))
-        self.identity_roster_file = keys / "roster.json"
         self.identity_roster = write_roster(self.identity_roster_file, public, aggregator)
 
     def identity_key(self, market: str | None) -> Path:
         """The identity key file of ``market`` (``None``: the aggregator's)."""
-        return self.work / "identity" / ("aggregator.key" if market is None else f"market-{market}.key")
+        return self.out_dir / "identity" / ("aggregator.key" if market is None else f"market-{market}.key")
 
     def _node_config(self, market: str) -> str:
         # Real data: each market's SuperNode names its own data source (here all markets share

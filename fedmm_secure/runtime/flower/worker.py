@@ -253,13 +253,20 @@ class MarketWorker:
             if not self.resume:
                 raise ConfigError("ledger-dir", f"{self.ledger_dir} already holds a privacy ledger",
                                   allowed="a new directory per run, or --resume to continue it")
+            # A ledger this market began without an identity key (an older worker) continues
+            # unsigned, as it was; a signed one must be continued with the key that began it.
+            with Ledger.open(self.ledger_dir) as peek:
+                key = self._identity if peek.signed else None
             # Reopening checks the run config against the ledger's (LedgerError on a mismatch).
-            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict())
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), signing_key=key)
             offset = self._ledger.resume_state().next_round
             prior = self._ledger.spent_events()
         else:
             self.ledger_dir.mkdir(parents=True, exist_ok=True)
-            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True)
+            # Signed heads with the market's identity key: checkable against the pinned roster
+            # (`fedmm-secure budget check DIR --roster FILE`).
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True,
+                                       signing_key=self._identity)
         method_index = self._cfg.methods.index("fedmm") if "fedmm" in self._cfg.methods else 0
         self._session = privacy_session(self._cfg, [self._data], method="fedmm", ledger=self._ledger,
                                         resume_offset=offset, prior_events=prior,
