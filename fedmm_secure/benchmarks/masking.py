@@ -207,8 +207,8 @@ def mask_breakdown(n: int, length: int, *, repeats: int = 5) -> dict:
     cache), directly comparable to ``keystream_n``; ``accumulate_and_hash`` adds the upload's
     signature digest (BLAKE3) computed chunk by chunk in cache, as the client does; ``blake3`` is
     the same digest taken afterwards from main memory, and ``sha256`` the hash signatures used
-    before, for comparison; ``quantize`` and ``dequantize``
-    are the rest of a client's per-coordinate work.
+    before, for comparison; ``quantize`` and ``dequantize`` are the rest of a client's
+    per-coordinate work.
     """
     buf = bytearray(4 * length + 15)
     zeros = bytes(4 * length)
