@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..privacy.validation import EXACT, ValidationAccess
+
 __all__ = ["RoundHooks"]
 
 
@@ -38,3 +40,9 @@ class RoundHooks:
                        bounds: np.ndarray) -> np.ndarray:
         """Market-side noise on an upload (distributed DP on the sum); identity by default."""
         return vector
+
+    def validation_access(self, market: str, purpose: str, releases: int = 1) -> ValidationAccess:
+        """How ``market`` may read its validation rows for ``releases`` releases (a model
+        comparison, a calibration step): exactly in a non-private run; the privacy session
+        accounts them and hands out Gaussian noise. Call only between rounds."""
+        return EXACT
