@@ -260,11 +260,14 @@ class PrivacySession:
         Opens and commits a ledger round of its own for ``market`` (call it when no training round
         is open): the budget decision, then the event and the epsilon after it, all durable before
         the caller draws the noise. A release the budget refuses comes back ``"refused"`` (the
-        caller decides without reading the rows); with ``on_exceed="stop"`` the run stops.
+        caller decides without reading the rows), as does one the session did not plan (no
+        ledger round then: nothing is read or spent); with ``on_exceed="stop"`` the run stops.
         """
         sigma = self.validation_noise_multipliers.get(market)
         if sigma is None:
-            raise ConfigError("privacy", f"market {market!r}: this run planned no validation releases")
+            # Nothing was planned (a session built without validation releases): reading the rows
+            # would be unaccounted, so the caller decides without them; nothing is spent.
+            return ValidationAccess("refused", reason="no validation releases planned", unit=self.unit)
         if self.validation_used[market] + releases > self.validation_releases[market]:
             # The target was split for the planned count: more would exceed it unnoticed without
             # a budget policy.

@@ -26,9 +26,9 @@ training rows at the record and interaction level; the accountant still composes
 ledger (conservative), and at the user level the same user is in both, which composition covers.
 
 The number of such releases of a run is known before training, so the run's epsilon target is
-split up front (:func:`split_target`): the validation releases alone would spend
-``VALIDATION_SHARE`` of the target, and the DP-SGD noise is calibrated so that training plus
-validation compose to the target.
+split up front (:class:`~fedmm_secure.privacy.session.PrivacySession`): the validation releases
+alone would spend ``VALIDATION_SHARE`` of the target, and the DP-SGD noise is calibrated so that
+training plus validation compose to the target.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ..models.calibration import PlattScaling
 from .randomness import RandomSource, normal_
 
 __all__ = ["VALIDATION_SHARE", "LOGIT_BOUND", "PLATT_STEPS", "PLATT_SENSITIVITY", "ValidationAccess", "EXACT",
-           "unit_index", "brier_rows", "noisy_difference", "private_platt"]
+           "unit_index", "brier_rows", "difference_sum", "noisy_difference", "platt_statistics", "private_platt"]
 
 # Share of the run's epsilon target that the validation releases alone would spend. Measured
 # (bench/RESULTS_fedmm_dp.md): at epsilon 8 it raises the DP-SGD noise multiplier by 0.4-3%,
@@ -124,6 +124,13 @@ def brier_rows(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
     return (np.asarray(probs, np.float64) - np.asarray(labels, np.float64)) ** 2
 
 
+def difference_sum(candidate: np.ndarray, incumbent: np.ndarray, index: np.ndarray, n_units: int) -> float:
+    """The selection statistic before noise: the sum over units of each unit's mean of
+    ``candidate - incumbent`` (per-row scores clipped to [0, 1]); one unit moves it by <= 1."""
+    diff = np.clip(candidate, 0, 1) - np.clip(incumbent, 0, 1)
+    return float(_unit_means(diff[:, None], index, n_units)[:, 0].sum())
+
+
 def noisy_difference(candidate: np.ndarray, incumbent: np.ndarray, index: np.ndarray, n_units: int,
                      access: ValidationAccess) -> float:
     """Mean over units of ``candidate - incumbent`` per-row scores in [0, 1] (negative: the
@@ -132,12 +139,21 @@ def noisy_difference(candidate: np.ndarray, incumbent: np.ndarray, index: np.nda
     The number of units is public (as market sizes are: DP-SGD's sample rate is set from them)."""
     if access.mode != "private":
         raise ConfigError("access", f"noisy_difference needs a private release, got {access.mode!r}")
-    diff = _unit_means((np.clip(candidate, 0, 1) - np.clip(incumbent, 0, 1))[:, None], index, n_units)[:, 0]
-    return float((diff.sum() + access.noise(1, 1.0)[0]) / max(n_units, 1))
+    return float((difference_sum(candidate, incumbent, index, n_units) + access.noise(1, 1.0)[0]) / max(n_units, 1))
 
 
 def _sigmoid(u: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -u))
+
+
+def platt_statistics(x: np.ndarray, y: np.ndarray, a: float, b: float, index: np.ndarray, n_units: int) -> np.ndarray:
+    """One Newton step's statistic before noise, for ``sigmoid(a * x + b)`` with ``x`` in
+    [-1, 1]: per-unit means of ``[r x, r, w x^2, w x, w]`` (``r = p - y``, ``w = p (1 - p)``)
+    summed over units; one unit moves it by at most ``PLATT_SENSITIVITY`` in L2."""
+    p = _sigmoid(a * x + b)
+    r, w = p - y, p * (1.0 - p)
+    rows = np.stack([r * x, r, w * x * x, w * x, w], axis=1)
+    return _unit_means(rows, index, n_units).sum(axis=0)
 
 
 def private_platt(logits: np.ndarray, labels: np.ndarray, index: np.ndarray, n_units: int,
@@ -157,10 +173,7 @@ def private_platt(logits: np.ndarray, labels: np.ndarray, index: np.ndarray, n_u
     if access.mode != "private":
         raise ConfigError("access", f"private_platt needs a private release, got {access.mode!r}")
     for _ in range(steps):
-        p = _sigmoid(a * z + b)
-        r, w = p - y, p * (1.0 - p)
-        rows = np.stack([r * z, r, w * z * z, w * z, w], axis=1)
-        s = _unit_means(rows, index, n_units).sum(axis=0) + access.noise(5, PLATT_SENSITIVITY)
+        s = platt_statistics(z, y, a, b, index, n_units) + access.noise(5, PLATT_SENSITIVITY)
         g = s[:2]
         h = np.array([[s[2], s[3]], [s[3], s[4]]])
         # Project the noisy Hessian onto the positive semi-definite cone, then add the ridge.
