@@ -80,6 +80,9 @@ def plan_markets(*, unit: str, batch_size: int, epochs: Mapping[str, int], round
 
 
 class PrivacySession:
+    # Validation reads are accounted releases (RoundHooks.validation_accounted).
+    validation_accounted = True
+
     def __init__(self, *, unit: str, delta: float, max_grad_norm: float, plans: Mapping[str, MarketPlan],
                  noise_multiplier: float | None, target_epsilon: float | None, accountant: str,
                  policy: BudgetPolicy | None, ledger: Ledger | None, ledger_round_offset: int = 0,

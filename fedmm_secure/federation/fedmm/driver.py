@@ -63,6 +63,10 @@ class _SharedHooks(RoundHooks):
     def validation_access(self, market: str, purpose: str, releases: int = 1) -> ValidationAccess:
         return self.inner.validation_access(market, purpose, releases)
 
+    @property
+    def validation_accounted(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "validation_accounted", False))
+
     def perturb_upload(self, label: str, rnd: int, market: str, vector: np.ndarray,
                        bounds: np.ndarray) -> np.ndarray:
         return self.inner.perturb_upload(label, rnd, market, vector, bounds)

@@ -30,12 +30,11 @@ log = logging.getLogger(__name__)
 
 
 def validation_releases(cfg: RunConfig, method: str) -> int:
-    """Gaussian releases from one market's validation rows in a run of ``method``
-    (:mod:`.selection`): one per model comparison (every candidate after the first: local and
-    averaged per round when federated, one per round otherwise), ``PLATT_STEPS`` for the Platt
-    fit."""
+    """Gaussian releases from one market's validation rows in a private run of ``method``
+    (:mod:`.selection`): one model comparison per round when federated (its local against its
+    averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit."""
     federated = method in ("fedavg", "fedmm")
-    comparisons = (2 * cfg.rounds if federated else cfg.rounds) - 1 if cfg.model.select_by_validation else 0
+    comparisons = cfg.rounds if federated and cfg.model.select_by_validation else 0
     return comparisons + (PLATT_STEPS if cfg.model.calibrate else 0)
 
 

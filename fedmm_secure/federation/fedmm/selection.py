@@ -6,9 +6,12 @@ hooks say how the rows may be read (:meth:`~fedmm_secure.federation.hooks.RoundH
 
 * exact (non-private run): the candidate with the highest validation AUC is kept, and the Platt
   map is the maximum-likelihood fit, as without DP;
-* private: each new candidate is compared with the kept one by one noisy difference of Brier
-  scores (one release); the Platt map comes from a few noisy Newton steps (one release of
-  ``PLATT_STEPS`` steps);
+* private: the candidates are those of the **last round only** (federated: its local and its
+  averaged model, one noisy difference of Brier scores, one release; otherwise the final model
+  without a comparison). Comparing across rounds by a Brier score would favour the early,
+  barely trained models, whose probabilities stay near the base rate while DP-SGD inflates
+  later logits (measured: bench/RESULTS_fedmm_dp.md), and every comparison costs budget. The
+  Platt map comes from a few noisy Newton steps (one release of ``PLATT_STEPS`` steps);
 * refused by the budget: no row is read; the newer candidate is kept (what a run without
   selection serves) and the map stays the identity.
 
@@ -40,9 +43,15 @@ class ModelSelector:
 
     def __init__(self, r: MarketRun, hooks: RoundHooks, *, enabled: bool) -> None:
         self.r, self.hooks, self.enabled = r, hooks, enabled
+        self.last_round_only = bool(hooks.validation_accounted)
         self.labels = r.data.valid.click
         self.best: tuple[np.ndarray, Any] | None = None    # (validation probabilities, snapshot)
         r.history["valid_selection"] = []
+
+    def start_round(self) -> None:
+        """A new round's candidates follow; under DP only the last round's compete."""
+        if self.last_round_only:
+            self.best = None
 
     def consider(self, probs: Callable[[], np.ndarray], snapshot: Callable[[], Any]) -> None:
         """Offer the market's current model: ``probs()`` its validation click probabilities,
