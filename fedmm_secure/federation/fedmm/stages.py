@@ -192,10 +192,10 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
         hooks.before_release("ctr", rnd)
         yield Barrier("ctr", rnd)
         # Model selection on the market's own validation split: the market keeps whichever it
-        # validates best of its locally trained model and the model right after averaging, over
-        # every round, so personalisation is used only where it helps. Only the served model
-        # depends on it (training goes on from the current model); under DP each comparison is
-        # a noisy, accounted release (.selection).
+        # validates best of its locally trained model and the model right after averaging (over
+        # every round without DP; the last round's pair under DP), so personalisation is used
+        # only where it helps. Only the served model depends on it (training goes on from the
+        # current model); under DP each comparison is a noisy, accounted release (.selection).
         selector.start_round()
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
