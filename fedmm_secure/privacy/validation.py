@@ -48,7 +48,7 @@ __all__ = ["VALIDATION_SHARE", "LOGIT_BOUND", "PLATT_STEPS", "PLATT_SENSITIVITY"
            "unit_index", "brier_rows", "difference_sum", "noisy_difference", "platt_statistics", "private_platt"]
 
 # Share of the run's epsilon target that the validation releases alone would spend. Measured
-# (bench/RESULTS_fedmm_dp.md): at epsilon 8 it raises the DP-SGD noise multiplier by 0.4-3%,
+# (bench/RESULTS_fedmm_dp.md): at epsilon 8 it raises the DP-SGD noise multiplier by 1.3-3.3%,
 # because the PLD composition of a few full-batch Gaussian releases with many subsampled steps
 # costs far less than the sum of their epsilons.
 VALIDATION_SHARE = 0.3
