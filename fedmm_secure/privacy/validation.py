@@ -45,7 +45,8 @@ from ..models.calibration import PlattScaling
 from .randomness import RandomSource, normal_
 
 __all__ = ["VALIDATION_SHARE", "LOGIT_BOUND", "PLATT_STEPS", "PLATT_SENSITIVITY", "ValidationAccess", "EXACT",
-           "unit_index", "brier_rows", "difference_sum", "noisy_difference", "platt_statistics", "private_platt"]
+           "unit_index", "brier_rows", "difference_sum", "noisy_difference", "noisy_scores", "platt_statistics",
+           "private_platt"]
 
 # Share of the run's epsilon target that the validation releases alone would spend. Measured
 # (bench/RESULTS_fedmm_dp.md): at epsilon 8 it raises the DP-SGD noise multiplier by 1.3-3.3%,
@@ -140,6 +141,16 @@ def noisy_difference(candidate: np.ndarray, incumbent: np.ndarray, index: np.nda
     if access.mode != "private":
         raise ConfigError("access", f"noisy_difference needs a private release, got {access.mode!r}")
     return float((difference_sum(candidate, incumbent, index, n_units) + access.noise(1, 1.0)[0]) / max(n_units, 1))
+
+
+def noisy_scores(candidates: list[np.ndarray], index: np.ndarray, n_units: int, access: ValidationAccess) -> np.ndarray:
+    """Mean over units of each candidate's per-row scores in [0, 1], each with Gaussian noise of
+    sensitivity 1 on its sum: ``len(candidates)`` releases (report-noisy-min over them is
+    post-processing)."""
+    if access.mode != "private":
+        raise ConfigError("access", f"noisy_scores needs a private release, got {access.mode!r}")
+    sums = np.array([_unit_means(np.clip(c, 0, 1)[:, None], index, n_units)[:, 0].sum() for c in candidates])
+    return (sums + access.noise(len(candidates), 1.0)) / max(n_units, 1)
 
 
 def _sigmoid(u: np.ndarray) -> np.ndarray:
