@@ -35,6 +35,9 @@ ACCOUNTED_STEPS = (
      "one ledger round per market and comparison"),
     ("Platt calibration of the served CTR logits on validation rows (stage CALIBRATE; off with model.calibrate: false)",
      "reads validation rows: noisy Newton steps, one Gaussian release each (q = 1), one ledger round per market"),
+    ("PF-MSMTrec alpha choice on validation rows (stage PF-ALPHA; calibration: CALIBRATE-CTR, CALIBRATE-CTCVR)",
+     "reads validation rows: one Gaussian release of a Brier score per grid value (q = 1); checkpoint "
+     "selection reads nothing under DP"),
 )
 POST_PROCESSING_STEPS = (
     ("RQ-VAE training on item embeddings (stage 2)", "inputs are the DP-trained CF embeddings"),
