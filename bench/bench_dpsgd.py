@@ -4,6 +4,10 @@ Run::
 
     .venv/bin/python -m pytest bench/bench_dpsgd.py -s -p no:warnings
 
+(``-k "interleaved or pairwise or report"`` for the time ratios alone, in about a minute.)
+``test_pairwise_fast_vs_plain`` gives the strict DP-step ratio: fast and plain alone, with
+glibc's heap pinned so that neither faults pages in (see its docstring).
+
 Two configurations, all modes of one configuration timed in the same run on the same model,
 batch and data; ratios are printed against the plain (non-private) step:
 
@@ -19,8 +23,9 @@ same expected batch; each user's summed gradient clipped).
 * ``medium``: the same with 50,000-row tables, dim 16 (the light end of the target range).
 * ``small``: tables of 5,000 rows, dim 16, batch ~256, where Opacus hooks mode fits.
 
-A "noise only" line times drawing the Gaussian noise for every parameter, which any DP-SGD
-step must do (V x D floats per table): the floor under every DP mode.
+Two "noise only" lines time drawing the Gaussian noise for every parameter, which any DP-SGD
+step must do (V x D floats per table): with torch's seeded ``normal_`` (the floor under every
+DP mode) and from ``SecureRandom`` (the floor under ``fast``).
 
 Peak memory: each mode runs in a child process (``MALLOC_MMAP_THRESHOLD_=65536`` so freed
 buffers go back to the OS); after two warm-up steps the child resets its peak-RSS mark
@@ -87,8 +92,9 @@ def loss_fn(model: nn.Module, batch) -> torch.Tensor:
 def make_step(config: str, mode: str, seed: int = 0):
     """Return a zero-argument callable doing one training step of ``mode``.
 
-    ``mode="noise"`` only draws the Gaussian noise DP-SGD adds to every parameter (as the DP
-    modes do, in place): the part of a DP step that no clipping method can avoid.
+    ``mode="noise"`` only draws the Gaussian noise DP-SGD adds to every parameter, with torch's
+    seeded ``normal_``: the part of a DP step that no clipping method can avoid.
+    ``mode="noise_secure"`` draws the same noise from ``SecureRandom`` (what ``fast`` uses).
     """
     c = CONFIGS[config]
     g = torch.Generator().manual_seed(seed)
@@ -99,12 +105,22 @@ def make_step(config: str, mode: str, seed: int = 0):
     y = torch.randint(0, 2, (n,), generator=g).float()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     if mode == "noise":
-        noise_gen = torch.Generator().manual_seed(seed + 1)
+        # Into reused buffers, as DPTrainer draws (a fresh table-sized buffer per step would
+        # add page faults to the floor).
+        noise_gen, noise_bufs = torch.Generator().manual_seed(seed + 1), [torch.empty_like(p) for p in model.parameters()]
 
         def noise() -> None:
-            for p in model.parameters():
-                torch.empty_like(p).normal_(0.0, 1.0, generator=noise_gen)
+            for b in noise_bufs:
+                b.normal_(0.0, 1.0, generator=noise_gen)
         return noise
+    if mode == "noise_secure":
+        # The same draws from the default source.
+        secure, bufs = SecureRandom(), [torch.empty_like(p) for p in model.parameters()]
+
+        def noise_secure() -> None:
+            for b in bufs:
+                secure.normal_(b, 1.0)
+        return noise_secure
     if mode == "plain":
         def step() -> None:
             idx = torch.randint(0, n, (c["batch"],), generator=g)
@@ -196,7 +212,7 @@ def test_interleaved_time_ratios(config):
     import statistics
     import time
 
-    modes = CONFIGS[config]["modes"] + ("noise",)
+    modes = CONFIGS[config]["modes"] + ("noise", "noise_secure")
     steps = {m: make_step(config, m) for m in modes}
     for m in modes:
         steps[m]()
@@ -217,6 +233,60 @@ def test_interleaved_time_ratios(config):
         _cpu_ms[(config, m)] = statistics.median(cpu[m]) * 1e3
 
 
+_pair_cpu: dict[tuple[str, str], tuple[float, float, float]] = {}
+PAIR_ROUNDS = 21
+
+
+def _pin_glibc_heap() -> bool:
+    """Keep freed memory in the heap (no mmap for blocks up to 32 MiB, no trimming), so a step
+    that allocates its gradients anew reuses pages instead of faulting fresh ones in."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+@pytest.mark.parametrize("heap", ["default", "pinned"])
+@pytest.mark.parametrize("config", ["medium", "large"])
+def test_pairwise_fast_vs_plain(config, heap):
+    """``fast`` and ``plain`` alone in the round-robin (CPU time, median of per-round ratios),
+    with the page faults per step.
+
+    Why: in the full rotation above every other mode runs between two plain steps, and plain
+    allocates its dense embedding gradients every step. Whether those allocations fault fresh
+    pages in depends on glibc's adaptive mmap and trim thresholds, i.e. on what the process
+    allocated and freed before: at ``medium``, plain measured 6.5 ms with ~1200 faults per step
+    in a fresh process and 5.1 ms with none after larger blocks had been freed. ``default``
+    runs glibc as configured (whatever this process's history made of it); ``pinned`` fixes
+    the heap (:func:`_pin_glibc_heap`) so that neither mode faults: the strict comparison.
+    ``pinned`` runs after ``default`` and leaves the setting in place for the rest of the run.
+    """
+    import resource
+    import statistics
+    import time
+
+    if heap == "pinned" and not _pin_glibc_heap():
+        pytest.skip("needs glibc")
+    steps = {m: make_step(config, m) for m in ("plain", "fast")}
+    for f in steps.values():
+        f()
+        f()
+    cpu: dict[str, list[float]] = {m: [] for m in steps}
+    faults: dict[str, list[int]] = {m: [] for m in steps}
+    for _ in range(PAIR_ROUNDS):
+        for m, f in steps.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            c0 = time.process_time()
+            f()
+            cpu[m].append(time.process_time() - c0)
+            faults[m].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    _pair_cpu[(config, heap)] = (statistics.median(a / b for a, b in zip(cpu["fast"], cpu["plain"])),
+                                 statistics.median(cpu["plain"]) * 1e3, statistics.median(faults["plain"]))
+
+
 def test_report():
     lines = ["", "| config | mode | step ms (wall, pytest-benchmark median) | x plain | "
              "x plain, interleaved wall | step ms (CPU) | x plain, interleaved CPU | "
@@ -224,10 +294,12 @@ def test_report():
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for config in CONFIGS:
-        if (config, "noise") in _ratios:
-            lines.append(f"| {config} | noise only (floor of any DP step) | | | "
-                         f"{_ratios[(config, 'noise')]:.2f} | {_cpu_ms[(config, 'noise')]:.1f} | "
-                         f"{_cpu_ratios[(config, 'noise')]:.2f} | | | | |")
+        for m, label in (("noise", "noise only, torch normal_ (floor of any DP step)"),
+                         ("noise_secure", "noise only, SecureRandom (fast's source)")):
+            if (config, m) in _ratios:
+                lines.append(f"| {config} | {label} | | | "
+                             f"{_ratios[(config, m)]:.2f} | {_cpu_ms[(config, m)]:.1f} | "
+                             f"{_cpu_ratios[(config, m)]:.2f} | | | | |")
     for config, mode in CASES:
         t, t0 = _times.get((config, mode)), _times.get((config, "plain"))
         m, m0 = _mem.get((config, mode)), _mem.get((config, "plain"))
@@ -243,6 +315,9 @@ def test_report():
                      f"{_cpu_ratios.get((config, mode), nan):.2f} | {inc / 1024:.1f} | "
                      f"{inc / inc0:.2f} | {m['peak_kb'] / 1024:.0f} | "
                      f"{m['peak_kb'] / m0['peak_kb']:.2f} |")
+    for (config, heap), (ratio, plain_ms, plain_faults) in sorted(_pair_cpu.items()):
+        lines.append(f"| {config} | fast vs plain alone, {heap} heap ({PAIR_ROUNDS} rounds; plain {plain_ms:.1f} ms "
+                     f"CPU, {plain_faults:.0f} page faults per step) | | | | | {ratio:.2f} | | | | |")
     print("\n".join(lines))
 
 

@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from ..errors import ProtocolError
 from .keys import SymmetricKey
 
-__all__ = ["RING_DTYPE", "Keystream", "expand", "accumulate_masks", "keystream_into"]
+__all__ = ["RING_DTYPE", "BulkKeystream", "Keystream", "expand", "accumulate_masks", "keystream_into"]
 
 RING_DTYPE = np.dtype("<u4")
 _ZERO_IV = bytes(16)
@@ -132,3 +132,60 @@ class Keystream:
         # CTR state carries over between calls: consecutive reads continue one stream.
         self._enc.update_into(memoryview(self._zeros)[:nbytes], self._out)
         return memoryview(self._out)[:nbytes]
+
+
+class BulkKeystream:
+    """One long AES-256 counter-mode keystream of ``key``, at about twice :class:`Keystream`'s speed.
+
+    Block ``i`` under nonce ``n`` is ``AES_K(n || be32(i + 2))``: a 96-bit nonce and a 32-bit
+    block counter, GCM's counter layout (NIST SP 800-38D). It is produced as the GCM encryption
+    of zeros, because OpenSSL runs that code path on VAES/AVX-512 lanes and its plain CTR mode
+    on AES-NI only (0.065 vs 0.13 ns per byte on this project's CPU). The GHASH computed on the
+    side is never finalised: no tag exists, and the output is exactly the counter-mode
+    keystream. Each nonce (0, 1, 2, ... as 12 big-endian bytes) serves at most
+    :attr:`PER_NONCE` bytes, then the next one continues the stream, so no counter block
+    repeats under the key. Not interchangeable with :class:`Keystream` (different counter
+    blocks): it is the source of the privacy layer's randomness, never of masks, which peers
+    must expand identically.
+    """
+
+    __slots__ = ("_key", "_nonce", "_enc", "_used", "_zeros", "_out")
+
+    # Below GCM's limit of 2^36 - 32 bytes per nonce (which cryptography enforces).
+    PER_NONCE = 1 << 35
+
+    def __init__(self, key: SymmetricKey) -> None:
+        if not isinstance(key, SymmetricKey):
+            raise ProtocolError("key must be a SymmetricKey")
+        self._key = key._hazmat_bytes()
+        self._nonce = -1
+        self._enc: CipherContext | None = None
+        self._used = 0
+        self._zeros = b""
+        self._out = bytearray(_BLOCK - 1)
+        self._next_nonce()
+
+    def _next_nonce(self) -> None:
+        self._nonce += 1
+        nonce = self._nonce.to_bytes(12, "big")
+        self._enc = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
+        self._used = 0
+
+    def read(self, nbytes: int) -> memoryview:
+        """The next ``nbytes`` bytes of keystream (a view into a reused buffer)."""
+        _check_length(nbytes)
+        if len(self._zeros) < nbytes:
+            self._zeros = bytes(nbytes)
+            self._out = bytearray(nbytes + _BLOCK - 1)
+        zeros, out = memoryview(self._zeros), memoryview(self._out)
+        done = 0
+        while done < nbytes:
+            if self._used == self.PER_NONCE:
+                self._next_nonce()
+            take = min(nbytes - done, self.PER_NONCE - self._used)
+            assert self._enc is not None
+            # GCM is a stream mode: partial blocks carry over between calls.
+            self._enc.update_into(zeros[:take], out[done:done + take + _BLOCK - 1])
+            self._used += take
+            done += take
+        return out[:nbytes]

@@ -119,3 +119,32 @@ def test_keystream_reads_continue_one_aes_ctr_stream(sizes):
     got = b"".join(bytes(ks.read(n)) for n in sizes)
     enc = Cipher(algorithms.AES(NIST_KEY), modes.CTR(bytes(16))).encryptor()
     assert got == enc.update(bytes(sum(sizes)))
+
+
+def _gcm_counter_blocks(key: bytes, nonce: int, first: int, count: int) -> bytes:
+    """Reference: AES-256-ECB of the counter blocks nonce (12 bytes, big-endian) || be32(i + 2)."""
+    blocks = b"".join(nonce.to_bytes(12, "big") + (i + 2).to_bytes(4, "big") for i in range(first, first + count))
+    return Cipher(algorithms.AES(key), modes.ECB()).encryptor().update(blocks)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=6))
+def test_bulk_keystream_is_aes256_of_gcm_counter_blocks(sizes):
+    from fedmm_secure.primitives.prg import BulkKeystream
+    ks = BulkKeystream(SymmetricKey(NIST_KEY))
+    got = b"".join(bytes(ks.read(n)) for n in sizes)
+    total = sum(sizes)
+    assert got == _gcm_counter_blocks(NIST_KEY, 0, 0, -(-total // 16))[:total]
+
+
+def test_bulk_keystream_moves_to_the_next_nonce_without_reusing_a_block():
+    from fedmm_secure.primitives.prg import BulkKeystream
+
+    class Small(BulkKeystream):
+        PER_NONCE = 48  # three blocks per nonce
+
+    ks = Small(SymmetricKey(NIST_KEY))
+    got = bytes(ks.read(40)) + bytes(ks.read(100))  # crosses nonces 0 -> 1 -> 2
+    want = b"".join(_gcm_counter_blocks(NIST_KEY, n, 0, 3) for n in range(3))[:140]
+    assert got == want
+    assert len(set(got[i:i + 16] for i in range(0, 128, 16))) == 8  # no block twice

@@ -127,3 +127,88 @@ def test_radius_words_next_to_one_never_give_nan():
         for dtype in (torch.float32, torch.float64):
             z = gaussian_from_words(words, torch.empty(8, dtype=dtype), std, more=None)
             assert torch.isfinite(z).all(), std
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bulk_noise_is_exactly_n_0_std2_over_many_chunks(dtype):
+    """2^21 + 3 draws (odd: the last chunk has an unpaired value) at std 2.5 from a fixed key.
+
+    The key is fixed, so the test is deterministic: each check has a false-alarm rate of at most
+    1e-3 over keys, and this key either passes or fails every time.
+    """
+    from fedmm_secure.privacy import randomness
+    n, std = (1 << 21) + 3, 2.5
+    assert n > 8 * randomness._CHUNK_PAIRS  # several chunks
+    z = _fixed(11).normal_(torch.full((n,), float("nan"), dtype=dtype), std).double().numpy() / std
+    assert np.isfinite(z).all()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    se = 1 / math.sqrt(n)
+    assert abs(z.mean()) < 3.3 * se
+    assert abs(z.var() - 1) < 3.3 * math.sqrt(2) * se  # var of s^2 for N(0,1): 2 / n
+    assert abs(stats.kurtosis(z)) < 3.3 * math.sqrt(24) * se
+    for k in (2.0, 3.0, 4.0):  # tail mass, two-sided, against a binomial bound
+        p = 2 * stats.norm.sf(k)
+        assert abs(np.mean(np.abs(z) > k) - p) < 3.3 * math.sqrt(p * (1 - p) / n) + 1 / n
+
+
+def test_bulk_noise_chunks_never_repeat_keystream():
+    """A chunk loop that re-read the same keystream (or restarted it) would still pass a KS test
+    on the whole; consecutive chunks must be uncorrelated and the bulk draw never equals a fresh
+    draw from the same key."""
+    from fedmm_secure.privacy import randomness
+    c = 2 * randomness._CHUNK_PAIRS
+    z = _fixed(5).normal_(torch.empty(4 * c, dtype=torch.float64), 1.0).view(4, c)
+    for i in range(3):
+        r = np.corrcoef(z[i].numpy(), z[i + 1].numpy())[0, 1]
+        assert abs(r) < 4 / math.sqrt(c)
+    src = _fixed(5)
+    first = src.normal_(torch.empty(c, dtype=torch.float64), 1.0).clone()
+    second = src.normal_(torch.empty(c, dtype=torch.float64), 1.0)
+    assert torch.equal(first, z[0]) and not torch.equal(first, second)
+
+
+def test_default_bulk_noise_is_unpredictable():
+    """Two default sources (OS-keyed) give different table-sized noise: nothing is seeded."""
+    a = SecureRandom().normal_(torch.empty(300_000), 1.0)
+    b = SecureRandom().normal_(torch.empty(300_000), 1.0)
+    assert not torch.equal(a, b)
+    assert abs(np.corrcoef(a.numpy(), b.numpy())[0, 1]) < 4 / math.sqrt(300_000)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bulk_loop_is_gaussian_from_words_chunk_by_chunk(dtype):
+    """The whole-chunk loop of SecureRandom is the documented transform, bit for bit: the same
+    keystream cut into the same chunks and passed to gaussian_from_words gives the same values."""
+    from fedmm_secure.primitives.keys import SymmetricKey
+    from fedmm_secure.primitives.prg import BulkKeystream
+    from fedmm_secure.privacy import randomness
+    c = 2 * randomness._CHUNK_PAIRS
+    n = 3 * c + 7  # three whole chunks and an odd remainder
+    assert n > randomness._ONE_PASS
+    got = _fixed(9).normal_(torch.empty(n, dtype=dtype), 0.7)
+    ks = BulkKeystream(SymmetricKey.generate(entropy=lambda k: bytes([9]) * k))
+    want = torch.empty(n, dtype=dtype)
+    for start in range(0, n, c):
+        part = want[start:start + c]
+        h = (part.numel() + 1) // 2
+        words = np.frombuffer(ks.read(8 * h), dtype="<u4", count=2 * h).copy()
+        gaussian_from_words(words, part, 0.7,
+                            more=lambda k: np.frombuffer(ks.read(4 * k), dtype="<u4", count=k).copy())
+    assert torch.equal(got, want)
+
+
+def test_bulk_loop_refines_small_radius_words():
+    """Inside a whole chunk, radius words below 2^7 take 32 more bits (the tails reach 9.4 sigma)."""
+    from fedmm_secure.privacy import randomness
+
+    class Zeros:  # a keystream of zero bytes: every radius word is 0, every angle 0
+        def read(self, nbytes: int) -> memoryview:
+            return memoryview(bytes(nbytes))
+
+    src = SecureRandom()
+    src._stream = Zeros()
+    m = randomness._CHUNK_PAIRS
+    assert 6 * m > randomness._ONE_PASS  # drawn in whole chunks, not in one pass
+    z = src.normal_(torch.empty(6 * m), 2.0).view(3, 2 * m)
+    assert torch.allclose(z[:, :m], torch.full((3, m), 2.0 * math.sqrt(2 * 64 * math.log(2))), rtol=1e-6)
+    assert torch.count_nonzero(z[:, m:]) == 0  # sin(0)
