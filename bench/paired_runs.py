@@ -7,7 +7,9 @@ two directories, then::
 
 prints, per setting, method and market, the mean of ``new - old`` over the seeds both ran, with
 its 95% t-interval and how many seeds ``new`` was higher (markdown). Per-seed values come from
-each run's ``results.json`` (``runs/<setting>/seed<N>/results.json`` inside a harness directory).
+each run's ``results.json``: ``runs/<setting>/seed<N>/results.json`` inside a harness directory,
+or ``s<N>/results.json`` (one ``fedmm-secure run --out DIR/s<N>`` per seed, e.g. PF-MSMTrec's,
+whose metrics are per task: ``--metrics ctcvr.auc,ctcvr.logloss``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ def _per_seed(root: Path) -> dict[tuple[str, int], dict]:
     out = {}
     for f in sorted(root.glob("runs/*/seed*/results.json")):
         out[(f.parent.parent.name, int(f.parent.name.removeprefix("seed")))] = json.loads(f.read_text())["markets"]
+    for f in sorted(root.glob("s[0-9]*/results.json")):
+        out[("runs", int(f.parent.name.removeprefix("s")))] = json.loads(f.read_text())["markets"]
     return out
+
+
+def _value(metrics: dict, path: str) -> float:
+    for key in path.split("."):
+        metrics = metrics[key]
+    return float(metrics)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells = []
                 for metric in metrics:
                     try:
-                        a = [new[k][market][method][metric] for k in seeds]
-                        b = [old[k][market][method][metric] for k in seeds]
+                        a = [_value(new[k][market][method], metric) for k in seeds]
+                        b = [_value(old[k][market][method], metric) for k in seeds]
                     except KeyError:
                         cells.append("-")
                         continue

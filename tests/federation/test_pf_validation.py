@@ -84,17 +84,30 @@ def test_refused_alpha_takes_the_first_grid_value_and_reads_nothing(scenarios):
     np.testing.assert_array_equal(c.shared_vector(), f.shared_vector())
 
 
-def test_private_checkpoint_keeps_the_newest_model_without_reading(scenarios):
+def test_private_checkpoints_before_the_final_round_keep_the_newest_without_reading(scenarios):
     c, f = _client(scenarios[0]), _client(_flip(scenarios[0]))
     hooks = _Private(ValidationAccess("refused"))
     for client in (c, f):
-        client.consider_checkpoint(hooks)
+        client.consider_checkpoint(hooks, final_round=False)
         with torch.no_grad():
             next(client.model.parameters()).add_(1.0)
-        client.consider_checkpoint(hooks)
+        client.consider_checkpoint(hooks, final_round=False)
         newest = client.model.state_dict()
         assert all(torch.equal(newest[k], v) for k, v in client.best[1].items())
     assert hooks.asked == []
+
+
+def test_the_final_rounds_checkpoints_are_compared_by_one_release(scenarios):
+    c = _client(scenarios[0])
+    hooks = _Private(ValidationAccess("private", 1e-6, torch.Generator().manual_seed(0)))
+    c.consider_checkpoint(hooks, final_round=True)
+    first = {k: t.clone() for k, t in c.model.state_dict().items()}
+    with torch.no_grad():   # a far worse second checkpoint: every logit pushed up
+        for t in ("ctr", "cvr"):
+            c.model.towers[t][-1].bias += 8.0
+    c.consider_checkpoint(hooks, final_round=True)
+    assert hooks.asked == [("pf-select", 1)]
+    assert all(torch.equal(first[k], v) for k, v in c.best[1].items())
 
 
 def test_private_calibration_is_accounted_per_task(scenarios):
@@ -120,6 +133,7 @@ def test_a_private_run_spends_exactly_the_planned_validation_releases(tmp_path):
         spent = led.spent_events()
     for m in ("a", "b"):
         valid = sum(e.steps for e in spent[m] if e.sample_rate == 1)
-        # 2 rounds x 3 alpha choices (experts, two towers) x 3 grid values, and 2 Platt fits.
-        assert valid == res["privacy"][m]["validation"]["releases_used"] == 2 * 3 * 3 + 2 * PLATT_STEPS
+        # 2 rounds x 3 alpha choices (experts, two towers) x 3 grid values, the final round's
+        # checkpoint comparison, and 2 Platt fits.
+        assert valid == res["privacy"][m]["validation"]["releases_used"] == 2 * 3 * 3 + 1 + 2 * PLATT_STEPS
         assert res["privacy"][m]["epsilon"] <= 4.0

@@ -180,7 +180,7 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         # Model selection on the market's own validation split (only the served model depends
         # on it), between the locally trained model and the one right after averaging; under DP
         # each comparison is a noisy, accounted release (.selection).
-        selector.start_round()
+        selector.start_round(final=rnd == rounds - 1)
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 if has_key:

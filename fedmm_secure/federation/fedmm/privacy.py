@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 def validation_releases(cfg: RunConfig, method: str) -> int:
     """Gaussian releases from one market's validation rows in a private run of ``method``
-    (:mod:`.selection`): one model comparison per round when federated (its local against its
+    (:mod:`.selection`): one model comparison when federated (the last round's local against its
     averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit."""
     federated = method in ("fedavg", "fedmm")
-    comparisons = cfg.rounds if federated and cfg.model.select_by_validation else 0
+    comparisons = 1 if federated and cfg.model.select_by_validation else 0
     return comparisons + (PLATT_STEPS if cfg.model.calibrate else 0)
 
 

@@ -7,11 +7,13 @@ hooks say how the rows may be read (:meth:`~fedmm_secure.federation.hooks.RoundH
 * exact (non-private run): the candidate with the highest validation AUC is kept, and the Platt
   map is the maximum-likelihood fit, as without DP;
 * private: the candidates are those of the **last round only** (federated: its local and its
-  averaged model, one noisy difference of Brier scores, one release; otherwise the final model
-  without a comparison). Comparing across rounds by a Brier score would favour the early,
-  barely trained models, whose probabilities stay near the base rate while DP-SGD inflates
-  later logits (measured: bench/RESULTS_fedmm_dp.md), and every comparison costs budget. The
-  Platt map comes from a few noisy Newton steps (one release of ``PLATT_STEPS`` steps);
+  averaged model, one noisy difference of Brier scores, one release for the whole run;
+  otherwise the final model without a comparison). Comparing across rounds by a Brier score
+  would favour the early, barely trained models, whose probabilities stay near the base rate
+  while DP-SGD inflates later logits (measured: bench/RESULTS_fedmm_dp.md), and every
+  comparison costs budget; only the served model depends on the choice, so earlier rounds'
+  pairs are not compared at all. The Platt map comes from a few noisy Newton steps (one
+  release of ``PLATT_STEPS`` steps);
 * refused by the budget: no row is read; the newer candidate is kept (what a run without
   selection serves) and the map stays the identity.
 
@@ -44,19 +46,22 @@ class ModelSelector:
     def __init__(self, r: MarketRun, hooks: RoundHooks, *, enabled: bool) -> None:
         self.r, self.hooks, self.enabled = r, hooks, enabled
         self.last_round_only = bool(hooks.validation_accounted)
+        self.active = True
         self.labels = r.data.valid.click
         self.best: tuple[np.ndarray, Any] | None = None    # (validation probabilities, snapshot)
         r.history["valid_selection"] = []
 
-    def start_round(self) -> None:
-        """A new round's candidates follow; under DP only the last round's compete."""
+    def start_round(self, final: bool) -> None:
+        """A new round's candidates follow (``final``: the run's last round); under DP only the
+        last round's compete and earlier ones are not even scored."""
         if self.last_round_only:
             self.best = None
+            self.active = final
 
     def consider(self, probs: Callable[[], np.ndarray], snapshot: Callable[[], Any]) -> None:
         """Offer the market's current model: ``probs()`` its validation click probabilities,
         ``snapshot()`` what to restore if it is kept."""
-        if not self.enabled:
+        if not self.enabled or not self.active:
             return
         if self.best is None:   # the first candidate is kept without a comparison: no release
             self.best = (probs(), snapshot())

@@ -196,7 +196,7 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
         # every round without DP; the last round's pair under DP), so personalisation is used
         # only where it helps. Only the served model depends on it (training goes on from the
         # current model); under DP each comparison is a noisy, accounted release (.selection).
-        selector.start_round()
+        selector.start_round(final=rnd == rounds - 1)
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 yield from average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound, hooks)

@@ -44,7 +44,7 @@ validation score (``select_by``: mean CTR/CTCVR AUC by default, or the ESMM loss
 everything it held (after local training, after aggregation); alpha is chosen by the same score.
 Under DP the validation rows are read only through accounted Gaussian releases: alpha by noisy
 Brier scores (one release per grid value), the served Platt maps by noisy Newton steps, and the
-client serves its newest model (no checkpoint comparison).
+final round's two checkpoints are compared by one noisy Brier-score difference.
 """
 
 from __future__ import annotations

@@ -15,15 +15,16 @@ import torch
 from ...data.market import MarketData, MarketSplit
 from ...metrics import evaluate_ctr
 from ...models.mmoe import MMoE, esmm_loss
-from ...privacy.validation import noisy_scores, unit_index
+from ...privacy.validation import noisy_difference, noisy_scores, unit_index
 from ..hooks import RoundHooks
 from ..training import seeded
 from .settings import Mechanisms, PFSettings
 from .template import ParameterPlan, mix, parameter_plan, project_conflict
 
-__all__ = ["scenario_inputs", "ScenarioClient", "make_client", "client_upload", "client_receive", "ALPHA"]
+__all__ = ["scenario_inputs", "ScenarioClient", "make_client", "client_upload", "client_receive", "ALPHA", "SELECT"]
 
-ALPHA = "pf-alpha"   # ledger stage label of a private alpha choice (one release per grid value)
+ALPHA = "pf-alpha"    # ledger stage label of a private alpha choice (one release per grid value)
+SELECT = "pf-select"  # ledger stage label of the private checkpoint comparison (one release)
 
 
 # ----------------------------------------------------------------------------- clients
@@ -51,6 +52,7 @@ class ScenarioClient:
     best: tuple[float, dict] | None = None
     alpha_costs: dict = field(default_factory=dict)   # accumulated validation cost per grid value
     personal_vec: np.ndarray | None = None   # train_from="tracked": the personalized shared parameters
+    final_rows: np.ndarray | None = None     # under DP: the final round's first checkpoint's Brier rows
     history: dict = field(default_factory=lambda: {"valid_loss": [], "alpha_expert": [], "alpha_tower": [],
                                                    "conflicts": []})
     _tensors: dict = field(default_factory=dict)
@@ -93,6 +95,23 @@ class ScenarioClient:
         scores = [s for s in (ctr, ctcvr) if not np.isnan(s)]  # NaN: a split with one class only
         return -float(np.mean(scores)) if scores else 0.0
 
+    def _private_checkpoint(self, hooks: RoundHooks, final_round: bool) -> float:
+        state = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
+        if not final_round or self.final_rows is None:
+            # Newest kept; the final round's first checkpoint is remembered (nothing released).
+            self.final_rows = self.valid_brier_rows() if final_round else None
+            self.best = (float("nan"), state)
+            return float("nan")
+        access = hooks.validation_access(self.data.name, SELECT, 1)
+        if access.mode == "refused":   # the newer checkpoint, nothing read
+            self.best = (float("nan"), state)
+            return float("nan")
+        index, n = unit_index(self.data.valid, access.unit)
+        d = noisy_difference(self.valid_brier_rows(), self.final_rows, index, n, access)
+        if d < 0:
+            self.best = (d, state)
+        return d
+
     @torch.no_grad()
     def valid_brier_rows(self) -> np.ndarray:
         """Per validation row, the mean of the CTR and CTCVR Brier scores, in [0, 1]: the
@@ -104,13 +123,14 @@ class ScenarioClient:
         pctcvr = pctr * torch.sigmoid(b).double()
         return (0.5 * ((pctr - c.double()) ** 2 + (pctcvr - (c * v).double()) ** 2)).numpy()
 
-    def consider_checkpoint(self, hooks: RoundHooks | None = None) -> float:
+    def consider_checkpoint(self, hooks: RoundHooks | None = None, *, final_round: bool = True) -> float:
         """Local model selection on the client's own validation split. Under DP (``hooks``
-        account validation reads) the newest model is kept and nothing is read: a noisy score
-        across rounds favours early, barely trained models (bench/RESULTS_fedmm_dp.md)."""
+        account validation reads) only the final round's checkpoints compete, by one noisy
+        Brier-score difference (one accounted release); earlier ones are kept newest-first
+        without reading (a noisy score across rounds favours early, barely trained models:
+        bench/RESULTS_fedmm_dp.md), and only the served model depends on the choice."""
         if hooks is not None and hooks.validation_accounted:
-            self.best = (float("nan"), {k: t.detach().clone() for k, t in self.model.state_dict().items()})
-            return float("nan")
+            return self._private_checkpoint(hooks, final_round)
         loss = self.valid_loss()
         self.history["valid_loss"].append(loss)
         if self.best is None or loss < self.best[0]:

@@ -37,14 +37,15 @@ def _task_logits(a: torch.Tensor, b: torch.Tensor) -> dict[str, np.ndarray]:
 def validation_releases(method: str, settings: PFSettings, rounds: int, client: ScenarioClient) -> int:
     """Gaussian releases from one scenario's validation rows in a private run of ``method``:
     every alpha choice releases one noisy score per grid value (experts, then each personalized
-    tower, every round of a federated method), and each task's Platt fit ``PLATT_STEPS``.
-    Checkpoint selection reads nothing under DP. ``client``: any scenario's (for its blocks)."""
+    tower, every round of a federated method), the final round's two checkpoints one comparison
+    (federated methods), and each task's Platt fit ``PLATT_STEPS``. ``client``: any scenario's
+    (for its blocks)."""
     mech, k = METHODS[method], len(settings.alpha_grid)
     choices = 0
     if mech.federated and k > 1:
         towers = sum(b.group == "tower" for b in client.plan.blocks)
         choices = (1 if mech.personal else 0) + (towers if mech.tower_personal else 0)
-    return rounds * choices * k + (2 * PLATT_STEPS if settings.calibrate else 0)
+    return rounds * choices * k + (1 if mech.federated else 0) + (2 * PLATT_STEPS if settings.calibrate else 0)
 
 
 def _private_platt(client: ScenarioClient, task: str, logits: np.ndarray, labels: np.ndarray,
@@ -124,8 +125,9 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
                      users=torch.from_numpy(c.data.train.users), settings=train_settings,
                      generator=c.generator).train_epochs(settings.epochs)
         hooks.before_release(STAGE, rnd)
+        final = rnd == rounds - 1
         for c in clients.values():
-            c.consider_checkpoint(hooks)
+            c.consider_checkpoint(hooks, final_round=final)
         if mech.federated:
             vectors = {m: client_upload(c, mech, start=starts[m], trained=m in allowed, bound=settings.update_bound)
                        for m, c in clients.items()}
@@ -135,7 +137,7 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
                                start=starts[m] if settings.train_from == "tracked" else None,
                                criterion=None if settings.alpha_by == "select" else settings.alpha_by,
                                hooks=hooks)
-                clients[m].consider_checkpoint(hooks)
+                clients[m].consider_checkpoint(hooks, final_round=final)
         progress(f"round {rnd + 1}/{rounds}")
     out: dict = {"markets": {}, "clients": clients}
     for m, c in clients.items():
