@@ -35,9 +35,10 @@ ACCOUNTED_STEPS = (
      "one ledger round per market and comparison"),
     ("Platt calibration of the served CTR logits on validation rows (stage CALIBRATE; off with model.calibrate: false)",
      "reads validation rows: noisy Newton steps, one Gaussian release each (q = 1), one ledger round per market"),
-    ("PF-MSMTrec alpha choice on validation rows (stage PF-ALPHA; calibration: CALIBRATE-CTR, CALIBRATE-CTCVR)",
-     "reads validation rows: one Gaussian release of a Brier score per grid value (q = 1); checkpoint "
-     "selection reads nothing under DP"),
+    ("PF-MSMTrec alpha choice and checkpoint selection on validation rows (stages PF-ALPHA, PF-SELECT; "
+     "calibration: CALIBRATE-CTR, CALIBRATE-CTCVR)",
+     "reads validation rows: one Gaussian release of a Brier score per grid value (q = 1), one for "
+     "the final round's checkpoint comparison"),
 )
 POST_PROCESSING_STEPS = (
     ("RQ-VAE training on item embeddings (stage 2)", "inputs are the DP-trained CF embeddings"),
