@@ -2,7 +2,8 @@
 
 One module per command group, each with ``register(subparsers)`` and the handler(s) it installs:
 :mod:`.run` (``run``), :mod:`.budget` (``budget check``, ``report``), :mod:`.audit`
-(``audit``), :mod:`.bench` (``bench secagg``), :mod:`.flower` (``flower local``). Handlers import
+(``audit``), :mod:`.bench` (``bench secagg``), :mod:`.flower` (``flower local``), :mod:`.keys` (``keys new``,
+``keys roster``, ``keys digest``). Handlers import
 the workflows they call lazily, so ``--help`` and bad flags answer without loading torch.
 
 Bad flags, bad config values and bad input of any kind (missing or corrupt files, tampered
@@ -22,7 +23,7 @@ import os
 import sys
 
 from ..errors import BudgetExceededError, ConfigError, FedMMError, VerificationError
-from . import audit, bench, budget, flower, run
+from . import audit, bench, budget, flower, keys, run
 
 __all__ = ["main", "build_parser"]
 
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     # Command groups build their nested subcommands with the class of the parser they are given.
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for group in (run, bench, budget, flower, audit):   # the order of `fedmm-secure --help`
+    for group in (run, bench, budget, flower, keys, audit):   # the order of `fedmm-secure --help`
         group.register(sub)
     return p
 

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import (Encoding, NoEncryption, PrivateFormat,
-                                                          PublicFormat)
+                                                          PublicFormat, load_pem_private_key,
+                                                          load_ssh_public_key)
 
 from ..errors import IntegrityError, ProtocolError
 
@@ -160,6 +161,22 @@ class IdentityPublicKey:
     def __repr__(self) -> str:
         return f"IdentityPublicKey({self._raw.hex()[:16]}...)"
 
+    def to_openssh(self) -> str:
+        """One line, ``ssh-ed25519 AAAA...``: the form key files and roster files hold."""
+        return self._key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode("ascii")
+
+    @classmethod
+    def from_openssh(cls, text: str) -> IdentityPublicKey:
+        """Parse :meth:`to_openssh` output; anything but an Ed25519 key raises
+        :class:`ProtocolError` naming what was found."""
+        try:
+            key = load_ssh_public_key(str(text).strip().encode("ascii"))
+        except Exception:  # ValueError, UnicodeEncodeError, UnsupportedAlgorithm (unknown type)
+            raise ProtocolError("not an OpenSSH public key line (ssh-ed25519 AAAA...)") from None
+        if not isinstance(key, Ed25519PublicKey):
+            raise ProtocolError(f"an identity key must be Ed25519, found {type(key).__name__}")
+        return cls(key)
+
 
 class IdentityPrivateKey(_Secret):
     """Long-term Ed25519 signing key of one market."""
@@ -182,6 +199,28 @@ class IdentityPrivateKey(_Secret):
 
     def sign(self, data: bytes) -> bytes:
         return self._key.sign(bytes(data))
+
+    # Deliberate export for a key file (written 0600 by the caller): the only way the long-term
+    # secret leaves this object, so a market keeps one identity across runs and its public key
+    # can be pinned before any run.
+    def to_pkcs8_pem(self) -> bytes:
+        """The key as unencrypted PKCS#8 PEM (``-----BEGIN PRIVATE KEY-----``)."""
+        return self._key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
+    @classmethod
+    def from_pkcs8_pem(cls, data: bytes) -> IdentityPrivateKey:
+        """Parse :meth:`to_pkcs8_pem` output. Corrupt, encrypted or non-Ed25519 keys raise
+        :class:`ProtocolError` (never echoing the bytes)."""
+        try:
+            key = load_pem_private_key(bytes(data), password=None)
+        except TypeError:
+            raise ProtocolError("the private key is encrypted; identity keys are stored unencrypted "
+                                "(protect the file with its mode, 0600)") from None
+        except Exception:  # ValueError, UnsupportedAlgorithm: not a PEM private key we can read
+            raise ProtocolError("not a PEM private key") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ProtocolError(f"an identity key must be Ed25519, found {type(key).__name__}")
+        return cls(key)
 
 
 class AgreementPublicKey:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import ConfigError, LedgerError
+from ..primitives.keys import IdentityPublicKey
 from ..privacy.totals import MarketTotal
 from .epsilon_plot import plot_epsilon_per_round
 from .html_report import write_html_report
@@ -83,15 +85,18 @@ def _totals(run_dir: Path, read: dict, verified: RunVerification, *,
 
 
 def budget_table(run_dir: Path, *, max_epsilon: float, delta: float | None,
-                 scope: str = "total") -> tuple[str, bool]:
+                 scope: str = "total", public_keys: Mapping[str, IdentityPublicKey] | None = None
+                 ) -> tuple[str, bool]:
     """Gate on ``scope``: ``total`` (default) -- each market's spend over every method the run
     trained on its data, infinite when a non-private method ran; ``deployed`` -- the deployed
-    method's own spend only (what the model that leaves the run cost, not what the data lost)."""
+    method's own spend only (what the model that leaves the run cost, not what the data lost).
+    ``public_keys``: ledger path (relative to ``run_dir``) -> the market's identity key, whose
+    signatures on that ledger's heads must then verify (:func:`.run_verification.verify_run`)."""
     if not (isinstance(max_epsilon, (int, float)) and max_epsilon > 0 and math.isfinite(max_epsilon)):
         raise ConfigError("--max-epsilon", f"must be a finite number > 0, got {max_epsilon!r}")
     if scope not in SCOPES:
         raise ConfigError("--scope", f"unknown scope {scope!r}", allowed=", ".join(SCOPES))
-    verified = require_verified_run(run_dir)
+    verified = require_verified_run(run_dir, public_keys=public_keys)
     read = _read_ledgers(run_dir, verified, delta=delta)
     spent = read["spent"]
     if not spent:
@@ -180,8 +185,9 @@ def _round_table(rows: list[dict]) -> list[str]:
     return out + [""]
 
 
-def write_privacy_report(run_dir: Path) -> Path:
-    verified = require_verified_run(run_dir)
+def write_privacy_report(run_dir: Path, *,
+                         public_keys: Mapping[str, IdentityPublicKey] | None = None) -> Path:
+    verified = require_verified_run(run_dir, public_keys=public_keys)
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
     priv = results.get("privacy", {})

@@ -36,12 +36,14 @@ __all__ = [
     "MarketEndpoint",
     "AggregatorEndpoint",
     "SecureAggregator",
+    "check_id",
 ]
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def _check_id(kind: str, value: str) -> None:
+def check_id(kind: str, value: str) -> None:
+    """:class:`ConfigError` unless ``value`` is a market / run / label identifier."""
     if not isinstance(value, str) or not _ID_RE.match(value):
         raise ConfigError(kind, f"invalid identifier {value!r}", allowed="1-64 chars of [A-Za-z0-9_.-]")
 
@@ -64,8 +66,8 @@ class RoundContext:
     label: str = "update"  # what is summed ("codebook-stats", "code-embeddings", ...), bound into transcripts
 
     def __post_init__(self) -> None:
-        _check_id("run_id", self.run_id)
-        _check_id("label", self.label)
+        check_id("run_id", self.run_id)
+        check_id("label", self.label)
         if not isinstance(self.round_id, int) or self.round_id < 0:
             raise ConfigError("round_id", f"must be a non-negative int, got {self.round_id!r}")
         if len(self.participants) < 1:
@@ -73,7 +75,7 @@ class RoundContext:
         if len(set(self.participants)) != len(self.participants):
             raise ConfigError("participants", "duplicate market ids")
         for p in self.participants:
-            _check_id("participants", p)
+            check_id("participants", p)
         if tuple(sorted(self.participants)) != tuple(self.participants):
             object.__setattr__(self, "participants", tuple(sorted(self.participants)))
         if not isinstance(self.length, int) or self.length < 1:
@@ -103,7 +105,7 @@ class Roster:
 
     def __post_init__(self) -> None:
         for m, b in self.entries.items():
-            _check_id("roster", m)
+            check_id("roster", m)
             if not isinstance(b, (bytes, bytearray)):
                 raise ConfigError("roster", f"bundle of {m!r} must be bytes")
         object.__setattr__(self, "entries", dict(sorted(self.entries.items())))

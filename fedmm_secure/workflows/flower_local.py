@@ -143,14 +143,19 @@ def _run_flower_local(cfg: RunConfig, out: Path, *, resume: bool, timeout: float
         dep.submit()
         results = dep.wait(timeout=timeout, on_poll=show_progress)
         show_progress(dep)
-        # Each market trusted the first roster it was shown (keys are made per run, so no digest
-        # exists in advance); the records its worker kept must agree before the results count.
+        # Every market pinned the identity roster made before the run and refused any per-run
+        # roster it does not cover; the per-run rosters the workers recorded must also agree
+        # before the results count (a second, after-the-run check).
         roster = same_roster(dep.pinned_rosters())
         results["roster_sha256"] = roster
+        results["identity_roster_sha256"] = dep.identity_roster.digest().hex()
+        write_json_atomic(out / "results.json", results)   # both digests, next to the run's results
         # Likewise the shared-key lists the markets built from their listings.
         same_catalogue(results.get("catalogue", {}))
         if progress is not None:
-            progress(f"every market pinned the same roster: sha256 {roster}")
+            progress(f"every market held the run to the identity roster pinned before it "
+                     f"(sha256 {results['identity_roster_sha256']}) and recorded the same per-run roster "
+                     f"(sha256 {roster})")
     write_run_report(results, out)
     if progress is not None:
         auc = results.get("summary", {}).get("fedmm", {}).get("mean_auc")

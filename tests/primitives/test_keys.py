@@ -93,3 +93,35 @@ def test_subkeys_differ_by_context():
     assert k.derive(context=b"a") != k
     with pytest.raises(ProtocolError):
         SymmetricKey(b"short")
+
+
+# -- persistent identity keys (key files) --------------------------------------------------------
+
+def test_identity_key_pem_and_public_line_round_trip():
+    key = IdentityPrivateKey.generate()
+    again = IdentityPrivateKey.from_pkcs8_pem(key.to_pkcs8_pem())
+    key.public_key().verify(again.sign(b"x"), b"x")
+    line = key.public_key().to_openssh()
+    assert line.startswith("ssh-ed25519 ") and "\n" not in line
+    assert IdentityPublicKey.from_openssh(line + "\n") == key.public_key()
+
+
+def test_foreign_key_material_is_refused_without_echoing_it():
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    pem = ec_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+    with pytest.raises(ProtocolError, match="must be Ed25519"):
+        IdentityPrivateKey.from_pkcs8_pem(pem)
+    ssh = ec_key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    with pytest.raises(ProtocolError, match="must be Ed25519"):
+        IdentityPublicKey.from_openssh(ssh)
+    for junk in (b"", b"-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n"):
+        with pytest.raises(ProtocolError) as e:
+            IdentityPrivateKey.from_pkcs8_pem(junk)
+        assert "AA==" not in str(e.value)
+    with pytest.raises(ProtocolError, match="OpenSSH"):
+        IdentityPublicKey.from_openssh("ssh-ed25519 not-base64!")

@@ -13,7 +13,9 @@
 Run configuration keys (``[tool.flwr.app.config]``, overridable with ``flwr run --run-config``):
 ``config-json`` (the :class:`~fedmm_secure.config.RunConfig` as JSON), ``out-dir`` (where the
 ServerApp writes ``results.json``), ``expected-markets``, ``stage-timeout``, ``step-timeout``,
-``join-timeout``, ``poll-interval`` (reply poll, s), ``workload-json``.
+``join-timeout``, ``poll-interval`` (reply poll, s), ``workload-json``, ``identity-key`` and
+``roster`` (the aggregator's identity key file and the identity roster the markets pinned; empty:
+no pre-run pinning).
 """
 
 from __future__ import annotations
@@ -159,12 +161,18 @@ def _main(grid: Grid, context: Context) -> None:
 
     try:
         cfg = config_from_dict(json.loads(str(rc["config-json"])))
+        identity, roster = None, None
+        if str(rc.get("identity-key", "")):
+            from .keyfiles import read_identity_key, read_roster
+            identity = read_identity_key(Path(str(rc["identity-key"])), flag="identity-key")
+            roster = read_roster(Path(str(rc["roster"])), flag="roster")
         links = FlowerLinks(grid, expected=int(rc["expected-markets"]), join_timeout=float(rc["join-timeout"]),
                             poll_interval=float(rc.get("poll-interval", 0.05)), log=log)
         # One id per Flower run (a resumed run is a new one): every protocol message is bound to it.
         co = Coordinator(cfg=cfg, run_id=f"run-{cfg.seed}-{context.run_id}", links=links,
                          stage_timeout=float(rc["stage-timeout"]), step_timeout=float(rc["step-timeout"]),
-                         workload=json.loads(str(rc.get("workload-json", '{"name": "fedmm"}'))), log=log)
+                         workload=json.loads(str(rc.get("workload-json", '{"name": "fedmm"}'))), log=log,
+                         identity=identity, identity_roster=roster)
         results = co.run()
         write_json_atomic(out_dir / "results.json", results)
         log("done")

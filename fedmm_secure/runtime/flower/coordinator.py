@@ -19,8 +19,10 @@ from typing import Protocol
 import numpy as np
 
 from ...config import RunConfig
-from ...errors import AbortError, ProtocolError
+from ...errors import AbortError, ConfigError, IntegrityError, ProtocolError
+from ...primitives.keys import IdentityPrivateKey
 from ...secagg import Roster, RoundContext, create_backend
+from ...secagg.identity import AGGREGATOR_ROLE, IdentityRoster, endorse, verify_endorsement
 from .wire import (b64, error_reply, pack_json, pack_with_header, unb64, unpack_json,
                    with_node_config)
 
@@ -59,9 +61,20 @@ class InProcessLinks:
 
 
 class Coordinator:
+    """Drives one run. ``identity`` / ``identity_roster``: the aggregator's long-term key and the
+    identity roster the markets pinned before the run; with them ``hello`` carries the roster and
+    ``start`` the markets' endorsements of their per-run bundles plus the aggregator's own, so
+    pinning markets can check the per-run roster against their pin."""
+
     def __init__(self, *, cfg: RunConfig, run_id: str, links: MarketLinks, stage_timeout: float,
                  step_timeout: float, workload: dict | None = None, log=lambda s: None,
-                 backend_options: dict | None = None) -> None:
+                 backend_options: dict | None = None, identity: IdentityPrivateKey | None = None,
+                 identity_roster: IdentityRoster | None = None) -> None:
+        if (identity is None) != (identity_roster is None):
+            raise ConfigError("identity-key", "the aggregator's identity key and the identity roster go together")
+        if identity is not None and identity.public_key() != identity_roster.aggregator:
+            raise ConfigError("identity-key", "the roster names another aggregator identity key")
+        self.identity, self.identity_roster = identity, identity_roster
         self.cfg, self.run_id, self.links = cfg, run_id, links
         self.backend_options = dict(backend_options or {})
         self.workload = dict(workload or {"name": "fedmm"})
@@ -98,8 +111,10 @@ class Coordinator:
     def run(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()
-        hello = self._check(self.links.hello(pack_json({"config": cfg.to_dict(), "run_id": self.run_id}),
-                                             timeout=self.step_timeout), "hello")
+        hello_msg = {"config": cfg.to_dict(), "run_id": self.run_id}
+        if self.identity_roster is not None:
+            hello_msg["identity_roster"] = self.identity_roster.to_json()
+        hello = self._check(self.links.hello(pack_json(hello_msg), timeout=self.step_timeout), "hello")
         info = {m: unpack_json(p) for m, p in hello.items()}
         if not info:
             raise AbortError("no market answered hello")
@@ -109,16 +124,25 @@ class Coordinator:
         self.order = sorted(info, key=lambda m: info[m]["index"])
         if len({info[m]["index"] for m in info}) != len(info):
             raise ProtocolError("two markets claim the same position in the market order")
+        if self.identity_roster is not None:
+            self._check_endorsements(info)
         backend = create_backend(cfg.secagg, allow_insecure=cfg.secagg == "plain", **self.backend_options)
         aggregator = backend.create_aggregator()
         roster_b = {m: unb64(info[m]["bundle"]) for m in self.order}
         aggregator.install_roster(Roster(roster_b, aggregator=aggregator.public_bundle()))
         self.alive = set(self.order)
-        start = pack_json({"roster": {m: info[m]["bundle"] for m in self.order},
-                           "aggregator": b64(aggregator.public_bundle()),
-                           "n_train_max": max(i["n_train"] for i in info.values()),
-                           "n_items_max": max(i["n_items"] for i in info.values()),
-                           "n_markets": len(self.order), "workload": self.workload})
+        start_msg = {"roster": {m: info[m]["bundle"] for m in self.order},
+                     "aggregator": b64(aggregator.public_bundle()),
+                     "n_train_max": max(i["n_train"] for i in info.values()),
+                     "n_items_max": max(i["n_items"] for i in info.values()),
+                     "n_markets": len(self.order), "workload": self.workload}
+        if self.identity is not None:
+            # Relayed as the markets sent them: each market checks every one against its pin.
+            start_msg["endorsements"] = {m: info[m]["endorsement"] for m in self.order if "endorsement" in info[m]}
+            start_msg["aggregator_endorsement"] = b64(endorse(
+                self.identity, run_id=self.run_id, backend=cfg.secagg, name=AGGREGATOR_ROLE,
+                bundle=aggregator.public_bundle(), role=AGGREGATOR_ROLE))
+        start = pack_json(start_msg)
         replies = self._check(self.links.exchange({m: ("start", start) for m in self.order},
                                                   timeout=self.step_timeout), "request")
         self._drop(self.alive - set(replies), "start")
@@ -159,6 +183,20 @@ class Coordinator:
         if market_level:
             results["privacy_market_level"] = next(iter(market_level.values()))
         return results
+
+    def _check_endorsements(self, info: Mapping[str, dict]) -> None:
+        """Every market that answered ``hello`` is on the identity roster and endorsed its bundle
+        with its pinned key; otherwise the pinning markets would refuse ``start``, so the run
+        stops here naming the market (a run with markets missing is left to the markets)."""
+        for m, i in info.items():
+            key = self.identity_roster.markets.get(m)
+            try:
+                if key is None:
+                    raise AbortError(f"market {m} is not on the identity roster")
+                verify_endorsement(key, unb64(str(i.get("endorsement", ""))), run_id=self.run_id,
+                                   backend=self.cfg.secagg, name=m, bundle=unb64(i["bundle"]))
+            except IntegrityError:
+                raise AbortError(f"market {m}'s bundle is not endorsed by its pinned identity key") from None
 
     def _broadcast(self, headers: dict[str, dict]) -> dict[str, dict]:
         labels = {h["label"] for h in headers.values()}

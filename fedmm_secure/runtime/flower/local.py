@@ -82,6 +82,8 @@ step-timeout = 600.0
 join-timeout = 60.0
 poll-interval = 0.05
 workload-json = '{"name": "fedmm"}'
+identity-key = ""
+roster = ""
 """
 
 
@@ -184,6 +186,7 @@ class FlowerLocalDeployment:
         self._started = False
         self._tmp = tempfile.TemporaryDirectory(prefix="fedmm-flower-")
         self.work = Path(self._tmp.name)
+        self._make_identities()
         self.logs = self.out_dir / "flower_logs"
         self.groups: dict[str, subprocess.Popen] = {}   # name -> group leader
         self._files: list = []
@@ -250,6 +253,7 @@ class FlowerLocalDeployment:
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower.worker", "--market", m,
                    "--ready-file", str(ready[m]), "--ledger-dir", str(self.ledger_dir(m)),
                    "--startup-timeout", str(self.startup_timeout_s), "--roster-out", str(self.roster_record(m)),
+                   "--identity-key", str(self.identity_key(m)), "--roster", str(self.identity_roster_file),
                    *self._market_rules()]
             if self.resume:
                 cmd.append("--resume")
@@ -282,6 +286,35 @@ class FlowerLocalDeployment:
                 raise AbortError(f"market workers did not start within {ready_timeout:.0f} s "
                                  f"(see flower_logs/; --startup-timeout raises the limit)")
             time.sleep(0.1)
+
+    def _make_identities(self) -> None:
+        """Every market's and the aggregator's identity key, and the roster of their public keys,
+        made before any process starts in ``OUT/identity/`` (0700; keys 0600): every worker is
+        given its key and the roster as its pin (pre-run roster pinning) and signs its ledger
+        with the key. A resumed run reuses them, so each ledger continues under its key and
+        ``budget check OUT --roster OUT/identity/roster.json`` checks every signature. (One
+        operator runs every market here, as with ``--tls``'s keys in ``OUT/tls``; across
+        machines each party keeps its own key.)"""
+        from .keyfiles import read_roster, write_identity_key, write_roster
+
+        keys = self.out_dir / "identity"
+        self.identity_roster_file = keys / "roster.json"
+        if self.resume and self.identity_roster_file.exists():
+            roster = read_roster(self.identity_roster_file, flag="--resume")
+            if set(roster.markets) != set(self.markets):
+                raise ConfigError("--resume", f"{self.identity_roster_file} lists other markets than the run")
+            self.identity_roster = roster
+            return
+        if keys.exists() and not self.resume:
+            raise ConfigError("out", f"{keys} already exists", allowed="a new run directory (keys are never reused)")
+        keys.mkdir(parents=True, mode=0o700, exist_ok=self.resume)
+        public = {m: write_identity_key(self.identity_key(m))[1] for m in self.markets}
+        _, aggregator = write_identity_key(self.identity_key(None))
+        self.identity_roster = write_roster(self.identity_roster_file, public, aggregator)
+
+    def identity_key(self, market: str | None) -> Path:
+        """The identity key file of ``market`` (``None``: the aggregator's)."""
+        return self.out_dir / "identity" / ("aggregator.key" if market is None else f"market-{market}.key")
 
     def _node_config(self, market: str) -> str:
         # Real data: each market's SuperNode names its own data source (here all markets share
@@ -360,7 +393,9 @@ class FlowerLocalDeployment:
             "expected-markets": len(self.markets), "stage-timeout": float(self.stage_timeout),
             "step-timeout": float(self.step_timeout), "join-timeout": float(join_timeout),
             "poll-interval": float(self.poll_interval),
-            "workload-json": json.dumps(self.workload)}), encoding="utf-8")
+            "workload-json": json.dumps(self.workload),
+            "identity-key": str(self.identity_key(None)), "roster": str(self.identity_roster_file)}),
+            encoding="utf-8")
         app = write_app_dir(self.work / "app")
         self._flwr(["run", str(app), "fedmm-local", "--run-config", str(overrides)], what="flwr run",
                    timeout=timeout)

@@ -11,7 +11,9 @@ survives to the next stage. Two ways to connect it to the SuperNode:
 * ``--listen HOST:PORT``: stock isolation; the ClientApp process Flower starts per message
   relays the message to this socket (one request per connection, :func:`serve`).
 
-:class:`MarketWorker` is the state machine (also used in process by the tests).
+:class:`MarketWorker` is the state machine (also used in process by the tests); the market's own
+rules and the checks made with them before it takes part (privacy settings, pre-run roster
+pinning) are in :mod:`.rules`, its identity key and roster files in :mod:`.keyfiles`.
 """
 
 from __future__ import annotations
@@ -22,18 +24,20 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ...config import DEFAULT_MAX_GRAD_NORM, PrivacyConfig, RunConfig, config_from_dict
-from ...errors import ConfigError, PolicyError, ProtocolError
+from ...config import config_from_dict
+from ...errors import ConfigError, FedMMError, PolicyError, ProtocolError
 from ...federation.fedmm.pipeline import market_pipeline
 from ...federation.fedmm.protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
-from ...secagg import (DEFAULT_COLLUDERS, MarketPolicy, Roster, RoundContext, create_backend,
+from ...primitives.keys import IdentityPrivateKey
+from ...secagg import (MarketPolicy, Roster, RoundContext, create_backend,
                        default_min_cohort)
+from ...secagg.identity import endorse
+from .rules import (MarketRules, add_rule_arguments, check_start_roster, own_privacy,
+                    pinned_roster_at_hello, rules_from_arguments, run_with_own_privacy)
 from .wire import (
     b64,
     encode_bound,
@@ -46,80 +50,14 @@ from .wire import (
     unpack_json,
     unpack_with_header,
 )
-from .listings import catalogue_record, check_offered_keys, market_catalogue, read_listings
+from .listings import catalogue_record, check_offered_keys, market_catalogue
 from .workloads import secure_sum_pipeline
 
 __all__ = ["MarketWorker", "MarketRules", "HangAt", "serve", "own_privacy", "run_with_own_privacy"]
 
-
-@dataclass(frozen=True)
-class MarketRules:
-    """The market's own say over a run, set on the market's machine (never by the aggregator).
-
-    ``backends``: the secure-aggregation backends this market runs (``plain`` only if named).
-    ``privacy``: this market's privacy settings; the run config's must equal them (``None``
-    accepts only a non-private run). ``min_cohort``: fewest markets in any sum (default
-    max(3, ceil(2n/3)) of the roster). ``colluders``: the c of the threshold rule.
-    ``roster_digest``: the pinned roster (SHA-256 of every bundle and the aggregator's key),
-    obtained out of band; ``None`` trusts the roster the first ``start`` hands out.
-    ``listings``: the public catalogues (market -> product keys) of the run's markets, which the
-    market obtained itself; with real data it is where the shared-key list comes from (synthetic
-    data: every market's listing is generated from the seed). Never an aggregator's list.
-    """
-
-    backends: frozenset[str] = frozenset({"masking", "ckks"})
-    privacy: Mapping | None = None
-    min_cohort: int | None = None
-    colluders: int = DEFAULT_COLLUDERS
-    roster_digest: bytes | None = None
-    listings: Mapping[str, list[str]] | None = None
-
-    def privacy_settings(self) -> dict:
-        return dict(self.privacy) if self.privacy is not None else {"enabled": False}
-
-
-# The worker always trains FedMM, so an unset clip norm means FedMM's default, whatever model
-# family the aggregator's run config names.
-_WORKER_FAMILY = "fedmm"
-
-
-def _pin_clip(p: PrivacyConfig) -> PrivacyConfig:
-    if p.max_grad_norm is not None:
-        return p
-    return dataclasses.replace(p, max_grad_norm=float(DEFAULT_MAX_GRAD_NORM[_WORKER_FAMILY]))
-
-
-def own_privacy(rules: MarketRules) -> PrivacyConfig:
-    """The market's own privacy settings, complete: every field it does not name takes its
-    default (``randomness`` "secure" above all) and an unset clip norm is written out."""
-    try:
-        own = config_from_dict({"privacy": rules.privacy_settings()}).privacy
-    except ConfigError as e:
-        raise PolicyError(f"this market's own privacy settings are invalid: {e}") from None
-    return _pin_clip(own)
-
-
-def run_with_own_privacy(cfg: RunConfig, rules: MarketRules) -> RunConfig:
-    """``cfg`` (the aggregator's run config) carrying this market's own privacy settings.
-
-    The run's settings must agree with the market's (every market of a run must train alike and
-    account alike), but they are only compared: what the market trains and accounts with is its
-    own :class:`PrivacyConfig`, so nothing of the aggregator's (its seed-driven
-    ``reproducible`` randomness in particular) reaches the DP noise unless the market's own
-    settings say so. A mismatch raises :class:`PolicyError` naming the fields.
-    """
-    own = own_privacy(rules)
-    asked = _pin_clip(cfg.privacy)
-    if own.enabled or asked.enabled:
-        mine, theirs = dataclasses.asdict(own), dataclasses.asdict(asked)
-        diff = sorted(k for k in mine if mine[k] != theirs[k])
-        if diff:
-            detail = ", ".join(f"{k}: run {theirs[k]!r}, market {mine[k]!r}" for k in diff)
-            why = (" (reproducible randomness lets anyone with the seed remove the DP noise; a "
-                   "market uses it only if its own settings say so)"
-                   if "randomness" in diff else "")
-            raise PolicyError(f"the run's privacy settings differ from this market's own: {detail}{why}")
-    return dataclasses.replace(cfg, privacy=own)
+# Named, not ``__name__``: run as ``python -m`` this module is ``__main__``, whose records would
+# miss the package logger that main() points at the market's log file.
+_log = logging.getLogger("fedmm_secure.runtime.flower.worker")
 
 
 class HangAt:
@@ -131,11 +69,21 @@ class HangAt:
 
 
 class MarketWorker:
+    """One market's side of a run: ``hello`` (policy checks, data, keys), ``start`` (roster),
+    then the pipeline's requests. ``identity`` is the market's long-term signing key
+    (:mod:`.keyfiles`): with it the worker endorses its per-run bundle, and it is required when
+    ``rules`` pin a roster."""
+
     def __init__(self, *, market: str, rules: MarketRules, hang_at: HangAt | None = None,
                  ledger_dir: Path | None = None, resume: bool = False,
-                 roster_out: Path | None = None) -> None:
+                 roster_out: Path | None = None, identity: IdentityPrivateKey | None = None) -> None:
         self.market = market
         self.rules = rules
+        if rules.pins_roster and identity is None:
+            raise ConfigError("identity-key", "a market that pins a roster needs its identity key",
+                              allowed="--identity-key FILE")
+        self._identity = identity
+        self._pinned = None   # the identity roster this run is held to (set at hello)
         # This market's privacy ledger (DP runs): on the market's own machine, written before
         # any upload that depends on the round's DP-trained parameters leaves the worker.
         self.ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
@@ -152,8 +100,8 @@ class MarketWorker:
         self._stage = 0
         self.result: dict | None = None
         self._joined: str | None = None   # the run this worker took part in (one per process)
-        # Where this market records the digest of the roster it pinned (hex), on its own machine:
-        # without a digest obtained in advance a market trusts the first roster it is shown, and
+        # Where this market records the digest of the per-run roster it installed (hex), on its own
+        # machine: a market without a pre-run pin trusts the first roster it is shown, and
         # comparing these records across markets afterwards exposes a split roster.
         self.roster_out = Path(roster_out) if roster_out is not None else None
         self.pinned_roster: str | None = None
@@ -183,6 +131,9 @@ class MarketWorker:
         if self._joined is not None:
             raise PolicyError(f"this worker already took part in run {self._joined!r}; a market joins "
                               "one run per worker (a repeated session could be differenced)")
+        # A pinning market checks the aggregator's roster before it answers anything.
+        pinned = pinned_roster_at_hello(self.rules, msg.get("identity_roster"), market=self.market,
+                                        identity=self._identity)
         cfg = config_from_dict(msg["config"])
         # The aggregator's run config may not pick this market's backend or privacy settings:
         # the backend must be one the market runs, and from here on the privacy settings are the
@@ -227,10 +178,18 @@ class MarketWorker:
         options = {"colluders": self.rules.colluders} if self._cfg.secagg == "masking" else {}
         backend = create_backend(self._cfg.secagg, allow_insecure=self._cfg.secagg == "plain", **options)
         self._endpoint = backend.create_market(self.market)
-        self._joined = self._run_id
-        return pack_json({"market": self.market, "index": self._index, "bundle": b64(self._endpoint.public_bundle()),
-                          "n_train": len(self._data.train), "n_items": int(self._data.n_items),
-                          "n_users": int(self._data.n_users), "n_test": len(self._data.test)})
+        self._joined, self._pinned = self._run_id, pinned
+        if pinned is not None:
+            _log.info("run %s held to the identity roster sha256 %s", self._run_id, pinned.digest().hex())
+        bundle = self._endpoint.public_bundle()
+        reply = {"market": self.market, "index": self._index, "bundle": b64(bundle),
+                 "n_train": len(self._data.train), "n_items": int(self._data.n_items),
+                 "n_users": int(self._data.n_users), "n_test": len(self._data.test)}
+        if self._identity is not None:
+            # The one bundle this market's identity vouches for in this run (one run per worker).
+            reply["endorsement"] = b64(endorse(self._identity, run_id=self._run_id, backend=self._cfg.secagg,
+                                               name=self.market, bundle=bundle))
+        return pack_json(reply)
 
     def _start(self, msg: dict) -> tuple[str, bytes]:
         if self._endpoint is None:
@@ -238,8 +197,10 @@ class MarketWorker:
         roster = Roster({m: unb64(b) for m, b in msg["roster"].items()},
                         aggregator=unb64(msg.get("aggregator", "")))
         rules = self.rules
-        if rules.roster_digest is not None and roster.digest() != rules.roster_digest:
-            raise PolicyError("the roster differs from the one this market pinned")
+        if self._pinned is not None:
+            # Exactly the pinned markets, each bundle endorsed by its pinned identity key: checked
+            # before the pipeline (training) starts and before any secure-aggregation message.
+            check_start_roster(self._pinned, msg, roster, run_id=self._run_id, backend=self._cfg.secagg)
         n = len(roster.markets)
         min_cohort = default_min_cohort(n) if rules.min_cohort is None else rules.min_cohort
         if min_cohort > n:
@@ -254,7 +215,7 @@ class MarketWorker:
                                   min_cohort=min_cohort, colluders=rules.colluders)
         self._endpoint.install_roster(roster, policy=policy)
         self.pinned_roster = roster.digest().hex()
-        logging.getLogger(__name__).info("pinned roster sha256 %s (%d markets)", self.pinned_roster, n)
+        _log.info("pinned roster sha256 %s (%d markets)", self.pinned_roster, n)
         if self.roster_out is not None:
             tmp = self.roster_out.with_suffix(".tmp")
             tmp.write_text(self.pinned_roster + "\n", encoding="ascii")
@@ -292,13 +253,20 @@ class MarketWorker:
             if not self.resume:
                 raise ConfigError("ledger-dir", f"{self.ledger_dir} already holds a privacy ledger",
                                   allowed="a new directory per run, or --resume to continue it")
+            # A ledger this market began without an identity key (an older worker) continues
+            # unsigned, as it was; a signed one must be continued with the key that began it.
+            with Ledger.open(self.ledger_dir) as peek:
+                key = self._identity if peek.signed else None
             # Reopening checks the run config against the ledger's (LedgerError on a mismatch).
-            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict())
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), signing_key=key)
             offset = self._ledger.resume_state().next_round
             prior = self._ledger.spent_events()
         else:
             self.ledger_dir.mkdir(parents=True, exist_ok=True)
-            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True)
+            # Signed heads with the market's identity key: checkable against the pinned roster
+            # (`fedmm-secure budget check DIR --roster FILE`).
+            self._ledger = Ledger.open(self.ledger_dir, run_config=self._cfg.to_dict(), create=True,
+                                       signing_key=self._identity)
         method_index = self._cfg.methods.index("fedmm") if "fedmm" in self._cfg.methods else 0
         self._session = privacy_session(self._cfg, [self._data], method="fedmm", ledger=self._ledger,
                                         resume_offset=offset, prior_events=prior,
@@ -406,14 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the ledger already in --ledger-dir (an interrupted run); its events stay spent")
-    p.add_argument("--allow-backend", action="append", default=None,
-                   help="a secure-aggregation backend this market runs (repeat; default masking and ckks)")
-    p.add_argument("--privacy-json", help="this market's own privacy settings (JSON; default: not private)")
-    p.add_argument("--min-cohort", type=int, help="fewest markets in any sum (default max(3, 2/3 of the roster))")
-    p.add_argument("--colluders", type=int, default=DEFAULT_COLLUDERS, help="c in the threshold rule 2t > n + c")
-    p.add_argument("--roster-sha256", help="the pinned roster digest, obtained out of band")
-    p.add_argument("--listings", help="the markets' public catalogues, JSON {market: [key, ...]} (real data: "
-                                      "this market's source of the shared-key list)")
+    add_rule_arguments(p)
     p.add_argument("--roster-out", help="write the digest of the roster this market pinned here (hex)")
     p.add_argument("--startup-timeout", type=float, default=60.0,
                    help="seconds to wait for the SuperNode's Runtime API (flower local sets it from the number of markets)")
@@ -421,6 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hang-at", help="test fault injection: LABEL:ROUND:STAGE")
     p.add_argument("--hang-marker")
     args = p.parse_args(argv)
+    hang = None
+    if args.hang_at:
+        label, rnd, stage = args.hang_at.split(":")
+        hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
+    try:
+        rules, identity = rules_from_arguments(args)
+        worker = MarketWorker(market=args.market, rules=rules, hang_at=hang, identity=identity,
+                              ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume,
+                              roster_out=Path(args.roster_out) if args.roster_out else None)
+    except FedMMError as e:
+        # Bad input (a key file open to others, a corrupt roster, ...): one line, exit 2.
+        p.exit(2, f"{p.prog}: error: {e}\n")
     import torch
     torch.set_num_threads(1)
     # This process's stdout is the market's log file (``flower local``: flower_logs/worker-M.log):
@@ -431,19 +404,6 @@ def main(argv: list[str] | None = None) -> int:
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     package_log.propagate = False
-    hang = None
-    if args.hang_at:
-        label, rnd, stage = args.hang_at.split(":")
-        hang = HangAt(label=label, round_id=int(rnd), stage=int(stage), marker=Path(args.hang_marker))
-    import json
-    rules = MarketRules(backends=frozenset(args.allow_backend or ("masking", "ckks")),
-                        privacy=json.loads(args.privacy_json) if args.privacy_json else None,
-                        min_cohort=args.min_cohort, colluders=args.colluders,
-                        roster_digest=bytes.fromhex(args.roster_sha256) if args.roster_sha256 else None,
-                        listings=read_listings(Path(args.listings)) if args.listings else None)
-    worker = MarketWorker(market=args.market, rules=rules, hang_at=hang,
-                          ledger_dir=Path(args.ledger_dir) if args.ledger_dir else None, resume=args.resume,
-                          roster_out=Path(args.roster_out) if args.roster_out else None)
     ready = Path(args.ready_file) if args.ready_file else None
     if args.listen:
         host, _, port = args.listen.rpartition(":")

@@ -79,31 +79,7 @@ def test_c_flower_hello_cannot_switch_backend_or_privacy_settings():
         assert all(w._endpoint is None for w in workers.values())
 
 
-def test_b_flower_roster_with_an_extra_market_is_refused_by_a_pinning_market():
-    # The deployment pins the roster digest; an aggregator that adds a market to the roster it
-    # hands out in "start" is refused before the market's pipeline runs.
-    workers = {m: MarketWorker(market=m, rules=DEFAULT) for m in ("m0", "m1", "m2")}
-    pinned = {}
-
-    def meddle(m, kind, payload):
-        if kind != "start":
-            return payload
-        msg = unpack_json(payload)
-        if not pinned:
-            from fedmm_secure.runtime.flower.wire import unb64
-            from fedmm_secure.secagg import Roster
-            honest = Roster({k: unb64(v) for k, v in msg["roster"].items()},
-                            aggregator=unb64(msg["aggregator"]))
-            pinned["digest"] = honest.digest()
-            for w in workers.values():
-                w.rules = dataclasses.replace(w.rules, roster_digest=pinned["digest"])
-        msg["roster"] = dict(msg["roster"], m9=msg["roster"]["m0"])
-        return pack_json(msg)
-
-    links = _Recording(workers, meddle)
-    with pytest.raises(AbortError):
-        _run(links)
-    assert all(k == ["hello", "error"] for k in links.kinds.values())
+# (b) a market added to the roster, a key swapped, a split roster: tests/runtime/flower/test_roster_pinning.py
 
 
 # -- (c) privacy settings: the market trains with its own, whatever the aggregator says ---------

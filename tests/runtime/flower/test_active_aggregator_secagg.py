@@ -376,7 +376,7 @@ def test_shim_passes_an_honest_run_through():
 # -- (b) without a digest obtained in advance: a split roster shows in the markets' records -------
 
 def test_b_flower_split_roster_is_exposed_by_the_markets_pinned_digests(tmp_path):
-    # No market pins a digest in advance (as in `flower local`, where keys are made per run):
+    # No market pins a roster in advance (workers started without --roster or --roster-sha256):
     # each trusts the first roster it is shown. The aggregator shows m1 a roster with a puppet
     # market and the matching federation size. The records the markets keep on their own side
     # disagree, and `same_roster` (what `flower local` checks before it reports) refuses.

@@ -20,7 +20,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fedmm_secure.privacy.ledger import Ledger  # noqa: E402
+from fedmm_secure.privacy.ledger import Ledger, verify_ledger  # noqa: E402
+from fedmm_secure.runtime.flower.keyfiles import read_roster  # noqa: E402
 from fedmm_secure.runtime.flower.processes import pids_with_env  # noqa: E402
 
 CLI = Path(sys.executable).parent / "fedmm-secure"
@@ -136,6 +137,11 @@ def test_interrupted_private_run_resumes_with_its_ledgers(tmp_path, marked_env):
         assert eps > first[m]                                                 # and stay spent
         assert res["privacy"][m]["epsilon"] == pytest.approx(eps, rel=1e-3)  # reported = ledger's
     assert json.loads((out / "config.json").read_text())["privacy"]["epsilon"] == 8.0
+    # Each market signed its ledger with its identity key before and after the resume (the same
+    # keys, from OUT/identity/): every signature verifies against the roster's keys.
+    roster = read_roster(out / "identity" / "roster.json")
+    for m in after:
+        assert verify_ledger(out / "ledgers" / m, public_key=roster.markets[m]).signatures_checked
 
     # A finished run has nothing to resume.
     again = _cli(["--resume", str(out)], env)
