@@ -20,6 +20,7 @@ import hashlib
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..primitives.digest import BulkHasher, bulk_digest
 from ..primitives.keys import SymmetricKey
 from ..primitives.prg import accumulate_masks, keystream_into
 from ..primitives.quantization import make_quantizer
@@ -149,7 +150,9 @@ def _hash_costs(length: int) -> dict[str, Callable[[], object]]:
         return enc.tag
 
     return {"aes_ctr_keystream": lambda: keystream_into(key, buf, zeros=zeros),
-            "sha256": lambda: hashlib.sha256(data).digest(), "gmac": gmac}
+            "blake3": lambda: bulk_digest([data]),    # what signed uploads are hashed with
+            "sha256": lambda: hashlib.sha256(data).digest(),   # what they were hashed with
+            "gmac": gmac}
 
 
 def floor_ratios(n: int = 10, length: int = 1 << 20, *, repeats: int = 5) -> dict:
@@ -189,6 +192,7 @@ def floor_ratios(n: int = 10, length: int = 1 << 20, *, repeats: int = 5) -> dic
         out[f"{who}_over_floor_cpu"] = med(lambda r: r[f"{who}_cpu_s"] / r["floor_cpu_s"])
     for name in hashes:
         out[f"{name}_cpu_ms_per_4d_bytes"] = med(lambda r: r[f"{name}_cpu_s"]) * 1e3
+    out["blake3_over_aes_per_byte"] = med(lambda r: r["blake3_cpu_s"] / r["aes_ctr_keystream_cpu_s"])
     out["sha256_over_aes_per_byte"] = med(lambda r: r["sha256_cpu_s"] / r["aes_ctr_keystream_cpu_s"])
     out["gmac_over_aes_per_byte"] = med(lambda r: r["gmac_cpu_s"] / r["aes_ctr_keystream_cpu_s"])
     out["upload_bytes_per_coordinate"] = rows[0]["masked_upload_bytes"] / length
@@ -201,9 +205,10 @@ def mask_breakdown(n: int, length: int, *, repeats: int = 5) -> dict:
 
     ``accumulate`` is the masking proper (n keystreams added into the encoding, chunked in
     cache), directly comparable to ``keystream_n``; ``accumulate_and_hash`` adds the upload's
-    signature digest computed chunk by chunk in cache, as the client does; ``sha256`` is the same
-    digest taken afterwards from main memory, for comparison; ``quantize`` and ``dequantize``
-    are the rest of a client's per-coordinate work.
+    signature digest (BLAKE3) computed chunk by chunk in cache, as the client does; ``blake3`` is
+    the same digest taken afterwards from main memory, and ``sha256`` the hash signatures used
+    before, for comparison; ``quantize`` and ``dequantize`` are the rest of a client's
+    per-coordinate work.
     """
     buf = bytearray(4 * length + 15)
     zeros = bytes(4 * length)
@@ -218,8 +223,9 @@ def mask_breakdown(n: int, length: int, *, repeats: int = 5) -> dict:
         "accumulate": lambda: accumulate_masks(acc, add=keys[: n // 2 + 1], subtract=keys[n // 2 + 1:]),
         "accumulate_and_hash": lambda: accumulate_masks(
             acc, add=keys[: n // 2 + 1], subtract=keys[n // 2 + 1:],
-            finish_chunk=hashlib.sha256().update),
+            finish_chunk=BulkHasher().update),
         "quantize": lambda: q.quantize(x, out=acc),
+        "blake3": lambda: bulk_digest([payload]),
         "sha256": lambda: hashlib.sha256(payload).digest(),
         "dequantize": lambda: q.dequantize_sum(acc),
     }

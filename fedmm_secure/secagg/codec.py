@@ -16,7 +16,9 @@ from ..errors import ProtocolError
 __all__ = ["Envelope", "encode_envelope", "decode_envelope", "VERSION", "BACKEND_CODES"]
 
 MAGIC = b"FMSA"
-VERSION = 1
+# 2: masking signatures over BLAKE3 digests instead of SHA-256; peers of different versions
+# refuse each other's first message with one clear error instead of an opaque bad signature.
+VERSION = 2
 BACKEND_CODES = {"plain": 1, "masking": 2, "ckks": 3}
 _NAMES = {v: k for k, v in BACKEND_CODES.items()}
 _HEAD = struct.Struct(">4sBBBQ")

@@ -25,7 +25,7 @@ from ..policy import MarketPolicy
 from .wire import (AGGREGATOR, AGREE, BACKEND, DONE, KEY_ID_SIZE, KEYS, NONCE_SIZE, RESULT,
                    SIG_DOMAIN, TAG_KEY_SIZE, TAG_SLOTS, TAG_TOLERANCE, UPLOAD, CkksOptions,
                    MarketBundle, epoch_of, kdf_label, key_holder, nonce_source, normalised, pack,
-                   parse_ascii, parse_roster, roster_entry, session_digest,
+                   parse_ascii, parse_roster, result_digest, roster_entry, session_digest,
                    session_with_nonces, signed, tags, u64, unpack, unpack_map, verify)
 
 __all__ = ["CkksClient", "CkksMarket"]
@@ -72,7 +72,7 @@ class CkksClient(ClientRound):
         if self._stage == UPLOAD:
             return self._upload(rest)
         if self._stage == RESULT:
-            return self._finish(rest, hashlib.sha256(message).digest())
+            return self._finish(rest, result_digest(message))
         return self._agree(rest)
 
     def _sign(self, stage: int, *fields: bytes) -> bytes:

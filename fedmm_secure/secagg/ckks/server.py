@@ -14,7 +14,7 @@ from ..base import AggregatorEndpoint, RoundContext, Roster, ServerRound
 from ..codec import decode_envelope, expect
 from .wire import (AGGREGATOR, AGREE, BACKEND, DONE, KEY_ID_SIZE, KEYS, NONCE_SIZE, RESULT,
                    TAG_SLOTS, UPLOAD, CkksOptions, MarketBundle, epoch_of, key_holder, pack,
-                   pack_map, parse_ascii, parse_roster, roster_entry, session_digest,
+                   pack_map, parse_ascii, parse_roster, result_digest, roster_entry, session_digest,
                    session_with_nonces, signed, u64, unpack, verify)
 
 __all__ = ["CkksServer", "CkksAggregatorEndpoint"]
@@ -132,7 +132,7 @@ class CkksServer(ServerRound):
                                  scale_bits=self._scale_bits)
         msg = self._send(RESULT, self._session, pack(self._key_id, ",".join(got).encode(), total))
         self._survivors, self._stage = tuple(got), RESULT
-        self._digest = hashlib.sha256(msg).digest()
+        self._digest = result_digest(msg)
         return {m: msg for m in got}
 
     def _agree(self, replies: Mapping[str, bytes]) -> dict[str, bytes]:

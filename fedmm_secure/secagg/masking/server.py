@@ -12,13 +12,13 @@ removed, the sum decoded and the RESULT hashed for its signature in one more chu
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ...errors import AbortError, ProtocolError
+from ...primitives.digest import BulkHasher
 from ...primitives.keys import (SIGNATURE_SIZE, AgreementPrivateKey, AgreementPublicKey,
                                 IdentityPrivateKey, IdentityPublicKey, SymmetricKey)
 from ...primitives.prg import accumulate_masks
@@ -340,7 +340,7 @@ class MaskingServer(ServerRound):
         # The vector is the last section: everything before it, its length prefix included.
         prefix = pack_sections(pack_ids(u3), pack_ids(u5)) + struct.pack(">I", 4 * n)
         head = signed_head(self._ctx, RESULT, SERVER, len(prefix) + 4 * n)
-        h = hashlib.sha256(head + self._session + prefix)
+        h = BulkHasher(head + self._session + prefix)
         decoded = np.empty(n, dtype=np.float64)
         done = 0
 
