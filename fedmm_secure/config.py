@@ -85,7 +85,11 @@ class ModelConfig:
     share_ctr_mlp: bool = True       # FedMM: average the CTR interaction MLP across markets
     share_autoencoder: bool = True   # FedMM: average RQ-VAE encoder/decoder across markets
     shared_bound: float = 2.0    # clip bound of every shared parameter coordinate (sizes the ring)
-    calibrate: bool = True       # report LogLoss of the CTR logits Platt-scaled on the market's validation rows
+    calibrate: bool = True       # serve (and report LogLoss of) CTR logits Platt-scaled on the market's validation rows
+    # Keep the best CTR model seen (local or averaged, any round) by the market's validation rows;
+    # false: serve the final model. Both read validation rows: under DP each is a noisy, accounted
+    # release (fedmm_secure/privacy/validation.py).
+    select_by_validation: bool = True
     # "joint": one DP-trained CTR model per market, codes and sharing are its post-processing
     # (federation/fedmm/joint.py); "staged": the CF -> RQ-VAE -> CTR stages, two DP stages.
     design: str = "joint"
@@ -108,8 +112,9 @@ class ModelConfig:
             raise ConfigError("model.ctr_model", f"must be a registered CTR model name, got {self.ctr_model!r}")
         if self.max_steps_per_epoch is not None:
             _positive("model.max_steps_per_epoch", self.max_steps_per_epoch, integer=True)
-        if not isinstance(self.calibrate, bool):
-            raise ConfigError("model.calibrate", f"must be true or false, got {self.calibrate!r}")
+        for f in ("calibrate", "select_by_validation"):
+            if not isinstance(getattr(self, f), bool):
+                raise ConfigError(f"model.{f}", f"must be true or false, got {getattr(self, f)!r}")
         if not 0 <= self.codebook_decay < 1:
             raise ConfigError("model.codebook_decay", f"must be in [0, 1), got {self.codebook_decay!r}")
         if not self.ctr_hidden or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.ctr_hidden):

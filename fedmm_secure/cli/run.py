@@ -156,7 +156,8 @@ def command(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     priv = results.get("privacy")
     if priv:
-        order = "CTR rounds only" if cfg.model.design == "joint" else "CF rounds, then CTR rounds"
+        order = "CTR rounds" if cfg.model.design == "joint" else "CF rounds, then CTR rounds"
+        order += ", each market's validation releases (model selection, calibration) in rounds of their own"
         print(f"epsilon after each ledger round (fedmm: {order}):")
         for m, v in priv.items():
             print(f"  {m}: " + " ".join(f"{e:.2f}" for e in v["epsilon_per_round"]))

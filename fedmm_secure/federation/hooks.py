@@ -11,17 +11,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..privacy.validation import EXACT, ValidationAccess
+
 __all__ = ["RoundHooks"]
 
 
 class RoundHooks:
     """Called around every raw-data federated round; the privacy session overrides both.
 
+    ``validation_accounted``: validation reads are noisy releases paid from the run's budget
+    (the privacy session), so the FedMM stages compare fewer candidates (see
+    :mod:`~fedmm_secure.federation.fedmm.selection`).
+
     ``before_round`` returns the markets allowed to train this round (a market over its budget
     skips training but still takes part in the secure sum with its unchanged, already-private
     parameters); ``before_release`` runs after local training and before anything leaves the
     markets: the ledger is written there, so a crash never under-counts spent epsilon.
     """
+
+    validation_accounted: bool = False
 
     def before_round(self, stage: str, rnd: int, markets: Sequence[str]) -> set[str]:
         return set(markets)
@@ -38,3 +46,9 @@ class RoundHooks:
                        bounds: np.ndarray) -> np.ndarray:
         """Market-side noise on an upload (distributed DP on the sum); identity by default."""
         return vector
+
+    def validation_access(self, market: str, purpose: str, releases: int = 1) -> ValidationAccess:
+        """How ``market`` may read its validation rows for ``releases`` releases (a model
+        comparison, a calibration step): exactly in a non-private run; the privacy session
+        accounts them and hands out Gaussian noise. Call only between rounds."""
+        return EXACT

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DataError
 
-__all__ = ["PlattScaling", "fit_platt", "binary_logloss", "calibrate_metrics"]
+__all__ = ["PlattScaling", "fit_platt", "binary_logloss", "calibrate_metrics", "served_metrics"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,14 @@ def calibrate_metrics(metrics: dict, *, valid_logits: np.ndarray, valid_labels: 
     becomes the calibrated test LogLoss, the raw one moves to ``logloss_uncalibrated``, the map
     goes to ``platt``; every other entry (AUC, ranking metrics: unchanged by a monotone map)
     stays. Returns a new dict."""
-    platt = fit_platt(valid_logits, valid_labels)
+    return served_metrics(metrics, fit_platt(valid_logits, valid_labels), test_logits=test_logits,
+                          test_labels=test_labels)
+
+
+def served_metrics(metrics: dict, platt: PlattScaling, *, test_logits: np.ndarray, test_labels: np.ndarray) -> dict:
+    """``metrics`` of a model served through ``platt`` (already fitted): ``logloss`` becomes the
+    calibrated test LogLoss, the raw one moves to ``logloss_uncalibrated``, the map goes to
+    ``platt``. Returns a new dict."""
     out = dict(metrics)
     out["logloss_uncalibrated"] = metrics["logloss"]
     out["logloss"] = binary_logloss(test_labels, platt.logits(test_logits))

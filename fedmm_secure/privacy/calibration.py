@@ -7,6 +7,7 @@ by the budget check for the planned number of steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from ..errors import ConfigError
 from .accountant import check_delta, make_accountant
@@ -24,11 +25,14 @@ def calibrate_noise_multiplier(
     accountant: str = "pld",
     unit: str = "record",
     tolerance: float = 0.01,
+    fixed_events: Sequence[SubsampledGaussianEvent] = (),
 ) -> float:
     """Smallest sigma (within ``tolerance`` relative) with epsilon(sigma) <= ``target_epsilon``.
 
     Bisection on sigma: epsilon is decreasing in the noise multiplier. The returned sigma is
     the upper end of the final bracket, so its epsilon is guaranteed <= target.
+    ``fixed_events``: other releases of the same run (e.g. noisy validation scores) composed
+    with the calibrated event; the target then covers all of them.
     """
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) \
             or not math.isfinite(target_epsilon) or target_epsilon <= 0:
@@ -39,12 +43,15 @@ def calibrate_noise_multiplier(
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError("steps", f"must be an int >= 1, got {steps!r}")
     SubsampledGaussianEvent(sample_rate, 1.0, steps, unit)  # validates the rest
+    fixed = list(fixed_events)
+    if any(not isinstance(e, SubsampledGaussianEvent) or e.unit != unit for e in fixed):
+        raise ConfigError("fixed_events", f"must be SubsampledGaussianEvents of unit {unit!r}")
 
     # One accountant for every probe: its grids and spectra are reused across sigmas.
     acc = make_accountant(accountant)
 
     def eps_of(sigma: float) -> float:
-        return acc.predict_epsilon([SubsampledGaussianEvent(sample_rate, sigma, steps, unit)], delta)
+        return acc.predict_epsilon([SubsampledGaussianEvent(sample_rate, sigma, steps, unit), *fixed], delta)
 
     # Bracket by steps of 1.5x from sigma = 1 (no wild probes: tiny sigmas are costly to
     # account and irrelevant), then bisect.

@@ -8,7 +8,14 @@ The session is the federation's ``TrainerFactory`` (every raw-data training loop
   that would exceed its budget skips the round (``on_exceed="skip"``) or the run stops
   (``"stop"``); the decision goes to the ledger;
 * ``before_release``: the round's DP events and the resulting epsilon per market are written
-  and committed to the ledger *before* anything trained in the round leaves the markets.
+  and committed to the ledger *before* anything trained in the round leaves the markets;
+* ``validation_access``: one release computed from a market's validation rows (a noisy model
+  comparison or a Platt step, :mod:`.validation`) gets its own ledger round for that market,
+  budget decision and event written before the noise is handed out.
+
+The number of validation releases per market is planned up front: they get the noise multiplier
+that would spend ``VALIDATION_SHARE`` of the target on its own, and the DP-SGD noise is calibrated
+so that training and validation releases together compose to the target.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from .events import SubsampledGaussianEvent
 from .ledger import Ledger
 from .randomness import RANDOMNESS, RandomSource, SecureRandom
 from .sampling import PoissonRecordSampler, PoissonUserSampler, capped_sample_rate
+from .validation import VALIDATION_SHARE, ValidationAccess
 
 __all__ = ["MarketPlan", "PrivacySession", "plan_markets"]
 
@@ -76,13 +84,17 @@ def plan_markets(*, unit: str, batch_size: int, epochs: Mapping[str, int], round
 
 
 class PrivacySession:
+    # Validation reads are accounted releases (RoundHooks.validation_accounted).
+    validation_accounted = True
+
     def __init__(self, *, unit: str, delta: float, max_grad_norm: float, plans: Mapping[str, MarketPlan],
                  noise_multiplier: float | None, target_epsilon: float | None, accountant: str,
                  policy: BudgetPolicy | None, ledger: Ledger | None, ledger_round_offset: int = 0,
                  prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
                  randomness: str, noise_seed: int | None = None, market_noise_multiplier: float | None = None,
                  upload_rng: np.random.Generator | None = None, federation_size: int | None = None,
-                 interactions: Mapping[str, np.ndarray] | None = None) -> None:
+                 interactions: Mapping[str, np.ndarray] | None = None,
+                 validation_releases: Mapping[str, int] | None = None) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("privacy.noise_multiplier", "give exactly one of a noise multiplier or a target epsilon")
         self.unit, self.delta, self.max_grad_norm = unit, delta, max_grad_norm
@@ -107,12 +119,32 @@ class PrivacySession:
         # Calibrated for the planned steps as one event; the run composes them round by round,
         # and the discretised accountant's answer depends slightly on that history (~0.3%), so
         # aim 1% low: the reported epsilon must never end above the asked-for target.
-        self.noise_multipliers = {
-            m: (float(noise_multiplier) if noise_multiplier is not None else calibrate_noise_multiplier(
+        # Validation releases (full-batch Gaussian mechanisms, q = 1) are part of the target:
+        # their noise is fixed first (they alone would spend VALIDATION_SHARE of it), then the
+        # DP-SGD noise is calibrated for training composed with them.
+        self.validation_releases = {m: int(k) for m, k in (validation_releases or {}).items() if k}
+        self.validation_noise_multipliers: dict[str, float] = {}
+        self.noise_multipliers: dict[str, float] = {}
+        for m, p in plans.items():
+            k = self.validation_releases.get(m, 0)
+            if noise_multiplier is not None:
+                self.noise_multipliers[m] = float(noise_multiplier)
+                if k:
+                    spent = make_accountant(accountant).predict_epsilon(
+                        [SubsampledGaussianEvent(p.sample_rate, float(noise_multiplier), p.total_steps, unit)], delta)
+                    self.validation_noise_multipliers[m] = calibrate_noise_multiplier(
+                        target_epsilon=VALIDATION_SHARE * spent, delta=delta, sample_rate=1.0, steps=k,
+                        accountant=accountant, unit=unit)
+                continue
+            fixed = []
+            if k:
+                sv = calibrate_noise_multiplier(target_epsilon=VALIDATION_SHARE * 0.99 * target_epsilon, delta=delta,
+                                                sample_rate=1.0, steps=k, accountant=accountant, unit=unit)
+                self.validation_noise_multipliers[m] = sv
+                fixed = [SubsampledGaussianEvent(1.0, sv, k, unit)]
+            self.noise_multipliers[m] = calibrate_noise_multiplier(
                 target_epsilon=0.99 * target_epsilon, delta=delta, sample_rate=p.sample_rate, steps=p.total_steps,
-                accountant=accountant, unit=unit))
-            for m, p in plans.items()
-        }
+                accountant=accountant, unit=unit, fixed_events=fixed)
         # Market-level protection: each market adds a share of Gaussian noise to every upload so
         # the *sum* is DP with respect to one market's whole contribution (sensitivity: the L2
         # norm of the public bound vector, add/remove one market). Shares are sized so that the
@@ -127,6 +159,7 @@ class PrivacySession:
         self._honest = max(1, n - n // 3)
         self.market_accountant = make_accountant(accountant) if market_noise_multiplier is not None else None
         self._noised: set[tuple[str, int]] = set()
+        self.validation_used: dict[str, int] = defaultdict(int)
         self.epsilon_per_round: dict[str, list[float]] = defaultdict(list)
         self.skipped: dict[str, list[dict]] = defaultdict(list)
         self._pending: dict[str, int] = defaultdict(int)
@@ -228,6 +261,71 @@ class PrivacySession:
             self.ledger.commit_round(rid)
         self._round += 1
 
+    def validation_access(self, market: str, purpose: str, releases: int = 1) -> ValidationAccess:
+        """Grant ``releases`` Gaussian releases computed from ``market``'s validation rows.
+
+        Opens and commits a ledger round of its own for ``market`` (call it when no training round
+        is open): the budget decision, then the event and the epsilon after it, all durable before
+        the caller draws the noise. A release the budget refuses comes back ``"refused"`` (the
+        caller decides without reading the rows), as does one the session did not plan (no
+        ledger round then: nothing is read or spent); with ``on_exceed="stop"`` the run stops.
+        """
+        sigma = self.validation_noise_multipliers.get(market)
+        if sigma is None:
+            # Nothing was planned (a session built without validation releases): reading the rows
+            # would be unaccounted, so the caller decides without them; nothing is spent.
+            return ValidationAccess("refused", reason="no validation releases planned", unit=self.unit)
+        if self.validation_used[market] + releases > self.validation_releases[market]:
+            # The target was split for the planned count: more would exceed it unnoticed without
+            # a budget policy.
+            raise BudgetExceededError(f"market {market!r}: validation release beyond the "
+                                      f"{self.validation_releases[market]} planned for this run")
+        event = SubsampledGaussianEvent(1.0, sigma, releases, self.unit)
+        rid = self._round
+        self._round += 1
+        self.round_stages[rid] = purpose
+        led = self.ledger
+        if led is not None:
+            led.record_round_start(rid, [market])
+        allowed, reason = True, ""
+        if self.policy is not None:
+            try:
+                decision = self.policy.decide(self.accountants[market], [event], market=market)
+            except BudgetExceededError as e:
+                if led is not None:
+                    led.record_decision(market, rid, e.decision)
+                    led.skip_round(rid, e.decision.reason)
+                raise
+            if led is not None:
+                led.record_decision(market, rid, decision)
+            allowed, reason = decision.allowed, decision.reason
+        if allowed:
+            if led is not None:
+                led.record_event(market, rid, event)
+            self.accountants[market].compose(event)
+            self.validation_used[market] += releases
+        else:
+            self.skipped[market].append({"round": rid, "stage": purpose, "reason": reason})
+            log.warning("round %d (%s): market %s refused by its budget: %s", rid, purpose, market, reason)
+            if led is not None:
+                led.record_skip(market, rid, reason)
+        eps = self.accountants[market].get_epsilon(self.delta)
+        self.epsilon_per_round[market].append(eps)
+        if led is not None:
+            led.record_epsilon(market, rid, eps, self.delta, self.accountant_name,
+                               certified=self.accountants[market].certified)
+            led.commit_round(rid)
+        if not allowed:
+            return ValidationAccess("refused", reason=reason, unit=self.unit)
+        return ValidationAccess("private", sigma, self._validation_source(market, rid), unit=self.unit)
+
+    def _validation_source(self, market: str, rid: int):
+        if self.randomness == "secure":
+            return SecureRandom()
+        # Reproducible (NOT private) runs: a stream fixed by the noise seed, market and round.
+        digest = sum(ord(c) * 31 ** i for i, c in enumerate(market)) % (2**31)
+        return torch.Generator().manual_seed((self._noise_seed * 1_000_003 + digest * 7_919 + rid) % (2**62))
+
     # -- market-level noise on uploads ---------------------------------------------------------------
     def _share_std(self, bounds: np.ndarray) -> float:
         return self.market_noise_multiplier * float(np.linalg.norm(bounds)) / math.sqrt(self._honest)
@@ -269,6 +367,9 @@ class PrivacySession:
                 "certified": rep.certified,
                 "bound": rep.bound,
                 "noise_multiplier": self.noise_multipliers[m],
+                "validation": {"releases_planned": self.validation_releases.get(m, 0),
+                               "releases_used": self.validation_used.get(m, 0),
+                               "noise_multiplier": self.validation_noise_multipliers.get(m)},
                 "max_grad_norm": self.max_grad_norm,
                 "sample_rate": self.plans[m].sample_rate,
                 "steps": acc.steps,

@@ -32,6 +32,15 @@ ACCOUNTED_STEPS = (
     ("CTR model (joint design: the only raw-data stage; staged design: stage 3)",
      "reads raw clicks: DP-SGD, one event per market per round"),
     ("CF embeddings (staged design only, stage 1)", "reads raw clicks: DP-SGD, one event per market per round"),
+    ("CTR model selection on validation rows (stage CTR-SELECT; off with model.select_by_validation: false)",
+     "reads validation rows: one Gaussian release of a Brier-score difference per comparison (q = 1), "
+     "one ledger round per market and comparison"),
+    ("Platt calibration of the served CTR logits on validation rows (stage CALIBRATE; off with model.calibrate: false)",
+     "reads validation rows: noisy Newton steps, one Gaussian release each (q = 1), one ledger round per market"),
+    ("PF-MSMTrec alpha choice and checkpoint selection on validation rows (stages PF-ALPHA, PF-SELECT; "
+     "calibration: CALIBRATE-CTR, CALIBRATE-CTCVR)",
+     "reads validation rows: one Gaussian release of a Brier score per grid value (q = 1), one for "
+     "the final round's checkpoint comparison"),
 )
 POST_PROCESSING_STEPS = (
     ("RQ-VAE training on item embeddings (stage 2)", "inputs are the DP-trained CF embeddings"),

@@ -34,7 +34,7 @@ from ..privacy.accountant import make_accountant
 from ..privacy.events import SubsampledGaussianEvent
 from ..privacy.ledger import Ledger
 from ..reports.run_report import write_json_atomic
-from .audit_targets import load_run
+from .audit_targets import AuditedRun, load_run
 
 __all__ = ["GradientAuditSettings", "mechanisms_from_config", "mechanisms_from_run", "gradient_audit",
            "gradient_markdown", "write_gradient_audit", "load_mechanisms", "violations", "QUICK_CANARIES",
@@ -80,6 +80,14 @@ def mechanisms_from_config(cfg: RunConfig, *, unit: str | None = None) -> dict[s
             for m, p in session.plans.items()}
 
 
+def _validation_release(event: SubsampledGaussianEvent, run: AuditedRun, market: str) -> bool:
+    """Is ``event`` one of the run's releases from validation rows (results.json names their
+    noise multiplier per market)?"""
+    priv = run.results.get("privacy") or {}
+    valid = (priv.get(market) or {}).get("validation") or {}
+    return event.sample_rate == 1 and event.noise_multiplier == valid.get("noise_multiplier")
+
+
 def mechanisms_from_run(run_dir: Path) -> dict[str, DPSGDMechanism]:
     """Per market, the mechanism a finished run's ledger recorded (one rate and multiplier)."""
     run = load_run(run_dir)
@@ -90,7 +98,9 @@ def mechanisms_from_run(run_dir: Path) -> dict[str, DPSGDMechanism]:
     try:
         out = {}
         for m in ledger.markets():
-            events = ledger.events_for(m, committed_only=True)
+            # DP-SGD's events only: the full-batch releases from validation rows (model selection,
+            # calibration: q = 1 at their own noise multiplier) are a different mechanism.
+            events = [e for e in ledger.events_for(m, committed_only=True) if not _validation_release(e, run, m)]
             kinds = {(e.sample_rate, e.noise_multiplier, e.unit) for e in events}
             if not events:
                 continue

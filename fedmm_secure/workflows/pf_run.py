@@ -25,7 +25,8 @@ from ..data.loaders import load_data
 from ..data.market import MarketData
 from ..data.synthetic_scenarios import ScenarioConfig, ScenarioSpec, generate_scenarios
 from ..errors import ConfigError
-from ..federation.pf_msmtrec.driver import run_pf_method
+from ..federation.pf_msmtrec.client import make_client
+from ..federation.pf_msmtrec.driver import run_pf_method, validation_releases
 from ..federation.pf_msmtrec.settings import METHODS, STAGE, PFSettings
 from ..privacy.run_ledgers import RunLedgers
 from ..reports.run_report import write_json_atomic
@@ -94,7 +95,9 @@ def _methods(cfg: RunConfig, from_pf: tuple[str, ...] | None) -> tuple[str, ...]
 
 
 def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketData], *, ledger, method_index: int,
-                     resume_offset: int = 0, prior_events=None):
+                     method: str, resume_offset: int = 0, prior_events=None):
+    import torch
+
     from ..privacy.budget import BudgetPolicy
     from ..privacy.session import PrivacySession, plan_markets
 
@@ -112,7 +115,13 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
                           accountant=p.accountant, policy=policy, ledger=ledger, ledger_round_offset=resume_offset,
                           prior_events=prior_events, randomness=p.randomness,
                           interactions={m.name: m.train.interaction_ids() for m in markets},
-                          noise_seed=cfg.seed * 7_919 + 1_000 + method_index)
+                          noise_seed=cfg.seed * 7_919 + 1_000 + method_index,
+                          # Alpha choices and Platt fits on validation rows: planned with training,
+                          # the target covers both. A throwaway client gives the block layout.
+                          validation_releases={m.name: validation_releases(
+                              method, settings, cfg.rounds,
+                              make_client(markets[0], settings, METHODS[method], weight=1.0,
+                                          generator=torch.Generator().manual_seed(0))) for m in markets})
 
 
 def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
@@ -173,7 +182,7 @@ def run_pf_experiment(cfg: RunConfig, *, out_dir: Path,
             session = None
             if ledgers is not None:   # ledgers exist iff the run is private
                 slot = ledgers.begin(method)
-                session = _privacy_session(cfg, settings, markets, ledger=slot.ledger, method_index=i,
+                session = _privacy_session(cfg, settings, markets, ledger=slot.ledger, method_index=i, method=method,
                                            resume_offset=slot.resume_offset, prior_events=slot.prior_events)
                 kwargs = {"trainers": session, "hooks": session}
             out = run_pf_method(method, markets, settings, rounds=cfg.rounds, seed=cfg.seed, secure_sum=secure_sum,

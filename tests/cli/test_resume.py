@@ -137,7 +137,13 @@ def test_pf_msmtrec_run_that_crashed_mid_round_resumes_from_its_ledger(tmp_path,
         before = {m: r.epsilon for m, r in led.spent().items()}
         state = led.resume_state()
         n_events = {m: len(led.events_for(m)) for m in led.markets()}
-    assert state.next_round == 2 and set(before) == {"a", "b"}
+    # Before the crash: round 0's training, its 3 alpha choices per scenario (experts, two
+    # towers; validation releases, a ledger round of their own per scenario), round 1's training.
+    assert state.next_round == 1 + 3 * 2 + 1 and set(before) == {"a", "b"}
+    assert all(n == 1 + 3 + 1 for n in n_events.values())
+    # A whole run, per scenario: 2 training rounds, 2 x 3 alpha choices, the final checkpoint
+    # comparison and one Platt fit per task.
+    whole = 2 + 2 * 3 + 1 + 2
 
     assert main(["run", "--resume", str(out), "--quiet"]) == 0
     capsys.readouterr()
@@ -145,8 +151,8 @@ def test_pf_msmtrec_run_that_crashed_mid_round_resumes_from_its_ledger(tmp_path,
     with Ledger.open(out) as led:
         rounds = [r.round for r in led.rounds()]
         after = {m: r.epsilon for m, r in led.spent().items()}
-        assert all(len(led.events_for(m)) == 2 * n_events[m] for m in after)   # 2 rounds, then 2 more
-    assert rounds == [0, 1, 2, 3]
+        assert all(len(led.events_for(m)) == n_events[m] + whole for m in after)   # the crashed part, then a run
+    assert rounds == list(range(state.next_round + 2 + 2 * (whole - 2)))
     for m, eps in after.items():
         assert eps > before[m]
         assert res["privacy"][m]["epsilon"] == pytest.approx(eps, rel=1e-3)

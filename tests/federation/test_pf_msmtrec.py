@@ -349,7 +349,11 @@ def test_private_masked_run_reports_every_scenario_and_task(tmp_path, monkeypatc
     assert set(on_disk["summary"]["pf_msmtrec"]) >= {"mean_ctcvr_auc", "mean_ctr_auc"}
     assert on_disk["secagg"]["backend"] == "masking" and on_disk["secagg"]["secure"]
     for m, p in on_disk["privacy"].items():
-        assert 0 < p["epsilon"] <= 8.0 * 1.01 and len(p["epsilon_per_round"]) == 2
+        # 2 training rounds; then per round 3 alpha choices (experts, two towers), the final
+        # round's checkpoint comparison and one Platt fit per task: each a ledger round of this
+        # scenario's validation releases.
+        assert 0 < p["epsilon"] <= 8.0 * 1.01 and len(p["epsilon_per_round"]) == 2 + 2 * 3 + 1 + 2
+        assert p["validation"]["releases_used"] == 2 * 3 * len(PFSettings().alpha_grid) + 1 + 2 * 3
     assert (tmp_path / "ledger.sqlite").exists() and "CTCVR" in (tmp_path / "report.md").read_text()
     # No clipping norm configured: the family default is used and written out explicitly.
     assert on_disk["config"]["privacy"]["max_grad_norm"] == DEFAULT_MAX_GRAD_NORM["pf-msmtrec"] == 2.0

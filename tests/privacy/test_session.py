@@ -142,8 +142,14 @@ def test_one_budget_fedmm_spends_what_local_spends_recomputed_independently(mark
             plan, acc = session.plans[m.name], make_accountant("pld")
             acc.compose(SubsampledGaussianEvent(plan.sample_rate, session.noise_multipliers[m.name],
                                                 plan.total_steps, "record"))
+            # The validation releases (selection, calibration) are on the same books.
+            used = session.validation_used[m.name]
+            assert used == session.validation_releases[m.name] > 0
+            acc.compose(SubsampledGaussianEvent(1.0, session.validation_noise_multipliers[m.name], used, "record"))
             eps = session.accountants[m.name].get_epsilon(1e-5)
             assert eps == pytest.approx(acc.get_epsilon(1e-5), rel=0.01)
             assert eps <= 3.0
             spent[method][m.name] = eps
-    assert spent["fedmm"] == pytest.approx(spent["local"], rel=1e-9)
+    # Both calibrated to the same target (FedMM compares more candidates: its DP-SGD noise is a
+    # little larger), so both end just under it.
+    assert spent["fedmm"] == pytest.approx(spent["local"], rel=0.01)

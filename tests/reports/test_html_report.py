@@ -101,20 +101,27 @@ def test_round_rows_are_the_ledgers(budgeted_run):
         eps = {(r.round, r.market): r.epsilon for r in led.epsilons()}
         refused = {(d.round, d.market) for d in led.decisions() if not d.allowed}
         steps: dict[tuple[int, str], int] = {}
+        full_batch = set()   # validation releases (model selection, calibration): q = 1
         for e in led.event_records():
             steps[(e.round, e.market)] = steps.get((e.round, e.market), 0) + e.event.steps
+            if e.event.sample_rate == 1:
+                full_batch.add(e.round)
     # method, market, round, stage, status, q, sigma, steps, unit, epsilon after, decision, refusal
     seen = {(int(c[2]), c[1]): (cls, c) for cls, c in rows if c[0] == "fedmm"}
     assert {c[0] for _, c in rows} == {"fedmm", "local"}   # the baseline's ledger rounds are shown too
     assert set(seen) == set(eps)
     assert refused, "the budget was meant to refuse some CTR rounds"
+    training = sorted({r for r, _ in eps} - full_batch)
     for key, (cls, cells) in seen.items():
-        assert cells[3] == ("CF" if key[0] < ROUNDS else "CTR")
+        if key[0] in full_batch:
+            assert cells[3] == ("CALIBRATE" if cells[7] == "3" else "CTR-SELECT") and cells[5] == "1"
+        else:
+            assert cells[3] == ("CF" if training.index(key[0]) < ROUNDS else "CTR")
         assert cells[9] == f"{eps[key]:.4f}"
         assert cells[7] == str(steps.get(key, 0))
         assert ("REFUSED" in cells[10]) == (key in refused) == ("refused" in cls.split())
         if key not in refused:
-            assert cells[8] == "record" and cells[6] == "1"
+            assert cells[8] == "record" and (cells[6] == "1") == (key[0] not in full_batch)
     # The JSON twin holds the same rows, unformatted.
     data = json.loads((budgeted_run / "privacy_report.json").read_text())
     mine = [r for r in data["rounds"] if r["method"] == "fedmm"]

@@ -67,9 +67,11 @@ def test_audited_mechanism_is_the_runs_ctr_stage(dp_run):
                             run.config.model.ctr_lr, run.config.model.batch_size, p["noise_multiplier"],
                             p["max_grad_norm"])
         # The run's ledgered steps are exactly the audited CTR stage's (joint design: the CTR
-        # model is the only raw-data stage), plus the CF stage's in the staged design.
+        # model is the only raw-data stage), plus the CF stage's in the staged design, plus the
+        # full-batch releases from validation rows (model selection, calibration), audited apart.
         cf = run.config.rounds * run.config.model.cf_epochs * steps_per_epoch if run.config.model.design == "staged" else 0
-        assert p["steps"] == mech.steps + cf
+        assert p["validation"]["releases_used"] > 0
+        assert p["steps"] == mech.steps + cf + p["validation"]["releases_used"]
         assert t.accountant_epsilon == pytest.approx(ctr_stage_epsilon(mech, delta=1e-5))
         assert f"sigma={p['noise_multiplier']:.4g}" in t.description
 

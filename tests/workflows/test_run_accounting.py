@@ -54,6 +54,7 @@ def spied_run(tmp_path_factory) -> tuple[Path, dict, Counter, set]:
     plain: set[str] = set()
     mp = pytest.MonkeyPatch()
     real_run, real_event, real_plain = fedmm_run.run_method, PrivacySession._on_event, training.PlainTrainer.train_epochs
+    real_valid = PrivacySession.validation_access
 
     def run_method(method, *a, **k):
         current.append(method)
@@ -63,12 +64,19 @@ def spied_run(tmp_path_factory) -> tuple[Path, dict, Counter, set]:
         dp_steps[(current[-1], market)] += event.steps
         return real_event(self, market, event)
 
+    def validation_access(self, market, purpose, releases=1):
+        access = real_valid(self, market, purpose, releases)
+        if access.mode == "private":   # releases from validation rows (selection, calibration)
+            dp_steps[(current[-1], market, "valid")] += releases
+        return access
+
     def plain_epochs(self, epochs):
         plain.add(current[-1])
         return real_plain(self, epochs)
 
     mp.setattr(fedmm_run, "run_method", run_method)
     mp.setattr(PrivacySession, "_on_event", on_event)
+    mp.setattr(PrivacySession, "validation_access", validation_access)
     mp.setattr(training.PlainTrainer, "train_epochs", plain_epochs)
     try:
         results = fedmm_run.run_experiment(cfg, out_dir=out)
@@ -91,11 +99,14 @@ def test_no_method_trains_on_raw_rows_without_its_events_reaching_a_ledger(spied
         with Ledger.open(run / entry["ledger"]) as led:
             assert led.method == method
         for market in ("big", "small"):
-            taken = dp_steps[(method, market)]
+            taken, valid = dp_steps[(method, market)], dp_steps[(method, market, "valid")]
             assert taken > 0, f"{method} took no DP step on {market}"
-            assert sum(e.steps for e in events.get(market, [])) == taken, \
+            assert valid > 0, f"{method} selected or calibrated on {market} without a private release"
+            assert sum(e.steps for e in events.get(market, []) if e.sample_rate < 1) == taken, \
                 f"{method}: DP steps on {market} missing from its ledger"
-    for (method, _), steps in dp_steps.items():
+            assert sum(e.steps for e in events.get(market, []) if e.sample_rate == 1) == valid, \
+                f"{method}: validation releases on {market} missing from its ledger"
+    for (method, *_), steps in dp_steps.items():
         assert method in DP_METHODS and steps > 0
     for method in NON_PRIVATE_METHODS & set(METHODS):
         assert acct["methods"][method]["dp"] is False
@@ -237,3 +248,40 @@ def test_a_pf_msmtrec_run_accounts_every_method_too(tmp_path, capsys):
     capsys.readouterr()
     assert main(["budget", "check", str(out), "--max-epsilon", "1000"]) == 0
     assert "checked: the TOTAL" in capsys.readouterr().out
+
+
+def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(tmp_path):
+    # A run calibrated to a target: DP-SGD, every model comparison and the Platt fit all compose
+    # to at most the target on each market's ledger. Recomputed independently: the validation
+    # releases (q = 1) as plain Gaussian mechanisms, the training steps as Poisson-subsampled ones.
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from fedmm_secure.federation.fedmm.privacy import validation_releases
+
+    privacy = {"enabled": True, "epsilon": 3.0, "delta": 1e-5}
+    cfg = config_from_dict(dict(TINY, methods=["fedmm"], privacy=privacy))
+    results = fedmm_run.run_experiment(cfg, out_dir=tmp_path / "run")
+    events = _ledger_events(tmp_path / "run", "ledger.sqlite")
+    for market in ("big", "small"):
+        train = [e for e in events[market] if e.sample_rate < 1]
+        valid = [e for e in events[market] if e.sample_rate == 1]
+        assert sum(e.steps for e in valid) == validation_releases(cfg, "fedmm") == 1 + 3
+        ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        for e in train:
+            ref.compose(dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)),
+                        e.steps)
+        for e in valid:
+            ref.compose(dp_event.GaussianDpEvent(e.noise_multiplier), e.steps)
+        expected = float(ref.get_epsilon(1e-5))
+        reported = results["privacy"][market]["epsilon"]
+        assert expected * (1 - 1e-3) <= reported <= expected * 1.01, (market, reported, expected)
+        assert 0.95 * 3.0 < reported <= 3.0
+        # Without the validation releases the same training noise would spend visibly less: they
+        # are not free, and the calibration paid for them.
+        ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+        for e in train:
+            ref.compose(dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)),
+                        e.steps)
+        assert float(ref.get_epsilon(1e-5)) < 0.99 * reported
+    assert verify_run(tmp_path / "run").ok

@@ -17,6 +17,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from ...config import ModelConfig
 from ...data.market import MarketData, MarketSplit
 from ...errors import ConfigError
+from ...privacy.validation import ValidationAccess
 from ..catalogue import PublicCatalogue
 from ..hooks import RoundHooks
 from ..training import TrainerFactory, plain_trainers
@@ -58,6 +59,13 @@ class _SharedHooks(RoundHooks):
 
     def upload_bounds(self, label: str, bounds: np.ndarray) -> np.ndarray:
         return self.inner.upload_bounds(label, bounds)
+
+    def validation_access(self, market: str, purpose: str, releases: int = 1) -> ValidationAccess:
+        return self.inner.validation_access(market, purpose, releases)
+
+    @property
+    def validation_accounted(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.inner, "validation_accounted", False))
 
     def perturb_upload(self, label: str, rnd: int, market: str, vector: np.ndarray,
                        bounds: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from sklearn.metrics import normalized_mutual_info_score
 from ...config import ModelConfig
 from ...data.market import MarketData, MarketSplit, RankingSet
 from ...metrics import evaluate_ctr, hit_rate_at_k, ndcg_at_k
-from ...models.calibration import calibrate_metrics
+from ...models.calibration import calibrate_metrics, served_metrics
 from ...models.codebook import perplexity, utilization
 from .features import MarketRun, ctr_inputs
 from .protocol import codebook_digest
@@ -68,9 +68,9 @@ def market_metrics(r: MarketRun, cfg: ModelConfig, with_codes: bool) -> dict:
     """Test metrics of one market's final model (evaluation only: the test split trains nothing)."""
     x = ctr_inputs(r, r.data.test, with_codes)
     metrics = evaluate_ctr(r.data.test.click, predict(r.ctr, x))
-    if cfg.calibrate:
-        metrics = calibrated(metrics, r.ctr, valid=(ctr_inputs(r, r.data.valid, with_codes), r.data.valid.click),
-                             test=(x, r.data.test.click))
+    if cfg.calibrate and r.platt is not None:
+        # The map the market fitted (privately under DP) before serving; this only scores it.
+        metrics = served_metrics(metrics, r.platt, test_logits=logits(r.ctr, x), test_labels=r.data.test.click)
     if r.data.ranking is not None:
         metrics.update(ranking_metrics(r, r.data.ranking, with_codes))
     if with_codes:

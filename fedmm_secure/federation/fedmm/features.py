@@ -15,6 +15,7 @@ import torch
 
 from ...config import ModelConfig
 from ...data.market import MarketData, MarketSplit
+from ...models.calibration import PlattScaling
 from ...models.cf import CFModel
 from ...models.rqvae import RQVAE
 
@@ -37,6 +38,8 @@ class MarketRun:
     # per-user or per-item column ("user"/"item" side, column, cardinality). None: the staged
     # design's fixed fields (user, item[, code1, code2]).
     columns: list[tuple[str, str, np.ndarray, int]] | None = None
+    # The served model's Platt map of its CTR logits (None: calibration off or not fitted yet).
+    platt: PlattScaling | None = None
 
 
 def split_tensors(split: MarketSplit) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ModelConfig
-from ...metrics import evaluate_ctr
 from ...models.registry import create_ctr_model
 from ..catalogue import apply_keyed_sum, keyed_upload
 from ..hooks import RoundHooks
@@ -43,6 +42,7 @@ from ..training import TrainerFactory, TrainSettings, seeded
 from .evaluation import predict
 from .features import MarketRun, ctr_fields, ctr_inputs
 from .protocol import Barrier, BroadcastRequest, Pipeline, PublicMeta, state_from_bytes, state_to_bytes
+from .selection import ModelSelector
 from .stages import average_shared, rqvae_stage, secure_request
 
 __all__ = ["JOINT_METHODS", "joint_stage", "item_representations"]
@@ -149,7 +149,6 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
     with seeded(r.generator):
         r.ctr = create_ctr_model(cfg.ctr_model, fields=ctr_fields(r, cfg, True), dim=cfg.ctr_dim,
                                  hidden=tuple(cfg.ctr_hidden))
-    r.history["valid_auc"] = []
     has_key = any(n == "key" for n, *_ in r.columns)
     # FedAvg'd: what means the same in every market (attribute tables, the interaction MLP);
     # the key table is averaged row-wise instead; user and item ID tables never leave.
@@ -162,7 +161,7 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         first = yield BroadcastRequest("ctr-init", state_to_bytes(mine))
         r.ctr.load_state_dict(state_from_bytes(first), strict=False)
     code_round = min(cfg.code_round, max(rounds - 2, 0))
-    best: tuple[float, dict, list] | None = None
+    selector = ModelSelector(r, hooks, enabled=cfg.select_by_validation)
     users_t = torch.from_numpy(data.train.users)
     y = torch.from_numpy(data.train.click)
     for rnd in range(rounds):
@@ -178,18 +177,20 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         hooks.before_release("ctr", rnd)
         yield Barrier("ctr", rnd)
         x_valid = ctr_inputs(r, data.valid, True)
-        # Model selection on the market's own validation split (a local decision that changes
-        # no upload), between the locally trained model and the one right after averaging.
+        # Model selection on the market's own validation split (only the served model depends
+        # on it), between the locally trained model and the one right after averaging; under DP
+        # each comparison is a noisy, accounted release (.selection).
+        selector.start_round(final=rnd == rounds - 1)
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 if has_key:
                     yield from _average_keys(r, meta, hooks, rnd, cfg.shared_bound)
                 if shared:
                     yield from average_shared(r, r.ctr, shared, meta, "ctr-shared", rnd, cfg.shared_bound, hooks)
-            v = evaluate_ctr(data.valid.click, predict(r.ctr, x_valid))["auc"]
-            r.history["valid_auc"].append(v)
-            if best is None or v > best[0]:
-                best = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()}, list(r.columns))
+            selector.consider(lambda: predict(r.ctr, x_valid),
+                              lambda: ({k: t.clone() for k, t in r.ctr.state_dict().items()}, list(r.columns)))
+        # Every market's comparisons are on its ledger before any market opens another round.
+        yield Barrier("ctr-select", rnd)
         if with_codes and rnd == code_round:
             x = yield from _code_inputs(r, meta, hooks, rnd, federated)
             yield from rqvae_stage(r, cfg, rounds=cfg.vq_rounds, federated=federated, seed=seed, meta=meta,
@@ -203,5 +204,7 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
                 _set_column(r, "key", np.where(key >= n_shared, n_shared + 1 + c1, key))
                 _set_column(r, "code2", c2)
         progress(f"ctr round {rnd + 1}/{rounds}")
-    r.ctr.load_state_dict(best[1])
-    r.columns = best[2]
+    kept = selector.kept()
+    if kept is not None:
+        r.ctr.load_state_dict(kept[0])
+        r.columns = kept[1]

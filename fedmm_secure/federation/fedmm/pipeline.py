@@ -18,10 +18,11 @@ from ...config import ModelConfig
 from ...data.market import MarketData
 from ..hooks import RoundHooks
 from ..training import TrainerFactory, plain_trainers
-from .evaluation import market_metrics
-from .features import MarketRun
+from .evaluation import logits, market_metrics
+from .features import MarketRun, ctr_inputs
 from .joint import JOINT_METHODS, joint_stage
 from .protocol import Pipeline, PublicMeta
+from .selection import served_calibration
 from .stages import cf_stage, ctr_stage, rqvae_stage
 
 __all__ = ["market_pipeline"]
@@ -43,6 +44,7 @@ def market_pipeline(data: MarketData, cfg: ModelConfig, *, method: str, rounds: 
     if cfg.design == "joint" and not codes_only:
         yield from joint_stage(r, cfg, method=method, rounds=rounds, seed=seed, meta=meta, trainers=trainers,
                                hooks=hooks, progress=progress)
+        _calibrate(r, cfg, hooks, r.codes is not None)
         return {"metrics": market_metrics(r, cfg, r.codes is not None), "run": r}
     if method == "fedavg":
         raise ValueError("fedavg exists in the joint design only (model.design = joint)")
@@ -56,4 +58,12 @@ def market_pipeline(data: MarketData, cfg: ModelConfig, *, method: str, rounds: 
         return {"metrics": {}, "run": r}
     yield from ctr_stage(r, cfg, rounds=rounds, with_codes=with_codes, federated=federated, meta=meta,
                          trainers=trainers, hooks=hooks, progress=progress)
+    _calibrate(r, cfg, hooks, with_codes)
     return {"metrics": market_metrics(r, cfg, with_codes), "run": r}
+
+
+def _calibrate(r: MarketRun, cfg: ModelConfig, hooks: RoundHooks, with_codes: bool) -> None:
+    """The served model's Platt map, fitted on the market's validation rows (a noisy, accounted
+    release under DP: :func:`~.selection.served_calibration`)."""
+    if cfg.calibrate:
+        r.platt = served_calibration(r, hooks, logits(r.ctr, ctr_inputs(r, r.data.valid, with_codes)))

@@ -19,13 +19,23 @@ from ...data.market import MarketData
 from ...privacy.budget import BudgetPolicy
 from ...privacy.events import SubsampledGaussianEvent
 from ...privacy.session import PrivacySession, plan_markets
+from ...privacy.validation import PLATT_STEPS
 
 if TYPE_CHECKING:
     from ...privacy.ledger import Ledger
 
-__all__ = ["privacy_session"]
+__all__ = ["privacy_session", "validation_releases"]
 
 log = logging.getLogger(__name__)
+
+
+def validation_releases(cfg: RunConfig, method: str) -> int:
+    """Gaussian releases from one market's validation rows in a private run of ``method``
+    (:mod:`.selection`): one model comparison when federated (the last round's local against its
+    averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit."""
+    federated = method in ("fedavg", "fedmm")
+    comparisons = 1 if federated and cfg.model.select_by_validation else 0
+    return comparisons + (PLATT_STEPS if cfg.model.calibrate else 0)
 
 
 def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
@@ -65,4 +75,6 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                           # Every raw-data stage trains on the market's train rows, in order.
                           interactions={m.name: m.train.interaction_ids() for m in markets},
                           # Upload noise must be unpredictable to the other parties: OS entropy.
-                          upload_rng=np.random.default_rng(secrets.randbits(128)))
+                          upload_rng=np.random.default_rng(secrets.randbits(128)),
+                          # Validation releases are planned with training: the target covers both.
+                          validation_releases={m.name: validation_releases(cfg, method) for m in markets})

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ModelConfig
-from ...metrics import evaluate_ctr
 from ...models.cf import CFModel
 from ...models.codebook import CodeStats, code_statistics, flatten_stats, unflatten_stats, update_codebook
 from ...models.registry import create_ctr_model
@@ -32,6 +31,7 @@ from ..training import TrainerFactory, TrainSettings, seeded
 from .evaluation import predict
 from .features import MarketRun, ctr_fields, ctr_inputs, flat_params, item_inputs, load_flat, split_tensors
 from .protocol import Barrier, BroadcastRequest, Pipeline, PublicMeta, SumRequest, state_from_bytes, state_to_bytes
+from .selection import ModelSelector
 
 __all__ = ["cf_stage", "rqvae_stage", "ctr_stage", "secure_request", "average_shared"]
 
@@ -168,7 +168,6 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
     with seeded(r.generator):
         r.ctr = create_ctr_model(cfg.ctr_model, fields=ctr_fields(r, cfg, with_codes), dim=cfg.ctr_dim,
                                  hidden=tuple(cfg.ctr_hidden))
-    r.history["valid_auc"] = []
     # Shared in FedMM: what has the same meaning in every market (level-1 code embeddings and,
     # optionally, the interaction network on top of the field embeddings); never ID embeddings.
     shared = [n for n, _ in r.ctr.named_parameters()
@@ -177,7 +176,7 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
         mine = {k: v for k, v in r.ctr.state_dict().items() if k in shared}
         first = yield BroadcastRequest("ctr-init", state_to_bytes(mine))
         r.ctr.load_state_dict(state_from_bytes(first), strict=False)
-    best: tuple[float, dict] | None = None
+    selector = ModelSelector(r, hooks, enabled=cfg.select_by_validation)
     # The inputs do not change between rounds (codes are fixed after stage 2).
     xs, y = ctr_inputs(r, data.train, with_codes), torch.from_numpy(data.train.click)
     x_valid = ctr_inputs(r, data.valid, with_codes)
@@ -192,15 +191,21 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
                      generator=r.generator).train_epochs(settings.epochs)
         hooks.before_release("ctr", rnd)
         yield Barrier("ctr", rnd)
-        # Model selection on the market's own validation split (a local decision that changes no
-        # upload): the market keeps whichever it validates best of its locally trained model and
-        # the model right after averaging, so personalisation is used only where it helps.
+        # Model selection on the market's own validation split: the market keeps whichever it
+        # validates best of its locally trained model and the model right after averaging (over
+        # every round without DP; the last round's pair under DP), so personalisation is used
+        # only where it helps. Only the served model depends on it (training goes on from the
+        # current model); under DP each comparison is a noisy, accounted release (.selection).
+        selector.start_round(final=rnd == rounds - 1)
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 yield from average_shared(r, r.ctr, shared, meta, "ctr-code1", rnd, cfg.shared_bound, hooks)
-            v = evaluate_ctr(data.valid.click, predict(r.ctr, x_valid))["auc"]
-            r.history["valid_auc"].append(v)
-            if best is None or v > best[0]:
-                best = (v, {k: t.clone() for k, t in r.ctr.state_dict().items()})
+            selector.consider(lambda: predict(r.ctr, x_valid),
+                              lambda: {k: t.clone() for k, t in r.ctr.state_dict().items()})
+        # Every market's comparisons of this round are on its ledger before any market opens the
+        # next training round (a ledger round is one market's release, never inside another).
+        yield Barrier("ctr-select", rnd)
         progress(f"ctr round {rnd + 1}/{rounds}")
-    r.ctr.load_state_dict(best[1])
+    kept = selector.kept()
+    if kept is not None:
+        r.ctr.load_state_dict(kept)

@@ -42,15 +42,18 @@ personalization), ``pf_msmtrec`` and one ablation per mechanism.
 Model selection is the same for every method: each client keeps the model with the best
 validation score (``select_by``: mean CTR/CTCVR AUC by default, or the ESMM loss) among
 everything it held (after local training, after aggregation); alpha is chosen by the same score.
+Under DP the validation rows are read only through accounted Gaussian releases: alpha by noisy
+Brier scores (one release per grid value), the served Platt maps by noisy Newton steps, and the
+final round's two checkpoints are compared by one noisy Brier-score difference.
 """
 
 from __future__ import annotations
 
 from .client import ScenarioClient, client_receive, client_upload, make_client, scenario_inputs
-from .driver import evaluate_client, run_pf_method
+from .driver import evaluate_client, run_pf_method, validation_releases
 from .settings import METHODS, STAGE, Mechanisms, PFSettings
 from .template import Block, ParameterPlan, mix, parameter_plan, project_conflict
 
 __all__ = ["STAGE", "PFSettings", "Mechanisms", "METHODS", "Block", "ParameterPlan", "parameter_plan",
            "project_conflict", "mix", "ScenarioClient", "make_client", "client_upload", "client_receive",
-           "run_pf_method", "scenario_inputs", "evaluate_client"]
+           "run_pf_method", "scenario_inputs", "evaluate_client", "validation_releases"]

@@ -15,11 +15,16 @@ import torch
 from ...data.market import MarketData, MarketSplit
 from ...metrics import evaluate_ctr
 from ...models.mmoe import MMoE, esmm_loss
+from ...privacy.validation import noisy_difference, noisy_scores, unit_index
+from ..hooks import RoundHooks
 from ..training import seeded
 from .settings import Mechanisms, PFSettings
 from .template import ParameterPlan, mix, parameter_plan, project_conflict
 
-__all__ = ["scenario_inputs", "ScenarioClient", "make_client", "client_upload", "client_receive"]
+__all__ = ["scenario_inputs", "ScenarioClient", "make_client", "client_upload", "client_receive", "ALPHA", "SELECT"]
+
+ALPHA = "pf-alpha"    # ledger stage label of a private alpha choice (one release per grid value)
+SELECT = "pf-select"  # ledger stage label of the private checkpoint comparison (one release)
 
 
 # ----------------------------------------------------------------------------- clients
@@ -47,6 +52,7 @@ class ScenarioClient:
     best: tuple[float, dict] | None = None
     alpha_costs: dict = field(default_factory=dict)   # accumulated validation cost per grid value
     personal_vec: np.ndarray | None = None   # train_from="tracked": the personalized shared parameters
+    final_rows: np.ndarray | None = None     # under DP: the final round's first checkpoint's Brier rows
     history: dict = field(default_factory=lambda: {"valid_loss": [], "alpha_expert": [], "alpha_tower": [],
                                                    "conflicts": []})
     _tensors: dict = field(default_factory=dict)
@@ -89,8 +95,42 @@ class ScenarioClient:
         scores = [s for s in (ctr, ctcvr) if not np.isnan(s)]  # NaN: a split with one class only
         return -float(np.mean(scores)) if scores else 0.0
 
-    def consider_checkpoint(self) -> float:
-        """Local model selection on the client's own validation split."""
+    def _private_checkpoint(self, hooks: RoundHooks, final_round: bool) -> float:
+        state = {k: t.detach().clone() for k, t in self.model.state_dict().items()}
+        if not final_round or self.final_rows is None:
+            # Newest kept; the final round's first checkpoint is remembered (nothing released).
+            self.final_rows = self.valid_brier_rows() if final_round else None
+            self.best = (float("nan"), state)
+            return float("nan")
+        access = hooks.validation_access(self.data.name, SELECT, 1)
+        if access.mode == "refused":   # the newer checkpoint, nothing read
+            self.best = (float("nan"), state)
+            return float("nan")
+        index, n = unit_index(self.data.valid, access.unit)
+        d = noisy_difference(self.valid_brier_rows(), self.final_rows, index, n, access)
+        if d < 0:
+            self.best = (d, state)
+        return d
+
+    @torch.no_grad()
+    def valid_brier_rows(self) -> np.ndarray:
+        """Per validation row, the mean of the CTR and CTCVR Brier scores, in [0, 1]: the
+        bounded score of private choices (AUC and the ESMM loss are not decomposable or not
+        bounded)."""
+        x, c, v = self.split("valid")
+        a, b = self.model.logits(x)
+        pctr = torch.sigmoid(a).double()
+        pctcvr = pctr * torch.sigmoid(b).double()
+        return (0.5 * ((pctr - c.double()) ** 2 + (pctcvr - (c * v).double()) ** 2)).numpy()
+
+    def consider_checkpoint(self, hooks: RoundHooks | None = None, *, final_round: bool = True) -> float:
+        """Local model selection on the client's own validation split. Under DP (``hooks``
+        account validation reads) only the final round's checkpoints compete, by one noisy
+        Brier-score difference (one accounted release); earlier ones are kept newest-first
+        without reading (a noisy score across rounds favours early, barely trained models:
+        bench/RESULTS_fedmm_dp.md), and only the served model depends on the choice."""
+        if hooks is not None and hooks.validation_accounted:
+            return self._private_checkpoint(hooks, final_round)
         loss = self.valid_loss()
         self.history["valid_loss"].append(loss)
         if self.best is None or loss < self.best[0]:
@@ -127,23 +167,37 @@ def client_upload(client: ScenarioClient, mech: Mechanisms, *, start: np.ndarray
 
 def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, idx: np.ndarray,
                   grid: Sequence[float], *, key: str = "", memory: float = 0.0,
-                  criterion: str | None = None) -> tuple[float, np.ndarray]:
+                  criterion: str | None = None, hooks: RoundHooks | None = None) -> tuple[float, np.ndarray]:
     """Pick alpha on ``grid`` for the coordinates ``idx`` (others stay as in ``base``) by the
     client's validation score (lower cost wins; ties keep the earlier grid value); a one-value
     grid is used as is and reads no data. With ``memory > 0`` the choice uses each grid value's
     validation cost accumulated over rounds (``acc = memory * acc + cost``, kept per ``key``), so
-    one noisy round does not flip the choice."""
+    one noisy round does not flip the choice. Under DP (``hooks`` account validation reads) the
+    costs are the grid values' Brier scores with Gaussian noise, one accounted release each; a
+    refused release takes the first grid value without reading anything."""
     if len(grid) == 1:
         cand = base.copy()
         cand[idx] = mix(target[idx], base[idx], float(grid[0]))
         return float(grid[0]), cand
-    costs, cands = [], []
+    private = hooks is not None and hooks.validation_accounted
+    access = hooks.validation_access(client.data.name, ALPHA, len(grid)) if private else None
+    costs, cands, rows = [], [], []
     for a in grid:
         cand = base.copy()
         cand[idx] = mix(target[idx], base[idx], float(a))
-        client.load_shared(cand)
-        costs.append(client.valid_loss(criterion))
         cands.append(cand)
+        if access is not None and access.mode == "refused":
+            continue
+        client.load_shared(cand)
+        if private:
+            rows.append(client.valid_brier_rows())
+        else:
+            costs.append(client.valid_loss(criterion))
+    if access is not None and access.mode == "refused":
+        return float(grid[0]), cands[0]
+    if access is not None:
+        index, n = unit_index(client.data.valid, access.unit)
+        costs = noisy_scores(rows, index, n, access)
     costs = np.asarray(costs)
     if memory > 0:
         prev = client.alpha_costs.get(key)
@@ -154,7 +208,8 @@ def _choose_alpha(client: ScenarioClient, base: np.ndarray, target: np.ndarray, 
 
 
 def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, grid: Sequence[float], *,
-                   memory: float = 0.0, start: np.ndarray | None = None, criterion: str | None = None) -> None:
+                   memory: float = 0.0, start: np.ndarray | None = None, criterion: str | None = None,
+                   hooks: RoundHooks | None = None) -> None:
     """Advance the global model by the average update, then personalize bottom-up: experts
     first, then each task tower. With ``start`` (``train_from="tracked"``) the local side of
     the mix is the client's previous personalized parameters plus its own update of this round
@@ -171,7 +226,7 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
     idx = plan.group_index("expert")
     if mech.personal:
         a_e, cur = _choose_alpha(client, cur, client.global_vec, idx, grid, key="expert", memory=memory,
-                                criterion=criterion)
+                                criterion=criterion, hooks=hooks)
     else:
         a_e = 1.0
         cur[idx] = client.global_vec[idx]
@@ -184,7 +239,7 @@ def client_receive(client: ScenarioClient, mech: Mechanisms, total: np.ndarray, 
         t_idx = np.arange(sl[b.name].start, sl[b.name].stop)
         if mech.tower_personal:
             alphas[b.name], cur = _choose_alpha(client, cur, client.global_vec, t_idx, grid, key=b.name,
-                                                memory=memory, criterion=criterion)
+                                                memory=memory, criterion=criterion, hooks=hooks)
         else:
             alphas[b.name] = 1.0
             cur[t_idx] = client.global_vec[t_idx]
