@@ -1,4 +1,4 @@
-"""Intra-op threads of the CLI: one per usable core by default, passive OpenMP waits."""
+"""Intra-op threads of the CLI: one per usable core by default, short OpenMP spins."""
 
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def test_a_bad_thread_count_is_one_line_and_exit_2(monkeypatch, restore_threads,
     assert len(err) == 1 and "FEDMM_THREADS" in err[0]
 
 
-def test_the_cli_makes_openmp_wait_passively_before_torch_loads() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+def test_the_cli_bounds_openmp_spinning_before_torch_loads() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     code = ("import sys, os; import fedmm_secure.cli; assert 'torch' not in sys.modules; "
-            "print(os.environ['OMP_WAIT_POLICY'])")
+            "print(os.environ['GOMP_SPINCOUNT'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"   # an explicit choice wins
+    assert out.stdout.strip() == "10000"
+    env["GOMP_SPINCOUNT"] = "5"   # an explicit choice wins
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
+    assert out.stdout.strip() == "5"
