@@ -76,6 +76,12 @@ class ModelConfig:
     ctr_epochs: int = 2          # local epochs per federated round
     ctr_lr: float = 3e-3
     batch_size: int = 256
+    # A market needing more steps than this per epoch at ``batch_size`` samples 1/this of its
+    # records per step instead: large markets get large batches (fast; less noise per averaged
+    # gradient at the same epsilon), markets below 64 x batch_size records keep ``batch_size``.
+    # 64 was chosen on development seeds against 256 and no cap (bench/RESULTS_throughput.md).
+    # null: no cap.
+    max_steps_per_epoch: int | None = 64
     share_ctr_mlp: bool = True       # FedMM: average the CTR interaction MLP across markets
     share_autoencoder: bool = True   # FedMM: average RQ-VAE encoder/decoder across markets
     shared_bound: float = 2.0    # clip bound of every shared parameter coordinate (sizes the ring)
@@ -104,6 +110,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{f}", f"must be an integer >= {0 if f == 'code_round' else 1}, got {v!r}")
         if not isinstance(self.ctr_model, str) or not self.ctr_model:
             raise ConfigError("model.ctr_model", f"must be a registered CTR model name, got {self.ctr_model!r}")
+        if self.max_steps_per_epoch is not None:
+            _positive("model.max_steps_per_epoch", self.max_steps_per_epoch, integer=True)
         for f in ("calibrate", "select_by_validation"):
             if not isinstance(getattr(self, f), bool):
                 raise ConfigError(f"model.{f}", f"must be true or false, got {getattr(self, f)!r}")

@@ -22,6 +22,15 @@ import logging
 import os
 import sys
 
+# Idle OpenMP threads spin briefly, then sleep. libgomp's default spin (300,000 iterations) made
+# a second intra-op thread on a loaded 2-core machine up to 10x slower (threads spin at barriers
+# while descheduled); sleeping at once (OMP_WAIT_POLICY=PASSIVE) lost the second core's gain on
+# an idle machine (8 min 23 s for the 3M-row run, a fifth of it in system time). 10,000 spins
+# kept both: idle as fast as the default, loaded no slower than one thread
+# (bench/RESULTS_throughput.md). libgomp reads this once, when torch loads it: the CLI imports
+# torch only later. An explicit setting in the environment wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 from ..errors import BudgetExceededError, ConfigError, FedMMError, VerificationError
 from . import audit, bench, budget, flower, keys, run
 
@@ -73,10 +82,10 @@ def _configure_logging() -> None:
 
 
 def _set_threads() -> None:
-    # The models are small: on a 2-core machine one intra-op thread beats an oversubscribed
-    # pool. FEDMM_THREADS overrides.
+    # One intra-op thread per core this process may use (with short OpenMP spins, see the top of
+    # this module); FEDMM_THREADS overrides.
     import torch
-    raw = os.environ.get("FEDMM_THREADS", "1")
+    raw = os.environ.get("FEDMM_THREADS", str(len(os.sched_getaffinity(0))))
     if not raw.isdigit() or int(raw) < 1:
         raise ConfigError("FEDMM_THREADS", f"must be a positive integer, got {raw!r}")
     torch.set_num_threads(int(raw))

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="synthetic data: every market's users and items times this (rows grow linearly; "
                           "default: 1)")
     run.add_argument("--batch-size", type=int,
-                     help="expected records per training step (model.batch_size; default: 256)")
+                     help="expected records per training step (model.batch_size; default: 256); a market needing more than "
+                          "model.max_steps_per_epoch (default 64) steps per epoch samples 1/64 of its records instead")
     run.add_argument("--methods", type=_csv, help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
     run.add_argument("--secagg", help=f"secure aggregation backend: {', '.join(SECAGG_BACKENDS)} (default: masking; "
                      "plain is not secure)")

@@ -22,6 +22,7 @@ import torch
 from ..errors import ConfigError
 from ..models.optim import adam
 from ..privacy.randomness import poisson_indices
+from ..privacy.sampling import capped_sample_rate
 
 __all__ = ["TrainSettings", "LocalTrainer", "TrainerFactory", "PlainTrainer", "plain_trainers", "sample_rate_for",
            "seeded"]
@@ -34,6 +35,7 @@ class TrainSettings:
     epochs: int
     batch_size: int
     lr: float
+    max_steps_per_epoch: int | None = None   # see capped_sample_rate
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -54,9 +56,10 @@ def seeded(generator: torch.Generator) -> Iterator[None]:
         yield
 
 
-def sample_rate_for(n_records: int, batch_size: int) -> float:
-    """Poisson sample rate giving ``batch_size`` records per step in expectation."""
-    return min(1.0, batch_size / max(1, n_records))
+def sample_rate_for(n_records: int, batch_size: int, max_steps_per_epoch: int | None = None) -> float:
+    """Poisson sample rate giving ``batch_size`` records per step in expectation, raised to
+    ``1 / max_steps_per_epoch`` for a market too large for that many steps (``capped_sample_rate``)."""
+    return capped_sample_rate(min(1.0, batch_size / max(1, n_records)), max_steps_per_epoch)
 
 
 class LocalTrainer(Protocol):
@@ -77,7 +80,7 @@ class PlainTrainer:
     def __init__(self, *, model: torch.nn.Module, loss_fn: LossFn, n_records: int, settings: TrainSettings,
                  generator: torch.Generator) -> None:
         self.model, self.loss_fn, self.n = model, loss_fn, n_records
-        self.q = sample_rate_for(n_records, settings.batch_size)
+        self.q = sample_rate_for(n_records, settings.batch_size, settings.max_steps_per_epoch)
         self.optimizer = adam(model.parameters(), lr=settings.lr)
         self.generator = generator
 

@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigError, DataError
 from .randomness import RandomSource, SecureRandom, poisson_indices, uniform
 
-__all__ = ["PoissonDraw", "PoissonRecordSampler", "PoissonUserSampler"]
+__all__ = ["PoissonDraw", "PoissonRecordSampler", "PoissonUserSampler", "capped_sample_rate"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,23 @@ class PoissonDraw:
 
     def __len__(self) -> int:
         return int(self.indices.numel())
+
+
+def capped_sample_rate(sample_rate: float, max_steps_per_epoch: int | None) -> float:
+    """``sample_rate`` raised to ``1 / max_steps_per_epoch`` where it is lower (never above 1).
+
+    Why: at a fixed batch size the number of DP steps per epoch grows with the data, and every
+    DP step noises every parameter, so a large market's epoch costs O(N) noisy dense updates.
+    Capping the steps makes a large market's expected batch grow with its size instead: the
+    sample rate, the step count and hence the noise multiplier for a target epsilon stay those
+    of a market with ``max_steps_per_epoch`` batches, while the noise per averaged gradient
+    (sigma C / (q N)) falls as the market grows. ``None`` keeps ``sample_rate``.
+    """
+    if max_steps_per_epoch is None:
+        return sample_rate
+    if isinstance(max_steps_per_epoch, bool) or not isinstance(max_steps_per_epoch, int) or max_steps_per_epoch < 1:
+        raise ConfigError("max_steps_per_epoch", f"must be a positive integer or null, got {max_steps_per_epoch!r}")
+    return min(1.0, max(sample_rate, 1.0 / max_steps_per_epoch))
 
 
 def _check_rate(sample_rate: float) -> float:

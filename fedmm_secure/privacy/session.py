@@ -38,7 +38,7 @@ from .dpsgd import DPTrainer, dp_train_epoch
 from .events import SubsampledGaussianEvent
 from .ledger import Ledger
 from .randomness import RANDOMNESS, RandomSource, SecureRandom
-from .sampling import PoissonRecordSampler, PoissonUserSampler
+from .sampling import PoissonRecordSampler, PoissonUserSampler, capped_sample_rate
 from .validation import VALIDATION_SHARE, ValidationAccess
 
 __all__ = ["MarketPlan", "PrivacySession", "plan_markets"]
@@ -62,10 +62,13 @@ class MarketPlan:
 
 def plan_markets(*, unit: str, batch_size: int, epochs: Mapping[str, int], rounds: int,
                  n_records: Mapping[str, int], n_users: Mapping[str, int],
-                 n_interactions: Mapping[str, int] | None = None) -> dict[str, MarketPlan]:
+                 n_interactions: Mapping[str, int] | None = None,
+                 max_steps_per_epoch: int | None = None) -> dict[str, MarketPlan]:
     """Sample rate and step counts per market. Record level: ``batch_size`` records per step in
     expectation; user and interaction level: the same expected number of records, reached by
-    sampling users (interactions). ``n_interactions`` defaults to one per record."""
+    sampling users (interactions). ``n_interactions`` defaults to one per record.
+    ``max_steps_per_epoch``: a market large enough to need more steps per epoch samples at
+    ``1 / max_steps_per_epoch`` instead (its expected batch grows with its size)."""
     plans = {}
     for m, n in n_records.items():
         if unit == "record":
@@ -74,6 +77,7 @@ def plan_markets(*, unit: str, batch_size: int, epochs: Mapping[str, int], round
             units = n_users[m] if unit == "user" else (n_interactions or n_records)[m]
             records_per_unit = n / max(1, units)
             q = min(1.0, batch_size / max(1.0, records_per_unit) / max(1, units))
+        q = capped_sample_rate(q, max_steps_per_epoch)
         steps = max(1, math.ceil(1.0 / q))
         plans[m] = MarketPlan(m, q, {stage: e * steps for stage, e in epochs.items()}, rounds)
     return plans

@@ -159,7 +159,7 @@ def _mechanism(run: AuditedRun, market: str, n_train: int, *, epochs: int | None
     if not isinstance(ep, int) or ep < 1:
         raise ConfigError("epochs", f"must be a positive int, got {ep!r}")
     if not use_dp:
-        return CtrMechanism(sample_rate_for(n_train, mc.batch_size), ep, lr or mc.ctr_lr, mc.batch_size, None, None)
+        return CtrMechanism(sample_rate_for(n_train, mc.batch_size, mc.max_steps_per_epoch), ep, lr or mc.ctr_lr, mc.batch_size, None, None)
     if not run.private:
         raise ConfigError("private", "the run was not trained with DP: no noise multiplier to audit")
     if cfg.privacy_unit() != "record":
@@ -169,7 +169,7 @@ def _mechanism(run: AuditedRun, market: str, n_train: int, *, epochs: int | None
     if p is None:
         raise ConfigError("markets", f"results.json has no privacy entry for market {market!r}")
     q = float(p["sample_rate"])
-    expected_q = sample_rate_for(n_train, mc.batch_size)
+    expected_q = sample_rate_for(n_train, mc.batch_size, mc.max_steps_per_epoch)
     if not math.isclose(q, expected_q, rel_tol=1e-9):
         raise DataError(f"market {market!r}: results.json sample rate {q} does not match the data "
                         f"({expected_q}): the run directory and the data source disagree")
@@ -221,7 +221,7 @@ class _CtrTrainFn:
 
         if mech.noise_multiplier is None:
             PlainTrainer(model=model, loss_fn=loss, n_records=n,
-                         settings=TrainSettings(mech.epochs, mech.batch_size, mech.lr),
+                         settings=TrainSettings(mech.epochs, mech.batch_size, mech.lr, mc.max_steps_per_epoch),
                          generator=gen).train_epochs(mech.epochs)
         else:
             # Audited as deployed: noise and sampling unknown to the attacker (the seed only fixes

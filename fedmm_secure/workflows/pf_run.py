@@ -105,7 +105,8 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
     plans = plan_markets(unit=cfg.privacy_unit(), batch_size=settings.batch_size, epochs={STAGE: settings.epochs},
                          rounds=cfg.rounds, n_records={m.name: len(m.train) for m in markets},
                          n_users={m.name: m.n_users for m in markets},
-                         n_interactions={m.name: m.train.n_interactions for m in markets})
+                         n_interactions={m.name: m.train.n_interactions for m in markets},
+                         max_steps_per_epoch=settings.max_steps_per_epoch)
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)  # type: ignore[arg-type]  # validated by PrivacyConfig
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=cfg.privacy_unit(), delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,

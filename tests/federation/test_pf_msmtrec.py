@@ -313,7 +313,9 @@ def test_pf_settings_errors_name_the_field():
                        ({"bogus": 1}, "pf.bogus"), ({"methods": ["fedmm"]}, "pf.methods"),
                        ({"lr": -1}, "pf.lr"), ({"select_by": "x"}, "pf.select_by"),
                        ({"train_from": "x"}, "pf.train_from"), ({"alpha_memory": 1.0}, "pf.alpha_memory"),
-                       ({"alpha_by": "x"}, "pf.alpha_by"), ({"calibrate": 1}, "pf.calibrate")]:
+                       ({"alpha_by": "x"}, "pf.alpha_by"), ({"calibrate": 1}, "pf.calibrate"),
+                       ({"max_steps_per_epoch": 0}, "pf.max_steps_per_epoch"),
+                       ({"max_steps_per_epoch": "64"}, "pf.max_steps_per_epoch")]:
         with pytest.raises(ConfigError) as e:
             pf_run.pf_settings(raw)
         assert e.value.field == field

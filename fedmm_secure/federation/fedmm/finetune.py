@@ -70,7 +70,7 @@ def finetune_market(pooled_run: MarketRun, market: MarketData, index: int, cfg: 
     best = (scores[0], 0, {k: t.clone() for k, t in model.state_dict().items()})
     # Its own generator: a market's result does not depend on the other markets' rows or order.
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 500_009 + index)
-    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
+    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr, cfg.max_steps_per_epoch)
     trainer = trainers(market=market.name, stage="ctr-finetune", model=model, loss_fn=loss, n_records=len(xs),
                        users=torch.from_numpy(train.users), settings=settings, generator=gen)
     for rnd in range(1, rounds + 1):

@@ -145,7 +145,7 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
     with_codes = method in ("local_codes", "fedmm")
     keyed = meta.catalogue is not None and (federated or method == "local_codes")
     _columns(r, cfg, keyed=keyed, with_codes=with_codes, meta=meta)
-    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
+    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr, cfg.max_steps_per_epoch)
     with seeded(r.generator):
         r.ctr = create_ctr_model(cfg.ctr_model, fields=ctr_fields(r, cfg, True), dim=cfg.ctr_dim,
                                  hidden=tuple(cfg.ctr_hidden))

@@ -62,7 +62,8 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                          rounds=cfg.rounds,
                          n_records={m.name: len(m.train) for m in markets},
                          n_users={m.name: m.n_users for m in markets},
-                         n_interactions={m.name: m.train.n_interactions for m in markets})
+                         n_interactions={m.name: m.train.n_interactions for m in markets},
+                         max_steps_per_epoch=mc.max_steps_per_epoch)
     policy = (BudgetPolicy(epsilon_budget=p.epsilon_budget, delta=p.delta, on_exceed=p.on_exceed)
               if p.epsilon_budget is not None else None)
     return PrivacySession(unit=cfg.privacy_unit(), delta=p.delta, max_grad_norm=cfg.max_grad_norm(), plans=plans,

@@ -72,7 +72,7 @@ def _apply_global(r: MarketRun, stats: CodeStats, cfg: ModelConfig, rng: np.rand
 def cf_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, federated: bool, meta: PublicMeta,
              trainers: TrainerFactory, hooks: RoundHooks, progress: Callable[[str], None]) -> Pipeline:
     data, m = r.data, r.data.name
-    settings = TrainSettings(cfg.cf_epochs, cfg.batch_size, cfg.cf_lr)
+    settings = TrainSettings(cfg.cf_epochs, cfg.batch_size, cfg.cf_lr, cfg.max_steps_per_epoch)
     feats = torch.from_numpy(data.item_features if data.item_features is not None
                              else np.zeros((data.n_items, 0), dtype=np.int64))
     with seeded(r.generator):
@@ -164,7 +164,7 @@ def ctr_stage(r: MarketRun, cfg: ModelConfig, *, rounds: int, with_codes: bool, 
               meta: PublicMeta, trainers: TrainerFactory, hooks: RoundHooks,
               progress: Callable[[str], None]) -> Pipeline:
     data, m = r.data, r.data.name
-    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr)
+    settings = TrainSettings(cfg.ctr_epochs, cfg.batch_size, cfg.ctr_lr, cfg.max_steps_per_epoch)
     with seeded(r.generator):
         r.ctr = create_ctr_model(cfg.ctr_model, fields=ctr_fields(r, cfg, with_codes), dim=cfg.ctr_dim,
                                  hidden=tuple(cfg.ctr_hidden))

@@ -105,7 +105,7 @@ def run_pf_method(method: str, markets: Sequence[MarketData], settings: PFSettin
             c.global_vec = init.copy()
         dim = first.plan.dim
         bounds = np.concatenate([np.full(dim, settings.update_bound), [1.0]])
-    train_settings = TrainSettings(settings.epochs, settings.batch_size, settings.lr)
+    train_settings = TrainSettings(settings.epochs, settings.batch_size, settings.lr, settings.max_steps_per_epoch)
     for rnd in range(rounds):
         allowed = hooks.before_round(STAGE, rnd, list(clients))
         starts = {}

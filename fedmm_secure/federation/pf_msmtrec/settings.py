@@ -23,6 +23,9 @@ class PFSettings:
     tower_hidden: int = 16
     epochs: int = 1                  # local epochs per federated round
     batch_size: int = 256
+    # As model.max_steps_per_epoch of FedMM (privacy.sampling.capped_sample_rate); off by default
+    # here: PF-MSMTrec's settings were chosen without it (bench/RESULTS_pf_msmtrec.md).
+    max_steps_per_epoch: int | None = None
     lr: float = 0.01
     update_bound: float = 0.5        # per-coordinate clip of uploaded updates (sizes the masking ring)
     alpha_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -49,6 +52,9 @@ class PFSettings:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"pf.{f}", f"must be a positive integer, got {v!r}")
+        if self.max_steps_per_epoch is not None and (isinstance(self.max_steps_per_epoch, bool) or not isinstance(
+                self.max_steps_per_epoch, int) or self.max_steps_per_epoch < 1):
+            raise ConfigError("pf.max_steps_per_epoch", f"must be a positive integer or null, got {self.max_steps_per_epoch!r}")
         if (not isinstance(self.expert_hidden, tuple) or not self.expert_hidden
                 or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.expert_hidden)):
             raise ConfigError("pf.expert_hidden", "must be a non-empty list of positive integers")
