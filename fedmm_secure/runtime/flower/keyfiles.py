@@ -75,15 +75,21 @@ def read_identity_key(path: Path, *, flag: str = "--identity-key") -> IdentityPr
         raise ConfigError(flag, f"cannot read {path}: {e.strerror}") from None
 
 
-def read_public_key(path: Path, *, flag: str = "--market") -> IdentityPublicKey:
-    """The public key in ``path`` (a ``.pub`` file from ``keys new``)."""
-    path = Path(path)
+def _read_text(path: Path, *, flag: str, encoding: str) -> str:
+    # Public files (keys, rosters): one ConfigError line naming the flag for every way reading fails.
     try:
-        text = path.read_text(encoding="ascii")
+        return path.read_text(encoding=encoding)
     except FileNotFoundError:
         raise ConfigError(flag, f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(flag, f"cannot read {path}: {getattr(e, 'strerror', None) or 'not ASCII'}") from None
+        reason = getattr(e, "strerror", None) or f"not {'ASCII' if encoding == 'ascii' else encoding.upper()}"
+        raise ConfigError(flag, f"cannot read {path}: {reason}") from None
+
+
+def read_public_key(path: Path, *, flag: str = "--market") -> IdentityPublicKey:
+    """The public key in ``path`` (a ``.pub`` file from ``keys new``)."""
+    path = Path(path)
+    text = _read_text(path, flag=flag, encoding="ascii")
     try:
         return IdentityPublicKey.from_openssh(text)
     except ProtocolError as e:
@@ -93,12 +99,7 @@ def read_public_key(path: Path, *, flag: str = "--market") -> IdentityPublicKey:
 def read_roster(path: Path, *, flag: str = "--roster") -> IdentityRoster:
     """The identity roster in ``path`` (JSON, :meth:`IdentityRoster.to_json`)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(flag, f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(flag, f"cannot read {path}: {getattr(e, 'strerror', None) or 'not UTF-8'}") from None
+    text = _read_text(path, flag=flag, encoding="utf-8")
     try:
         return IdentityRoster.from_json(text)
     except ConfigError as e:
