@@ -160,14 +160,20 @@ def test_aggregator_adding_a_market_gets_through_without_the_pin():
 
 # -- the aggregator swaps one market's key -------------------------------------------------------
 
-def _swap(victim):
+def _puppet_at_start(victim_of):
+    # At start, market m is shown the aggregator's puppet key under the name victim_of(m).
     def meddle(m, kind, msg):
         if kind == "start":
+            victim = victim_of(m)
             bundle, sig = _puppet(victim)
             msg["roster"][victim] = bundle
             msg.setdefault("endorsements", {})[victim] = sig
         return msg
     return meddle
+
+
+def _swap(victim):
+    return _puppet_at_start(lambda m: victim)
 
 
 def test_aggregator_swapping_a_key_is_refused_by_every_market():
@@ -233,14 +239,7 @@ def test_aggregator_swapping_a_key_gets_through_without_the_pin():
 def _split(names):
     # Each market sees a roster in which the next market's key is the aggregator's: a view per
     # market, each one internally consistent, none the same.
-    def meddle(m, kind, msg):
-        if kind == "start":
-            victim = names[(names.index(m) + 1) % len(names)]
-            bundle, sig = _puppet(victim)
-            msg["roster"][victim] = bundle
-            msg.setdefault("endorsements", {})[victim] = sig
-        return msg
-    return meddle
+    return _puppet_at_start(lambda m: names[(names.index(m) + 1) % len(names)])
 
 
 def test_split_roster_is_refused_by_every_market():
