@@ -2,18 +2,36 @@
 
 Uses the same accountant that will account the run, so the calibrated sigma is never rejected
 by the budget check for the planned number of steps.
+
+Calibration is a pure function of its arguments and costs tens to hundreds of accountant
+evaluations (0.1-1 s each on a loaded machine), while a run asks the same question many times:
+every DP method of a run plans the same (sample rate, steps) per market, and an evaluation
+harness repeats them for every seed. Answers are therefore memoised per process, keyed by every
+argument and the accountant's class, so a cached sigma is the one a fresh bisection returns.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 from ..errors import ConfigError
-from .accountant import check_delta, make_accountant
+from .accountant import PrivacyAccountant, check_delta, make_accountant
 from .events import SubsampledGaussianEvent
 
-__all__ = ["calibrate_noise_multiplier"]
+__all__ = ["calibrate_noise_multiplier", "clear_calibration_cache"]
+
+# (accountant class, accountant name, target, delta, q, steps, unit, tolerance, fixed events) -> sigma.
+_CACHE: dict[tuple, float] = {}
+_CACHE_MAX = 4096   # a harness invocation asks a few hundred distinct questions at most
+_CACHE_LOCK = threading.Lock()
+
+
+def clear_calibration_cache() -> None:
+    """Forget every memoised calibration (tests; a process never needs it for correctness)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 def calibrate_noise_multiplier(
@@ -49,7 +67,24 @@ def calibrate_noise_multiplier(
 
     # One accountant for every probe: its grids and spectra are reused across sigmas.
     acc = make_accountant(accountant)
+    key = (type(acc), accountant, float(target_epsilon), delta, float(sample_rate), steps, unit, float(tolerance),
+           tuple(fixed))
+    with _CACHE_LOCK:
+        cached = _CACHE.get(key)
+    if cached is not None:
+        return cached
+    sigma = _bisect(acc, target_epsilon=target_epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                    unit=unit, tolerance=tolerance, fixed=fixed)
+    with _CACHE_LOCK:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))   # oldest first: dicts keep insertion order
+        _CACHE[key] = sigma
+    return sigma
 
+
+def _bisect(acc: PrivacyAccountant, *, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+            unit: str, tolerance: float, fixed: list[SubsampledGaussianEvent]) -> float:
+    """The bisection behind :func:`calibrate_noise_multiplier` (arguments already checked)."""
     def eps_of(sigma: float) -> float:
         return acc.predict_epsilon([SubsampledGaussianEvent(sample_rate, sigma, steps, unit), *fixed], delta)
 

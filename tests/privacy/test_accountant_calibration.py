@@ -30,3 +30,29 @@ def test_calibration_rejects_bad_input():
             calibrate_noise_multiplier(**{**ok, **bad})
     with pytest.raises(ConfigError, match="refused"):
         calibrate_noise_multiplier(**ok, accountant="gdp")
+
+
+def test_memoised_calibration_equals_a_fresh_bisection(monkeypatch):
+    """A repeated question is answered from the cache, with the sigma a fresh bisection gives."""
+    from fedmm_secure.privacy import calibration
+
+    kw = dict(target_epsilon=4.0, delta=1e-5, sample_rate=0.03, steps=200)
+    calibration.clear_calibration_cache()
+    fresh = calibrate_noise_multiplier(**kw)
+    probes = []
+    real = calibration._bisect
+    monkeypatch.setattr(calibration, "_bisect", lambda *a, **k: probes.append(k) or real(*a, **k))
+    assert calibrate_noise_multiplier(**kw) == fresh
+    assert probes == []                                   # served from the cache
+    calibration.clear_calibration_cache()
+    assert calibrate_noise_multiplier(**kw) == fresh      # recomputed: bit-identical
+    assert len(probes) == 1
+    # Any argument that changes the question misses the cache.
+    fixed = [Ev(1.0, 50.0, 2)]
+    for other in [dict(target_epsilon=4.5), dict(sample_rate=0.02), dict(steps=201), dict(tolerance=0.02),
+                  dict(accountant="rdp"), dict(fixed_events=fixed)]:
+        calibrate_noise_multiplier(**{**kw, **other})
+    assert len(probes) == 7
+    assert calibrate_noise_multiplier(**{**kw, "fixed_events": list(fixed)}) == \
+        calibrate_noise_multiplier(**{**kw, "fixed_events": tuple(fixed)})
+    assert len(probes) == 7
