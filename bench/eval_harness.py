@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from fedmm_secure.config import config_from_dict
-from fedmm_secure.workflows.fedmm_run import run_experiment
+from fedmm_secure.workflows.run_batch import RunJob, run_jobs
 from fedmm_secure.reports.paired import paired_difference, parse_seeds
 
 __all__ = ["main", "summarize", "render_markdown"]
@@ -125,7 +123,8 @@ def render_markdown(report: dict) -> str:
              f"Command: `{report['command']}`", "",
              f"Commit {report['commit']}, {report['started']} UTC, {report['wall_s']:.0f} s, "
              f"load average at start {report['load_start']}, at end {report['load_end']}; "
-             f"seeds {report['seeds_spec']} ({report['seed_role']}).", ""]
+             f"seeds {report['seeds_spec']} ({report['seed_role']}); {report.get('workers', 1)} worker process(es) "
+             f"x {report.get('threads', 1)} torch thread(s).", ""]
     for setting, summ in report["settings"].items():
         methods = report["methods"]
         lines += [f"## {setting}: test AUC, mean ± sd over {len(summ['seeds'])} seeds", "",
@@ -187,6 +186,16 @@ def _plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return v
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -210,10 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
     ap.add_argument("--no-train", action="store_true",
                     help="summarise the finished runs under --out only (seeds without results.json are left out)")
+    ap.add_argument("--workers", type=_positive_int, default=1,
+                    help="runs at a time, each in its own process (results do not depend on it)")
+    ap.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads per run")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(1)
     seeds = parse_seeds(args.seeds)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = [p.strip() for p in args.privacy.split(",") if p.strip()]
@@ -232,30 +243,36 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(p, s) for p in settings for s in seeds]
     runs: dict[str, dict[int, dict]] = {_setting_name(p): {} for p in settings}
 
+    todo: list[RunJob] = []
+    where: dict[Path, tuple[str, int]] = {}
+    for p, s in jobs:
+        name = _setting_name(p)
+        d = out / "runs" / name / f"seed{s}"
+        if args.no_train and not (d / "results.json").exists():
+            continue
+        if (args.reuse or args.no_train) and (d / "results.json").exists():
+            runs[name][s] = json.loads((d / "results.json").read_text())
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        raw = _merge(_merge(base, extra), {"seed": s})
+        raw["privacy"] = _privacy(p, dict(extra.get("privacy", {}), delta=args.delta))
+        todo.append(RunJob(config=raw, out_dir=d, label=f"{name} seed {s}"))
+        where[d] = (name, s)
+
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
                   TimeElapsedColumn(), TimeRemainingColumn(), disable=args.quiet) as bar:
-        task = bar.add_task("starting", total=len(jobs))
-        for p, s in jobs:
-            name = _setting_name(p)
-            d = out / "runs" / name / f"seed{s}"
-            if args.no_train and not (d / "results.json").exists():
-                bar.advance(task)
-                continue
-            if (args.reuse or args.no_train) and (d / "results.json").exists():
-                runs[name][s] = json.loads((d / "results.json").read_text())
-                bar.advance(task)
-                continue
-            shutil.rmtree(d, ignore_errors=True)
-            raw = _merge(_merge(base, extra), {"seed": s})
-            raw["privacy"] = _privacy(p, dict(extra.get("privacy", {}), delta=args.delta))
-            cfg = config_from_dict(raw)
+        task = bar.add_task(f"{len(todo)} runs, {args.workers} worker(s)", total=len(todo))
 
-            def tick(msg: str, frac: float, name=name, s=s) -> None:
-                bar.update(task, description=f"{name} seed {s}: {msg}")
-
-            runs[name][s] = run_experiment(cfg, out_dir=d, progress=tick)
+        def done(job: RunJob, res: dict) -> None:
+            name, s = where[job.out_dir]
+            runs[name][s] = res
             bar.advance(task)
+
+        def tick(job: RunJob, msg: str) -> None:
+            bar.update(task, description=f"{job.label}: {msg}")
+
+        run_jobs(todo, workers=args.workers, threads=args.threads, on_done=done, progress=tick)
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         print("no finished runs to summarise", file=sys.stderr)
@@ -266,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"data": args.data, "command": command, "commit": _git_commit(), "started": started,
               "wall_s": time.perf_counter() - t0, "load_start": load_start,
               "load_end": " ".join(f"{x:.1f}" for x in os.getloadavg()), "seeds_spec": args.seeds,
-              "seed_role": args.seed_role, "methods": methods, "target": args.target, "extra_config": extra,
+              "seed_role": args.seed_role, "workers": args.workers, "threads": args.threads, "methods": methods, "target": args.target, "extra_config": extra,
               "settings": {n: summarize(r, methods=methods, target=args.target, sparse=sparse)
                            for n, r in runs.items()}}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
