@@ -13,6 +13,11 @@ and records the exact command line. Examples::
     python bench/eval_harness.py --data xmrec:DIR --seeds 0-4 --privacy none,8 \
         --methods local,fedavg,fedmm --out runs/h_xmrec
 
+``--workers 2`` runs two (seed, setting) runs at a time, each in its own process with
+``--threads`` torch threads (default 1); results do not depend on it
+(``fedmm_secure.workflows.run_batch``). On the 2-core reference machine the XMRec harness
+(5 seeds, every method, no DP and epsilon 8) is timed in ``bench/RESULTS_throughput.md``.
+
 Choose designs on development seeds (e.g. ``--seeds 5-9``) and confirm on held-out ones
 (``--seeds 0-4``, ``10-14``); the seed list is written into every output. ``--reuse`` keeps a
 finished run's ``results.json`` instead of training again (same directory, same config).

@@ -46,7 +46,7 @@ def run_point(scale: float, *, batch_size: int | None, methods: str, threads: in
         raise RuntimeError(f"run failed (exit {os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}")
     res = json.loads((out / "results.json").read_text())
     rows = sum(v["train_rows"] for v in res["market_sizes"].values())
-    return {"scale": scale, "batch_size": batch_size or 256, "train_rows": rows, "wall_s": round(wall, 1),
+    return {"scale": scale, "batch_size": batch_size or "default", "train_rows": rows, "wall_s": round(wall, 1),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
             "timing_s": res["timing_s"], "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2),
             "mean_auc": {m: round(v["mean_auc"], 4) for m, v in res["summary"].items()},
