@@ -141,6 +141,9 @@ class GhostClipper:
         self._own = {id(m): [p for _, p in own_trainable(m)] for _, m in self.layers}
         self._by_id = {id(m): m for _, m in self.layers}
         self.last_sq_norms: torch.Tensor | None = None
+        # id(table) -> (rows looked up, unit of each lookup) of the last clipped_sum: what
+        # sparse DP-SGD selects rows from (privacy.sparse_noise).
+        self.last_lookups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def param_order(self) -> list[nn.Parameter]:
         """Trainable parameters in the order ``clipped_sum`` visits them."""
@@ -270,6 +273,8 @@ class GhostClipper:
         sq = loss.new_zeros(num_units, dtype=torch.float32 if not loss.is_floating_point()
                             else loss.dtype).detach()
         merged: dict[int, _Rows] = {}
+        lookups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_lookups = lookups
         for key, rows in per_layer.items():
             module = self._by_id[key]
             r = rows[0] if len(rows) == 1 else _Rows(
@@ -278,6 +283,8 @@ class GhostClipper:
                 g=torch.cat([x.g for x in rows]),
                 idx=None if rows[0].idx is None else torch.cat([x.idx for x in rows]))
             merged[key] = r
+            if r.kind == "emb":
+                lookups[key] = (r.idx, r.gid)
             sq = sq + self._sq_norms(module, r, num_units)
         per_layer.clear()
         self.last_sq_norms = sq
