@@ -30,7 +30,7 @@ def _data(n: int = 4000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.randint(0, 2, (n,), generator=g).float()
 
 
-def _trainer(x, y, *, sparse=SparseNoiseConfig(0.3, 3.0), sigma=0.8, q=0.05, user=False, seed=1):
+def _trainer(x, y, *, sparse=SparseNoiseConfig(0.3, 3.0), sigma=0.8, q=0.05, user=False, seed=1, noise=None):
     model = DeepFM(fields=[("user", N_USERS), ("item", N_ITEMS)], dim=8, hidden=(8,))
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     gen = torch.Generator().manual_seed(seed)
@@ -39,7 +39,8 @@ def _trainer(x, y, *, sparse=SparseNoiseConfig(0.3, 3.0), sigma=0.8, q=0.05, use
     events: list[SubsampledGaussianEvent] = []
     trainer = DPTrainer(model, opt, noise_multiplier=sigma, max_grad_norm=1.0, sampler=sampler,
                         loss_fn=lambda m, idx: F.binary_cross_entropy_with_logits(m(x[idx]), y[idx], reduction="none"),
-                        on_event=events.append, generator=torch.Generator().manual_seed(seed + 100), sparse=sparse)
+                        on_event=events.append, generator=noise or torch.Generator().manual_seed(seed + 100),
+                        sparse=sparse)
     return trainer, model, events
 
 
@@ -175,3 +176,19 @@ def test_sparse_needs_the_fast_mode():
                   sampler=PoissonRecordSampler(num_records=200, sample_rate=0.1, generator=torch.Generator()),
                   on_event=lambda e: None, generator=torch.Generator(), mode="opacus_hooks",
                   sparse=SparseNoiseConfig(0.2, 3.0))
+
+
+def test_reproducible_mode_repeats_bit_for_bit_and_the_secure_source_works():
+    x, y = _data()
+    a, ma, _ = _trainer(x, y, q=0.1, seed=4)
+    b, mb, _ = _trainer(x, y, q=0.1, seed=4)
+    ma.load_state_dict(mb.state_dict())
+    for t in (a, b):
+        for _ in range(3):
+            _step(t)
+    assert all(torch.equal(p, q) for p, q in zip(ma.parameters(), mb.parameters()))
+    from fedmm_secure.privacy.randomness import SecureRandom
+    c, mc, _ = _trainer(x, y, q=0.1, noise=SecureRandom())
+    _, deltas = _step(c)
+    sel = c._sparse.last_selected
+    assert all(bool((d[~s] == 0).all()) for d, s in zip(deltas, [sel[0], sel[0], sel[1], sel[1]]))
