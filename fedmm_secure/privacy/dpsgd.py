@@ -276,7 +276,7 @@ class DPTrainer:
         """``p``'s buffer holding its dense noise, or zeros for a table under sparse noise
         (its selected rows are noised after the clipped sum)."""
         if self._sparse is not None and self._sparse.is_table(p):
-            return self._buffer(p).zero_()
+            return self._sparse.zeroed(p, self._buffer(p))
         return normal_(self.generator, self._buffer(p), self._noise_std())
 
     def _noise_std(self) -> float:

@@ -95,11 +95,22 @@ class SparseEmbeddingNoise:
         self.gradient_std = self.sigma2 * max_grad_norm * scale
         self.selection_std = self.sigma1 * config.contribution_clip
         self.last_selected: list[torch.Tensor] = []
+        # Rows of each table's gradient buffer left non-zero by the last step (its selected
+        # rows: everything else was zeroed), so the next step clears those instead of the table.
+        self._dirty: dict[int, torch.Tensor] = {}
         self.last_noisy_counts: list[torch.Tensor] = []
 
     def is_table(self, p: nn.Parameter) -> bool:
         """Whether ``p`` is a table weight that gets selected-row noise (else dense noise)."""
         return id(p) in self._group_of
+
+    def zeroed(self, p: nn.Parameter, buf: torch.Tensor) -> torch.Tensor:
+        """``buf`` (``p``'s reused gradient buffer) all zeros: only the rows the last
+        :meth:`apply_` left non-zero are cleared once the buffer is known, else the whole."""
+        rows = self._dirty.pop(id(p), None)
+        if rows is None:
+            return buf.zero_()
+        return buf.index_fill_(0, rows, 0.0)
 
     def apply_(self, grads: dict[nn.Parameter, torch.Tensor], lookups: dict[int, tuple[torch.Tensor, torch.Tensor]],
                num_units: int, source: RandomSource) -> None:
@@ -120,6 +131,7 @@ class SparseEmbeddingNoise:
             table = self._module_of[id(p)]
             touched = lookups[id(table)][0] if id(table) in lookups else torch.empty(0, dtype=torch.int64)
             sparse_noise_(grad, self.last_selected[g], touched, std=self.gradient_std, source=source)
+            self._dirty[id(p)] = self.last_selected[g].nonzero().flatten()
         if log.isEnabledFor(logging.DEBUG):
             log.debug("sparse DP step: %s of %s rows selected per group",
                       [int(s.sum()) for s in self.last_selected], self.sizes)
