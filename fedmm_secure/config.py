@@ -41,7 +41,7 @@ RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/rando
 EMBEDDING_NOISE = ("dense", "sparse")  # privacy.embedding_noise: see privacy/sparse_selection.py
 # privacy.embedding_noise: sparse without a share or threshold: f = 0.2 of the noise precision
 # selects rows (the gradient noise std grows by 1/sqrt(0.8) = 1.118x), a row needs a noisy count
-# of 3 units (an untouched row is selected with probability Phi(-3 / sigma1), 1-4% at epsilon 8).
+# of 3 units (an untouched row is selected with probability Phi(-3 / sigma1), 0.4-6% at epsilon 8).
 DEFAULT_SPARSE_SELECTION_SHARE = 0.2
 DEFAULT_SPARSE_THRESHOLD = 3.0
 _DATA_SPEC = re.compile(r"^[a-z][a-z0-9_\-]{0,63}(:.+)?$")
