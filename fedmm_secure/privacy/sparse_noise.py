@@ -61,7 +61,9 @@ def selection_groups(model: nn.Module) -> list[list[nn.Module]]:
     tables must have the same number of rows, and every trainable table must be in one group."""
     tables = [m for m in model.modules() if isinstance(m, _TABLES) and m.weight.requires_grad]
     declared = getattr(model, "selection_groups", None)
-    groups = [list(g) for g in declared()] if callable(declared) else [[t] for t in tables]
+    # Frozen tables get no gradient and no noise: they drop out of a declared group.
+    groups = ([[t for t in g if t.weight.requires_grad] for g in declared()] if callable(declared)
+              else [[t] for t in tables])
     seen = [id(t) for g in groups for t in g]
     if sorted(seen) != sorted(id(t) for t in tables) or len(set(seen)) != len(seen):
         raise ConfigError("model", "selection_groups() must list every trainable embedding table exactly once")

@@ -154,6 +154,8 @@ def test_groups_pair_each_fields_tables_and_refuse_bad_declarations():
     model = DeepFM(fields=[("user", 5), ("item", 7)], dim=4)
     groups = selection_groups(model)
     assert [[t.weight.shape for t in g] for g in groups] == [[(5, 4), (5, 1)], [(7, 4), (7, 1)]]
+    model.linear["user"].weight.requires_grad_(False)  # frozen: leaves its group
+    assert [[t.weight.shape for t in g] for g in selection_groups(model)] == [[(5, 4)], [(7, 4), (7, 1)]]
     model.selection_groups = lambda: [[model.embeddings["user"], model.linear["item"]]]
     with pytest.raises(ConfigError):
         selection_groups(model)
