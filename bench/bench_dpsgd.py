@@ -18,7 +18,9 @@ batch and data; ratios are printed against the plain (non-private) step:
 OS-keyed AES-256-CTR stream); ``fast_seeded`` is the same step with seeded torch generators (the
 reproducible mode, and what ``fast`` drew before the secure source became the default): their
 ratio is what unpredictable randomness costs. ``fast_user`` is our fast mode at user level (Poisson sampling of users, 4 records each,
-same expected batch; each user's summed gradient clipped).
+same expected batch; each user's summed gradient clipped). ``fast_sparse`` is ``fast`` with
+sparse embedding noise (DP-AdaFEST, ``privacy.embedding_noise: sparse`` at its default share
+0.2 and threshold 3): V count draws per table and noise on the selected rows only.
 
 * ``medium``: the same with 50,000-row tables, dim 16 (the light end of the target range).
 * ``small``: tables of 5,000 rows, dim 16, batch ~256, where Opacus hooks mode fits.
@@ -47,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmm_secure.config import DEFAULT_SPARSE_SELECTION_SHARE, DEFAULT_SPARSE_THRESHOLD
 from fedmm_secure.privacy.dpsgd import DPTrainer
+from fedmm_secure.privacy.sparse_noise import SparseNoiseConfig
 from fedmm_secure.privacy.fast_clipping import AddBias
 from fedmm_secure.privacy.randomness import SecureRandom
 from fedmm_secure.privacy.sampling import PoissonRecordSampler, PoissonUserSampler
@@ -57,9 +61,9 @@ warnings.filterwarnings("ignore")
 
 CONFIGS = {
     "large": dict(vocab=100_000, dim=32, batch=1024,
-                  modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost")),
+                  modes=("plain", "fast", "fast_sparse", "fast_seeded", "fast_user", "opacus_ghost")),
     "medium": dict(vocab=50_000, dim=16, batch=1024,
-                   modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost")),
+                   modes=("plain", "fast", "fast_sparse", "fast_seeded", "fast_user", "opacus_ghost")),
     "small": dict(vocab=5_000, dim=16, batch=256,
                   modes=("plain", "fast", "fast_seeded", "fast_user", "opacus_ghost", "opacus_hooks")),
 }
@@ -132,7 +136,7 @@ def make_step(config: str, mode: str, seed: int = 0):
         return step
     # Opacus's modes and fast_seeded draw from seeded torch generators; fast and fast_user from
     # the unpredictable default source, as runs do.
-    seeded = mode not in ("fast", "fast_user")
+    seeded = mode not in ("fast", "fast_user", "fast_sparse")
     source = SecureRandom() if not seeded else None
     sample_gen = g if seeded else source
     if mode == "fast_user":
@@ -144,7 +148,9 @@ def make_step(config: str, mode: str, seed: int = 0):
     trainer = DPTrainer(model, opt, loss_fn=loss_fn, noise_multiplier=1.0, max_grad_norm=1.0,
                         sampler=sampler, on_event=lambda e: None,
                         generator=torch.Generator().manual_seed(seed + 1) if seeded else source,
-                        mode="fast" if mode in ("fast_user", "fast_seeded") else mode)
+                        mode="fast" if mode in ("fast_user", "fast_seeded", "fast_sparse") else mode,
+                        sparse=SparseNoiseConfig(DEFAULT_SPARSE_SELECTION_SHARE, DEFAULT_SPARSE_THRESHOLD)
+                        if mode == "fast_sparse" else None)
 
     def dp_step() -> None:
         d = trainer.sample()
@@ -263,6 +269,8 @@ def test_pairwise_fast_vs_plain(config, heap):
     runs glibc as configured (whatever this process's history made of it); ``pinned`` fixes
     the heap (:func:`_pin_glibc_heap`) so that neither mode faults: the strict comparison.
     ``pinned`` runs after ``default`` and leaves the setting in place for the rest of the run.
+    ``fast_sparse`` (sparse embedding noise) takes its turn in the same round-robin, against
+    the same plain steps.
     """
     import resource
     import statistics
@@ -270,7 +278,7 @@ def test_pairwise_fast_vs_plain(config, heap):
 
     if heap == "pinned" and not _pin_glibc_heap():
         pytest.skip("needs glibc")
-    steps = {m: make_step(config, m) for m in ("plain", "fast")}
+    steps = {m: make_step(config, m) for m in ("plain", "fast", "fast_sparse")}
     for f in steps.values():
         f()
         f()
@@ -284,7 +292,8 @@ def test_pairwise_fast_vs_plain(config, heap):
             cpu[m].append(time.process_time() - c0)
             faults[m].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     _pair_cpu[(config, heap)] = (statistics.median(a / b for a, b in zip(cpu["fast"], cpu["plain"])),
-                                 statistics.median(cpu["plain"]) * 1e3, statistics.median(faults["plain"]))
+                                 statistics.median(cpu["plain"]) * 1e3, statistics.median(faults["plain"]),
+                                 statistics.median(a / b for a, b in zip(cpu["fast_sparse"], cpu["plain"])))
 
 
 def test_report():
@@ -315,9 +324,10 @@ def test_report():
                      f"{_cpu_ratios.get((config, mode), nan):.2f} | {inc / 1024:.1f} | "
                      f"{inc / inc0:.2f} | {m['peak_kb'] / 1024:.0f} | "
                      f"{m['peak_kb'] / m0['peak_kb']:.2f} |")
-    for (config, heap), (ratio, plain_ms, plain_faults) in sorted(_pair_cpu.items()):
+    for (config, heap), (ratio, plain_ms, plain_faults, sparse) in sorted(_pair_cpu.items()):
         lines.append(f"| {config} | fast vs plain alone, {heap} heap ({PAIR_ROUNDS} rounds; plain {plain_ms:.1f} ms "
                      f"CPU, {plain_faults:.0f} page faults per step) | | | | | {ratio:.2f} | | | | |")
+        lines.append(f"| {config} | fast_sparse vs plain, same rounds | | | | | {sparse:.2f} | | | | |")
     print("\n".join(lines))
 
 

@@ -38,6 +38,12 @@ IMPLICIT_FEEDBACK_SCHEMES = ("xmrec", "movielens")
 ACCOUNTANTS = ("pld", "prv", "rdp")
 ON_EXCEED = ("skip", "stop")
 RANDOMNESS = ("secure", "reproducible")  # privacy.randomness: see privacy/randomness.py
+EMBEDDING_NOISE = ("dense", "sparse")  # privacy.embedding_noise: see privacy/sparse_selection.py
+# privacy.embedding_noise: sparse without a share or threshold: f = 0.2 of the noise precision
+# selects rows (the gradient noise std grows by 1/sqrt(0.8) = 1.118x), a row needs a noisy count
+# of 3 units (an untouched row is selected with probability Phi(-3 / sigma1), 0.4-6% at epsilon 8).
+DEFAULT_SPARSE_SELECTION_SHARE = 0.2
+DEFAULT_SPARSE_THRESHOLD = 3.0
 _DATA_SPEC = re.compile(r"^[a-z][a-z0-9_\-]{0,63}(:.+)?$")
 # A run is private unless asked not to be (--no-dp): with no epsilon, noise multiplier or budget
 # named, each market's noise is calibrated to this target (a budget alone caps it).
@@ -131,7 +137,12 @@ class PrivacyConfig:
     ``"user"``, default ``"auto"``: interaction for implicit-feedback data, else record;
     ``epsilon_budget`` and ``on_exceed`` (``"skip"`` the
     round or ``"stop"`` the run) form the budget policy; ``randomness`` ``"secure"`` (default)
-    or ``"reproducible"`` (NOT private). Invalid values raise ConfigError.
+    or ``"reproducible"`` (NOT private). ``embedding_noise`` ``"dense"`` (default: every table
+    row is noised every step) or ``"sparse"`` (DP-AdaFEST: only rows selected by a noisy count
+    of the units that looked them up are noised and updated; ``sparse_selection_share`` f in
+    (0, 1) is the share of the noise precision spent on selection, ``sparse_threshold`` the
+    noisy count a row needs, in units of the contribution clip C1 = 1, i.e. a number of units
+    that each touch one row). Invalid values raise ConfigError.
     """
 
     enabled: bool = True
@@ -148,8 +159,27 @@ class PrivacyConfig:
     # the OS, unknown to anyone (default). "reproducible": torch generators seeded from `seed`, so
     # anyone who knows the seed can remove the noise: every output of such a run says NOT PRIVATE.
     randomness: str = "secure"
+    embedding_noise: str = "dense"
+    sparse_selection_share: float | None = None   # None: DEFAULT_SPARSE_SELECTION_SHARE
+    sparse_threshold: float | None = None         # None: DEFAULT_SPARSE_THRESHOLD
 
     def __post_init__(self) -> None:
+        if self.embedding_noise not in EMBEDDING_NOISE:
+            raise ConfigError("privacy.embedding_noise", f"unknown mode {self.embedding_noise!r}",
+                              allowed=", ".join(EMBEDDING_NOISE))
+        if self.sparse_selection_share is not None:
+            v = self.sparse_selection_share
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ConfigError("privacy.sparse_selection_share", f"must be a number in (0, 1), got {v!r}")
+        if self.sparse_threshold is not None:
+            _positive("privacy.sparse_threshold", self.sparse_threshold, integer=False)
+        sparse_set = [f for f in ("sparse_selection_share", "sparse_threshold") if getattr(self, f) is not None]
+        if sparse_set and self.embedding_noise != "sparse":
+            raise ConfigError(f"privacy.{sparse_set[0]}", "only applies to privacy.embedding_noise: sparse",
+                              allowed="embedding_noise: sparse, or drop it")
+        if self.embedding_noise == "sparse" and not self.enabled:
+            raise ConfigError("privacy.embedding_noise", "sparse set on a non-private run (--no-dp / enabled: false)",
+                              allowed="drop it, or train with DP")
         if self.unit not in UNITS and self.unit != "auto":
             raise ConfigError("privacy.unit", f"unknown unit {self.unit!r}", allowed=", ".join(("auto", *UNITS)))
         if self.randomness not in RANDOMNESS:
@@ -185,6 +215,15 @@ class PrivacyConfig:
             raise ConfigError("privacy.epsilon", f"target {target:g} is above the budget {self.epsilon_budget:g}: "
                               "every round past the budget would be refused",
                               allowed=f"a target <= {self.epsilon_budget:g}")
+
+    @property
+    def sparse_settings(self) -> tuple[float, float] | None:
+        """``(selection share, threshold)`` with defaults filled in; None for dense noise."""
+        if self.embedding_noise != "sparse":
+            return None
+        share = DEFAULT_SPARSE_SELECTION_SHARE if self.sparse_selection_share is None else self.sparse_selection_share
+        tau = DEFAULT_SPARSE_THRESHOLD if self.sparse_threshold is None else self.sparse_threshold
+        return float(share), float(tau)
 
     @property
     def target_epsilon(self) -> float | None:

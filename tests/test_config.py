@@ -61,8 +61,24 @@ def test_private_by_default_at_the_default_target():
     ({"epsilon": float("inf")}, "privacy.epsilon"),
     ({"delta": float("nan")}, "privacy.delta"),
     ({"enabled": "yes"}, "privacy.enabled"),
+    ({"embedding_noise": "sprase"}, "privacy.embedding_noise"),
+    ({"sparse_threshold": 2}, "privacy.sparse_threshold"),            # without embedding_noise: sparse
+    ({"embedding_noise": "sparse", "sparse_selection_share": 1.0}, "privacy.sparse_selection_share"),
+    ({"embedding_noise": "sparse", "sparse_selection_share": True}, "privacy.sparse_selection_share"),
+    ({"embedding_noise": "sparse", "sparse_threshold": -1}, "privacy.sparse_threshold"),
+    ({"embedding_noise": "sparse", "sparse_threshold": float("nan")}, "privacy.sparse_threshold"),
+    ({"enabled": False, "embedding_noise": "sparse"}, "privacy.embedding_noise"),
 ])
 def test_conflicting_or_non_finite_privacy_settings_name_the_field(privacy, field):
     with pytest.raises(ConfigError) as e:
         config_from_dict({"privacy": privacy})
     assert e.value.field == field
+
+
+def test_sparse_embedding_noise_defaults_and_settings():
+    assert config_from_dict({}).privacy.sparse_settings is None
+    p = config_from_dict({"privacy": {"embedding_noise": "sparse"}}).privacy
+    assert p.sparse_settings == (0.2, 3.0)
+    p = config_from_dict({"privacy": {"embedding_noise": "sparse", "sparse_selection_share": 0.4,
+                                      "sparse_threshold": 5}}).privacy
+    assert p.sparse_settings == (0.4, 5.0)

@@ -42,6 +42,12 @@ class DeepFM(nn.Module):
         layers.append(nn.Linear(width, 1))
         self.mlp = nn.Sequential(*layers)
 
+    def selection_groups(self) -> list[list[nn.Module]]:
+        """Tables always looked up with the same indices: each field's embedding and its
+        first-order weight. Sparse DP-SGD selects their rows together (one contribution map
+        entry per field row instead of two; :mod:`fedmm_secure.privacy.sparse_noise`)."""
+        return [[self.embeddings[n], self.linear[n]] for n in self.field_names]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: int64 (B, n_fields) in the order of ``fields``; returns logits (B,)."""
         embs = torch.stack([self.embeddings[n](x[:, i]) for i, n in enumerate(self.field_names)], dim=1)

@@ -7,6 +7,9 @@ Every optimisation step on raw interactions goes through :meth:`DPTrainer.step`,
 2. computes ``sum_u clip_C(grad_u)`` over the units (records or users) of the draw, adds
    Gaussian noise of std ``noise_multiplier * C`` to every trainable parameter (dense, the whole
    embedding table included) and divides by the expected batch size ``q * N`` as Opacus does,
+   With ``sparse`` (DP-AdaFEST, :mod:`.sparse_noise`) the embedding tables instead get noise
+   only on rows selected by a noisy count of the units that looked them up; the other rows
+   get no update, and the event carries sigma as the effective multiplier of the split.
 3. reports ``SubsampledGaussianEvent(q, sigma, steps=1, unit)`` through ``on_event`` and only
    then lets the wrapped optimizer apply the update. If ``on_event`` raises (for example the
    budget policy refuses), the update is discarded. Alternatively :meth:`DPTrainer.prepay`
@@ -37,6 +40,7 @@ from .events import SubsampledGaussianEvent
 from .fast_clipping import AddBias, GhostClipper, check_supported
 from .noise import PREFETCH_MIN_PARAMS, NoisePrefetcher
 from .sampling import PoissonDraw, PoissonRecordSampler, PoissonUserSampler
+from .sparse_noise import SparseEmbeddingNoise, SparseNoiseConfig
 from .randomness import RandomSource, SecureRandom, normal_
 
 __all__ = ["AccountingBypassError", "DPTrainer", "LossFn", "MODES", "dp_train_epoch"]
@@ -96,7 +100,8 @@ class DPTrainer:
                  noise_multiplier: float, max_grad_norm: float,
                  sampler: PoissonRecordSampler | PoissonUserSampler,
                  on_event: Callable[[SubsampledGaussianEvent], None],
-                 generator: RandomSource, mode: str = "fast", noise_prefetch: bool | None = False) -> None:
+                 generator: RandomSource, mode: str = "fast", noise_prefetch: bool | None = False,
+                 sparse: SparseNoiseConfig | None = None) -> None:
         if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier)
                 and noise_multiplier > 0):
             raise ConfigError("noise_multiplier",
@@ -152,6 +157,14 @@ class DPTrainer:
         # page faults comparable to the noise itself.
         self._buffers: dict[int, torch.Tensor] = {}
         shared_source = generator is sampler.generator
+        self._sparse: SparseEmbeddingNoise | None = None
+        if sparse is not None:
+            if mode != "fast" or noise_prefetch:
+                raise ConfigError("sparse", "sparse embedding noise needs mode='fast' without noise_prefetch")
+            noise_prefetch = False
+            self._sparse = SparseEmbeddingNoise(model, sparse, noise_multiplier=self.noise_multiplier,
+                                                max_grad_norm=self.max_grad_norm,
+                                                scale=1.0 / sampler.expected_batch_size)
         if noise_prefetch and (mode != "fast" or shared_source):
             raise ConfigError("noise_prefetch", "needs mode='fast' and a noise source of its own "
                               "(not the sampler's generator)")
@@ -185,10 +198,14 @@ class DPTrainer:
         """Report one event covering the next ``steps`` steps, before any of them runs."""
         if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
             raise ConfigError("steps", f"must be a positive int, got {steps!r}")
-        event = SubsampledGaussianEvent(self.sample_rate, self.noise_multiplier, steps, self.unit)
+        event = self._event(steps)
         self._on_event(event)  # raises -> nothing prepaid
         self._prepaid += steps
         return event
+
+    def _event(self, steps: int) -> SubsampledGaussianEvent:
+        split = None if self._sparse is None else self._sparse.split
+        return SubsampledGaussianEvent(self.sample_rate, self.noise_multiplier, steps, self.unit, split=split)
 
     @property
     def sample_rate(self) -> float:
@@ -253,10 +270,18 @@ class DPTrainer:
         # the noise std and the clip factors (same noise stream, one pass less per table).
         if self._prefetch is not None:
             return dict(zip(self._params, self._prefetch.take()))
-        std = self._noise_std()
-        return {p: normal_(self.generator, self._buffer(p), std) for p in self._params}
+        return {p: self._fill(p) for p in self._params}
+
+    def _fill(self, p: nn.Parameter) -> torch.Tensor:
+        """``p``'s buffer holding its dense noise, or zeros for a table under sparse noise
+        (its selected rows are noised after the clipped sum)."""
+        if self._sparse is not None and self._sparse.is_table(p):
+            return self._sparse.zeroed(p, self._buffer(p))
+        return normal_(self.generator, self._buffer(p), self._noise_std())
 
     def _noise_std(self) -> float:
+        if self._sparse is not None:
+            return self._sparse.gradient_std
         return self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
 
     def _buffer(self, p: nn.Parameter) -> torch.Tensor:
@@ -273,10 +298,7 @@ class DPTrainer:
         if self._lazy_noise and self._prefetch is None:
             # The clipper visits parameters in the optimizer's order: draw each one's noise
             # only when its layer is reached, after the backward pass has freed activations.
-            std = self.noise_multiplier * self.max_grad_norm / self.sampler.expected_batch_size
-
-            def into(p: nn.Parameter) -> torch.Tensor:
-                return normal_(self.generator, self._buffer(p), std)
+            into = self._fill
         else:
             pending: dict[nn.Parameter, torch.Tensor] = {}
 
@@ -287,12 +309,17 @@ class DPTrainer:
         noisy = clipper.clipped_sum(loss, draw.group_ids, draw.num_units,
                                     max_grad_norm=self.max_grad_norm, into=into,
                                     scale=1.0 / self.sampler.expected_batch_size)
+        if self._sparse is not None:
+            self._sparse.apply_(noisy, clipper.last_lookups, draw.num_units, self.generator)
         for p in self._params:
             p.grad = noisy[p]
         return loss
 
     def _noise_only_grads(self) -> None:
-        for p, buf in self._noise_into_grads().items():
+        grads = self._noise_into_grads()
+        if self._sparse is not None:  # no lookups: selection from count noise alone
+            self._sparse.apply_(grads, {}, 0, self.generator)
+        for p, buf in grads.items():
             p.grad = buf
 
     def step(self, batch: Any, *, draw: PoissonDraw) -> float:
@@ -320,8 +347,7 @@ class DPTrainer:
             else:
                 # Recorded before the update exists anywhere but in .grad: a refusal or crash
                 # here leaves the model as it was.
-                self._on_event(SubsampledGaussianEvent(self.sample_rate, self.noise_multiplier,
-                                                       1, self.unit))
+                self._on_event(self._event(1))
         except BaseException:
             self._discard()
             raise

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .clipping_layers import SUPPORTED_LAYERS, AddBias, check_supported, own_trainable
+from .unit_norms import clip_factors, embedding_unit_sq_norms, is_identity, linear_unit_sq_norms
 
 __all__ = [
     "AddBias",
@@ -42,136 +44,6 @@ __all__ = [
     "embedding_unit_sq_norms",
     "check_supported",
 ]
-
-# Same stabiliser as Opacus (DPOptimizer.clip_and_accumulate), so results agree bit for bit
-# where the arithmetic order allows.
-_CLIP_EPS = 1e-6
-
-
-class AddBias(nn.Module):
-    """``x + bias``: a free-standing bias as a layer, so its per-unit gradient is known.
-
-    A bare ``nn.Parameter`` used inside a model's ``forward`` cannot be clipped per sample
-    (nothing tells how it enters the computation); wrap it in this layer instead.
-    """
-
-    def __init__(self, shape: int | tuple[int, ...] = 1) -> None:
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.bias
-
-
-SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
-    nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, AddBias)
-
-# Layers that mix the records of a batch: per-sample gradients are meaningless with them.
-_BATCH_MIXING = (nn.modules.batchnorm._BatchNorm,)
-
-
-def _own_trainable(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-
-
-def check_supported(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return the (name, layer) pairs owning trainable parameters; raise on anything else."""
-    layers: list[tuple[str, nn.Module]] = []
-    allowed = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
-    for name, module in model.named_modules():
-        label = name or type(model).__name__
-        if isinstance(module, _BATCH_MIXING):
-            raise ConfigError("model", f"layer {label!r} ({type(module).__name__}) mixes the "
-                              "records of a batch, which breaks per-sample clipping; use "
-                              "nn.LayerNorm", allowed=allowed)
-        own = _own_trainable(module)
-        if not own:
-            continue
-        if type(module) not in SUPPORTED_LAYERS:
-            extra = (" (a bare nn.Parameter: wrap it in fedmm_secure.privacy.fast_clipping."
-                     "AddBias)" if not isinstance(module, SUPPORTED_LAYERS) else "")
-            raise ConfigError("model", f"layer {label!r} of type {type(module).__name__} owns "
-                              f"trainable parameters {[n for n, _ in own]} but per-sample "
-                              f"clipping is not implemented for it{extra}", allowed=allowed)
-        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-            if module.max_norm is not None:
-                raise ConfigError("model", f"embedding {label!r} uses max_norm, which rewrites "
-                                  "weights during the forward pass", allowed="max_norm=None")
-            if module.scale_grad_by_freq:
-                raise ConfigError("model", f"embedding {label!r} uses scale_grad_by_freq, which "
-                                  "couples records", allowed="scale_grad_by_freq=False")
-            if module.sparse:
-                raise ConfigError("model", f"embedding {label!r} is sparse; DP noise makes every "
-                                  "gradient dense", allowed="sparse=False")
-        if isinstance(module, nn.EmbeddingBag) and module.mode == "max":
-            raise ConfigError("model", f"embedding bag {label!r} uses mode='max'",
-                              allowed="'sum', 'mean'")
-        layers.append((label, module))
-    return layers
-
-
-def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Opacus's flat clipping factor ``min(1, C / (||g|| + 1e-6))`` per unit."""
-    return (max_grad_norm / (sq_norms.sqrt() + _CLIP_EPS)).clamp(max=1.0)
-
-
-def _padded(rows: torch.Tensor, gid: torch.Tensor, num_units: int) -> torch.Tensor:
-    """Rows grouped by unit into a zero-padded ``(G, L, d)`` tensor (L = largest group)."""
-    counts = torch.bincount(gid, minlength=num_units)
-    order = torch.argsort(gid, stable=True)
-    sorted_gid = gid[order]
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(gid.numel(), device=gid.device) - starts[sorted_gid]
-    length = int(counts.max()) if gid.numel() else 0
-    out = rows.new_zeros((num_units, length, rows.shape[-1]))
-    out[sorted_gid, pos] = rows[order]
-    return out
-
-
-def _is_identity(gid: torch.Tensor, num_units: int) -> bool:
-    return gid.numel() == num_units and bool(
-        torch.equal(gid, torch.arange(num_units, device=gid.device)))
-
-
-def linear_unit_sq_norms(a: torch.Tensor, g: torch.Tensor, gid: torch.Tensor,
-                         num_units: int, *, identity: bool | None = None) -> torch.Tensor:
-    """Squared Frobenius norm per unit of ``sum_{r: gid[r]=u} g_r a_r^T`` (weight only).
-
-    ``a``: (R, in) layer inputs, ``g``: (R, out) output gradients, ``gid``: (R,) unit ids;
-    ``identity`` says ``gid == arange(num_units)`` when the caller knows it.
-    """
-    if identity is None:
-        identity = _is_identity(gid, num_units)
-    if identity:
-        return a.pow(2).sum(1) * g.pow(2).sum(1)
-    ap, gp = _padded(a, gid, num_units), _padded(g, gid, num_units)
-    length, d_in, d_out = ap.shape[1], a.shape[1], g.shape[1]
-    if length * (d_in + d_out) <= d_in * d_out:
-        # Ghost form: the unit gradient's squared norm from the two Gram matrices.
-        return (torch.bmm(ap, ap.transpose(1, 2)) * torch.bmm(gp, gp.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(gp.transpose(1, 2), ap).pow(2).sum((1, 2))
-
-
-def embedding_unit_sq_norms(idx: torch.Tensor, g: torch.Tensor, gid: torch.Tensor,
-                            num_units: int, num_embeddings: int, *,
-                            identity: bool = False) -> torch.Tensor:
-    """Squared norm per unit of an embedding table's gradient.
-
-    Row ``v`` of unit ``u``'s gradient is the sum of ``g_r`` over lookups ``r`` of ``u`` with
-    ``idx[r] = v``; lookups sharing (unit, index) are summed before squaring.
-    """
-    if identity:  # one lookup per unit: nothing to merge
-        return g.pow(2).sum(1)
-    out = g.new_zeros(num_units)
-    if idx.numel() == 0:
-        return out
-    key = gid * num_embeddings + idx
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    if uniq.numel() == key.numel():
-        return out.index_add_(0, gid, g.pow(2).sum(1))
-    summed = g.new_zeros((uniq.numel(), g.shape[1])).index_add_(0, inverse, g)
-    return out.index_add_(0, torch.div(uniq, num_embeddings, rounding_mode="floor"),
-                          summed.pow(2).sum(1))
 
 
 @dataclass
@@ -266,9 +138,12 @@ class GhostClipper:
         self._param_names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         # Per-layer parameter lists and lookup, fixed at construction like the optimizer's
         # parameter set (walking named_parameters every step was a visible share of small steps).
-        self._own = {id(m): [p for _, p in _own_trainable(m)] for _, m in self.layers}
+        self._own = {id(m): [p for _, p in own_trainable(m)] for _, m in self.layers}
         self._by_id = {id(m): m for _, m in self.layers}
         self.last_sq_norms: torch.Tensor | None = None
+        # id(table) -> (rows looked up, unit of each lookup) of the last clipped_sum: what
+        # sparse DP-SGD selects rows from (privacy.sparse_noise).
+        self.last_lookups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def param_order(self) -> list[nn.Parameter]:
         """Trainable parameters in the order ``clipped_sum`` visits them."""
@@ -387,7 +262,7 @@ class GhostClipper:
         live = [c for c in calls if c.output.requires_grad]
         outs = torch.autograd.grad(loss.sum(), [c.output for c in live], allow_unused=True) \
             if live else []
-        record_level = _is_identity(gid, num_units)
+        record_level = is_identity(gid, num_units)
         per_layer: dict[int, list[_Rows]] = {}
         for c, go in zip(live, outs):
             if go is None:
@@ -398,6 +273,8 @@ class GhostClipper:
         sq = loss.new_zeros(num_units, dtype=torch.float32 if not loss.is_floating_point()
                             else loss.dtype).detach()
         merged: dict[int, _Rows] = {}
+        lookups: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_lookups = lookups
         for key, rows in per_layer.items():
             module = self._by_id[key]
             r = rows[0] if len(rows) == 1 else _Rows(
@@ -406,6 +283,8 @@ class GhostClipper:
                 g=torch.cat([x.g for x in rows]),
                 idx=None if rows[0].idx is None else torch.cat([x.idx for x in rows]))
             merged[key] = r
+            if r.kind == "emb":
+                lookups[key] = (r.idx, r.gid)
             sq = sq + self._sq_norms(module, r, num_units)
         per_layer.clear()
         self.last_sq_norms = sq

@@ -20,6 +20,7 @@ so that training and validation releases together compose to the target.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import defaultdict
@@ -35,10 +36,12 @@ from .accountant import PrivacyAccountant, make_accountant
 from .budget import BudgetPolicy
 from .calibration import calibrate_noise_multiplier
 from .dpsgd import DPTrainer, dp_train_epoch
-from .events import SubsampledGaussianEvent
+from .events import NoiseSplit, SubsampledGaussianEvent
 from .ledger import Ledger
 from .randomness import RANDOMNESS, RandomSource, SecureRandom
 from .sampling import PoissonRecordSampler, PoissonUserSampler, capped_sample_rate
+from .sparse_noise import SparseNoiseConfig
+from .sparse_selection import split_noise_multiplier
 from .validation import VALIDATION_SHARE, ValidationAccess
 
 __all__ = ["MarketPlan", "PrivacySession", "plan_markets"]
@@ -94,10 +97,14 @@ class PrivacySession:
                  randomness: str, noise_seed: int | None = None, market_noise_multiplier: float | None = None,
                  upload_rng: np.random.Generator | None = None, federation_size: int | None = None,
                  interactions: Mapping[str, np.ndarray] | None = None,
-                 validation_releases: Mapping[str, int] | None = None) -> None:
+                 validation_releases: Mapping[str, int] | None = None,
+                 sparse: SparseNoiseConfig | None = None) -> None:
         if (noise_multiplier is None) == (target_epsilon is None):
             raise ConfigError("privacy.noise_multiplier", "give exactly one of a noise multiplier or a target epsilon")
         self.unit, self.delta, self.max_grad_norm = unit, delta, max_grad_norm
+        # Sparse embedding noise (DP-AdaFEST) splits each market's calibrated multiplier; the
+        # accounting is unchanged (the split composes to it), the ledger records the split.
+        self.sparse = sparse
         # Interaction id of every training row, per market (unit="interaction"); a market without
         # them has one row per interaction.
         self.interactions = {m: np.asarray(v, np.int64) for m, v in (interactions or {}).items()}
@@ -204,8 +211,16 @@ class PrivacySession:
         trainer = DPTrainer(model, optimizer, loss_fn=lambda mdl, idx: loss_fn(mdl, idx),
                             noise_multiplier=self.noise_multipliers[market], max_grad_norm=self.max_grad_norm,
                             sampler=sampler, on_event=lambda e, m=market: self._on_event(m, e),
-                            generator=noise_gen)
+                            generator=noise_gen, sparse=self.sparse)
         return _DPLocal(trainer)
+
+    def noise_split(self, market: str) -> NoiseSplit | None:
+        """How ``market``'s DP-SGD noise is split between row selection and the gradient
+        (None for dense noise)."""
+        if self.sparse is None:
+            return None
+        s1, s2 = split_noise_multiplier(self.noise_multipliers[market], self.sparse.selection_share)
+        return NoiseSplit(s1, s2, float(self.sparse.threshold), float(self.sparse.contribution_clip))
 
     def _on_event(self, market: str, event: SubsampledGaussianEvent) -> None:
         self._pending[market] += event.steps
@@ -248,7 +263,8 @@ class PrivacySession:
         for m in self.plans:
             steps = self._pending.pop(m, 0)
             if steps:
-                event = SubsampledGaussianEvent(self.plans[m].sample_rate, self.noise_multipliers[m], steps, self.unit)
+                event = SubsampledGaussianEvent(self.plans[m].sample_rate, self.noise_multipliers[m], steps, self.unit,
+                                                split=self.noise_split(m))
                 if self.ledger is not None:
                     self.ledger.record_event(m, rid, event)
                 self.accountants[m].compose(event)
@@ -367,6 +383,8 @@ class PrivacySession:
                 "certified": rep.certified,
                 "bound": rep.bound,
                 "noise_multiplier": self.noise_multipliers[m],
+                "embedding_noise": "dense" if self.sparse is None else {
+                    "mode": "sparse", **dataclasses.asdict(self.noise_split(m))},
                 "validation": {"releases_planned": self.validation_releases.get(m, 0),
                                "releases_used": self.validation_used.get(m, 0),
                                "noise_multiplier": self.validation_noise_multipliers.get(m)},

@@ -100,6 +100,7 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
 
     from ..privacy.budget import BudgetPolicy
     from ..privacy.session import PrivacySession, plan_markets
+    from ..privacy.sparse_noise import sparse_noise_config
 
     p = cfg.privacy
     plans = plan_markets(unit=cfg.privacy_unit(), batch_size=settings.batch_size, epochs={STAGE: settings.epochs},
@@ -118,6 +119,7 @@ def _privacy_session(cfg: RunConfig, settings: PFSettings, markets: list[MarketD
                           noise_seed=cfg.seed * 7_919 + 1_000 + method_index,
                           # Alpha choices and Platt fits on validation rows: planned with training,
                           # the target covers both. A throwaway client gives the block layout.
+                          sparse=sparse_noise_config(p),
                           validation_releases={m.name: validation_releases(
                               method, settings, cfg.rounds,
                               make_client(markets[0], settings, METHODS[method], weight=1.0,

@@ -30,6 +30,20 @@ def test_bad_run_flags_exit_2_and_leave_no_directory(flags, field, tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.parametrize("privacy, field", [
+    ({"embedding_noise": "sparse", "sparse_selection_share": 1.5}, "privacy.sparse_selection_share"),
+    ({"embedding_noise": "sparse", "sparse_threshold": "high"}, "privacy.sparse_threshold"),
+    ({"embedding_noise": "half"}, "privacy.embedding_noise"),
+])
+def test_bad_sparse_noise_settings_exit_2_with_one_line(privacy, field, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({**TINY, "privacy": privacy}))
+    out = tmp_path / "never"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 2
+    assert field in _one_error_line(capsys)
+    assert not out.exists()
+
+
 def test_out_that_is_a_file_or_holds_results_is_refused_before_work(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")

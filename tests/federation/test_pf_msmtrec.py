@@ -428,3 +428,34 @@ def test_tracked_personal_side_is_previous_mix_plus_own_update(scenarios):
     np.testing.assert_allclose(c.personal_vec, np.full(dim, 0.4), atol=1e-6)
     client_receive(c, METHODS["pf_msmtrec"], total, (1.0,), start=c.shared_vector())   # alpha 1: global
     np.testing.assert_allclose(c.shared_vector(), np.zeros(dim), atol=1e-6)
+
+
+def test_private_run_with_sparse_embedding_noise_records_the_split(tmp_path, monkeypatch):
+    # PF-MSMTrec's MMoE trains through the same privacy session: with sparse embedding noise its
+    # DP steps go through the selection mechanism and the split is what the run reports.
+    from fedmm_secure.privacy.sparse_noise import SparseEmbeddingNoise
+
+    calls = []
+    real = SparseEmbeddingNoise.apply_
+
+    def spy(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SparseEmbeddingNoise, "apply_", spy)
+    cfg = config_from_dict({
+        "seed": 0, "rounds": 1, "secagg": "masking", "model_family": "pf-msmtrec",
+        "privacy": {"enabled": True, "epsilon": 4.0, "randomness": "reproducible", "embedding_noise": "sparse",
+                    "sparse_selection_share": 0.3, "sparse_threshold": 2.0},
+        "pf": {"dim": 4, "n_experts": 2, "expert_hidden": [6], "tower_hidden": 4, "batch_size": 32,
+               "methods": ["pf_msmtrec"],
+               "data": {"scenarios": [{"name": s.name, "n_users": s.n_users, "n_items": s.n_items,
+                                       "impressions_per_user": s.impressions_per_user} for s in TINY[:2]]}}})
+    res = pf_run.run_pf_experiment(cfg, out_dir=tmp_path)
+    assert calls, "no DP step went through the sparse mechanism"
+    for p in res["privacy"].values():
+        split = p["embedding_noise"]
+        assert split["mode"] == "sparse" and split["threshold"] == 2.0
+        s1, s2 = split["selection_noise_multiplier"], split["gradient_noise_multiplier"]
+        assert abs((s1 ** -2 + s2 ** -2) ** -0.5 - p["noise_multiplier"]) <= 1e-9 * p["noise_multiplier"]
+        assert 0 < p["epsilon"] <= 4.0 * 1.01

@@ -19,6 +19,7 @@ from ...data.market import MarketData
 from ...privacy.budget import BudgetPolicy
 from ...privacy.events import SubsampledGaussianEvent
 from ...privacy.session import PrivacySession, plan_markets
+from ...privacy.sparse_noise import sparse_noise_config
 from ...privacy.validation import PLATT_STEPS
 
 if TYPE_CHECKING:
@@ -77,4 +78,5 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                           # Upload noise must be unpredictable to the other parties: OS entropy.
                           upload_rng=np.random.default_rng(secrets.randbits(128)),
                           # Validation releases are planned with training: the target covers both.
+                          sparse=sparse_noise_config(p),
                           validation_releases={m.name: validation_releases(cfg, method) for m in markets})
