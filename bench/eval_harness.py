@@ -13,8 +13,8 @@ and records the exact command line. Examples::
     python bench/eval_harness.py --data xmrec:DIR --seeds 0-4 --privacy none,8 \
         --methods local,fedavg,fedmm --out runs/h_xmrec
 
-``--workers 2`` runs two (seed, setting) runs at a time, each in its own process with
-``--threads`` torch threads (default 1); results do not depend on it
+``--workers N`` runs N (seed, setting) runs at a time (default: one per usable core), each in
+its own process with ``--threads`` torch threads (default 1); results do not depend on it
 (``fedmm_secure.workflows.run_batch``). On the 2-core reference machine the XMRec harness
 (5 seeds, every method, no DP and epsilon 8) is timed in ``bench/RESULTS_throughput.md``.
 
@@ -224,11 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="store_true", help="keep finished runs' results.json")
     ap.add_argument("--no-train", action="store_true",
                     help="summarise the finished runs under --out only (seeds without results.json are left out)")
-    ap.add_argument("--workers", type=_positive_int, default=1,
-                    help="runs at a time, each in its own process (results do not depend on it)")
+    ap.add_argument("--workers", type=_positive_int, default=None,
+                    help="runs at a time, each in its own process (results do not depend on it; "
+                         "default: one per usable core)")
     ap.add_argument("--threads", type=_positive_int, default=1, help="torch intra-op threads per run")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if args.workers is None:
+        # One single-threaded run per core: the runs are independent, so this uses the machine
+        # better than one run with a thread per core (small DeepFM steps scale poorly on threads).
+        args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     seeds = parse_seeds(args.seeds)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
