@@ -41,7 +41,6 @@ from .ledger import Ledger
 from .randomness import RANDOMNESS, RandomSource, SecureRandom
 from .sampling import PoissonRecordSampler, PoissonUserSampler, capped_sample_rate
 from .sparse_noise import SparseNoiseConfig
-from .sparse_selection import split_noise_multiplier
 from .validation import VALIDATION_SHARE, ValidationAccess
 
 __all__ = ["MarketPlan", "PrivacySession", "plan_markets"]
@@ -217,10 +216,7 @@ class PrivacySession:
     def noise_split(self, market: str) -> NoiseSplit | None:
         """How ``market``'s DP-SGD noise is split between row selection and the gradient
         (None for dense noise)."""
-        if self.sparse is None:
-            return None
-        s1, s2 = split_noise_multiplier(self.noise_multipliers[market], self.sparse.selection_share)
-        return NoiseSplit(s1, s2, float(self.sparse.threshold), float(self.sparse.contribution_clip))
+        return None if self.sparse is None else self.sparse.split(self.noise_multipliers[market])
 
     def _on_event(self, market: str, event: SubsampledGaussianEvent) -> None:
         self._pending[market] += event.steps

@@ -48,6 +48,12 @@ class SparseNoiseConfig:
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
                 raise ConfigError(name, f"must be finite and > 0, got {v!r}")
 
+    def split(self, noise_multiplier: float) -> NoiseSplit:
+        """How a calibrated (effective) ``noise_multiplier`` is split under this config: what
+        the trainer runs and what its ledger events record."""
+        sigma1, sigma2 = split_noise_multiplier(noise_multiplier, self.selection_share)
+        return NoiseSplit(sigma1, sigma2, float(self.threshold), float(self.contribution_clip))
+
 
 def sparse_noise_config(privacy: PrivacyConfig) -> SparseNoiseConfig | None:
     """The run config's ``privacy.embedding_noise`` settings (None for dense noise)."""
@@ -85,8 +91,8 @@ class SparseEmbeddingNoise:
         if not isinstance(config, SparseNoiseConfig):
             raise ConfigError("sparse", f"must be a SparseNoiseConfig, got {type(config).__name__}")
         self.config = config
-        self.sigma1, self.sigma2 = split_noise_multiplier(noise_multiplier, config.selection_share)
-        self.split = NoiseSplit(self.sigma1, self.sigma2, float(config.threshold), float(config.contribution_clip))
+        self.split = config.split(noise_multiplier)
+        self.sigma1, self.sigma2 = self.split.selection_noise_multiplier, self.split.gradient_noise_multiplier
         if not math.isclose(self.split.effective_noise_multiplier, noise_multiplier, rel_tol=1e-9):
             raise ConfigError("sparse", "the selection/gradient split does not compose to the noise multiplier")
         self.groups = selection_groups(model)
