@@ -67,14 +67,13 @@ def run_jobs(jobs: Sequence[RunJob], *, workers: int = 1, threads: int = 1,
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ConfigError(name, f"must be an int >= 1, got {v!r}")
     # Configs are checked here, so a bad one fails before any run starts (or any worker spawns).
-    for job in jobs:
-        config_from_dict(job.config)
+    configs = [config_from_dict(job.config) for job in jobs]
     results: list[dict | None] = [None] * len(jobs)
     if workers == 1 or len(jobs) <= 1:
         torch.set_num_threads(threads)
-        for i, job in enumerate(jobs):
+        for i, (job, cfg) in enumerate(zip(jobs, configs)):
             tick = None if progress is None else (lambda msg, _f, job=job: progress(job, msg))
-            results[i] = run_experiment(config_from_dict(job.config), out_dir=job.out_dir, progress=tick)
+            results[i] = run_experiment(cfg, out_dir=job.out_dir, progress=tick)
             if on_done is not None:
                 on_done(job, results[i])
         return [r for r in results if r is not None]
