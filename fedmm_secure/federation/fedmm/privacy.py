@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 def validation_releases(cfg: RunConfig, method: str) -> int:
     """Gaussian releases from one market's validation rows in a private run of ``method``
     (:mod:`.selection`): one model comparison when federated (the last round's local against its
-    averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit."""
+    averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit; plus, with
+    ``model.key_weights: counts``, the federated methods' one release of per-product training
+    counts (:mod:`.joint`), planned the same way (a full-batch Gaussian mechanism)."""
     federated = method in ("fedavg", "fedmm")
     comparisons = 1 if federated and cfg.model.select_by_validation else 0
-    return comparisons + (PLATT_STEPS if cfg.model.calibrate else 0)
+    counts = 1 if federated and cfg.model.design == "joint" and cfg.model.key_weights == "counts" else 0
+    return comparisons + counts + (PLATT_STEPS if cfg.model.calibrate else 0)
 
 
 def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
