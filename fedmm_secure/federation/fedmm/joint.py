@@ -160,21 +160,6 @@ def _average_keys(r: MarketRun, meta: PublicMeta, hooks: RoundHooks, rnd: int, b
             lin.copy_(new[:, emb.shape[1]:])
 
 
-@torch.no_grad()
-def _warm_start_code_rows(r: MarketRun, n_shared: int) -> None:
-    """Start the rows that codes bring into use from the row their items used before.
-
-    Until the codes exist no item reads a level-1 code row of the key table or a level-2 code
-    row other than 0, so under DP those rows were trained on noise alone; the items that move
-    to them read the "listed only here" row (level 1) and row 0 (level 2) until then, so those
-    rows are where their new rows start. Post-processing of DP-trained parameters; the same in
-    every market listing the row (the "listed only here" row was just averaged)."""
-    for table in (r.ctr.embeddings["key"].weight, r.ctr.linear["key"].weight):
-        table[n_shared + 1:] = table[n_shared]
-    for table in (r.ctr.embeddings["code2"].weight, r.ctr.linear["code2"].weight):
-        table[1:] = table[0]
-
-
 def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, seed: int, meta: PublicMeta,
                 trainers: TrainerFactory, hooks: RoundHooks, progress: Callable[[str], None]) -> Pipeline:
     """``method`` for one market; the only raw-data stage is ``"ctr"`` (one DP event stream)."""
@@ -248,7 +233,6 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
                 key = _column(r, "key")
                 _set_column(r, "key", np.where(key >= n_shared, n_shared + 1 + c1, key))
                 _set_column(r, "code2", c2)
-                _warm_start_code_rows(r, n_shared)
         progress(f"ctr round {rnd + 1}/{rounds}")
     kept = selector.kept()
     if kept is not None:
