@@ -102,11 +102,12 @@ class ModelConfig:
     design: str = "joint"
     code_round: int = 0          # joint design: codes are made after this CTR round
     vq_rounds: int = 4           # joint design: federated RQ-VAE rounds when codes are made
-    # How a shared product's row is averaged over the markets that list it: "size", by each
-    # market's training-set size (public); "counts", by each market's number of training
-    # interactions with that product, released once per run under DP (one accounted Gaussian
-    # release, federation/catalogue.py says why).
-    key_weights: str = "size"
+    # How a shared product's row is averaged over the markets that list it: "counts", by each
+    # market's number of training interactions with that product, released once per run under
+    # DP (one accounted Gaussian release; federation/catalogue.py says why); "size", by each
+    # market's training-set size (public, nothing released). Counts chosen on development seeds
+    # (bench/RESULTS_fedmm_dp.md).
+    key_weights: str = "counts"
 
     def __post_init__(self) -> None:
         for f in ("cf_dim", "cf_epochs", "latent_dim", "vq_hidden", "n_global", "n_local", "vq_epochs",

@@ -92,8 +92,8 @@ def test_count_weights_are_each_markets_interactions_with_the_product(markets):
     from fedmm_secure.federation.catalogue import count_weights
 
     ss = _Keys(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
-    model = dataclasses.replace(MODEL, key_weights="counts")
-    out = fedmm.run_method("fedmm", markets, model, rounds=2, seed=0, secure_sum=ss)
+    assert MODEL.key_weights == "counts"   # the default
+    out = fedmm.run_method("fedmm", markets, MODEL, rounds=2, seed=0, secure_sum=ss)
     n_shared = 20
     for m in markets:
         r = out["runs"][m.name]
@@ -104,8 +104,8 @@ def test_count_weights_are_each_markets_interactions_with_the_product(markets):
         for up in ss.uploads:   # every round's upload carries the same weights
             weights = up[m.name][-(len(up[m.name]) // (MODEL.ctr_dim + 2)):]
             np.testing.assert_allclose(weights[:n_shared], count_weights(counts))
-    # Size weights (the default) are one number per market, whatever the product.
+    # Size weights are one number per market, whatever the product.
     ss = _Keys(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
-    fedmm.run_method("fedmm", markets, MODEL, rounds=1, seed=0, secure_sum=ss)
+    fedmm.run_method("fedmm", markets, dataclasses.replace(MODEL, key_weights="size"), rounds=1, seed=0, secure_sum=ss)
     w = ss.uploads[0]["a"][-(len(ss.uploads[0]["a"]) // (MODEL.ctr_dim + 2)):]
     assert np.unique(w[:n_shared]).size == 1

@@ -60,7 +60,8 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     plans = plan_markets(unit=cfg.privacy_unit(), batch_size=mc.batch_size,
                          # One budget: in the joint design every method trains only the CTR model on
                          # raw rows (codes and sharing are post-processing), so a FedMM market
-                         # spends exactly what `local` spends; the staged design adds a CF stage.
+                         # trains on `local`'s plan (its releases besides DP-SGD are planned below,
+                         # inside the same target); the staged design adds a CF stage.
                          epochs=({"ctr": mc.ctr_epochs} if method == "local" or mc.design == "joint"
                                  else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs}),
                          rounds=cfg.rounds,
