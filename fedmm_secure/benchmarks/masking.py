@@ -9,7 +9,7 @@ floor is the same n keystreams (it re-expands every survivor's self-mask) plus n
 
 The "AES floor" is OpenSSL's CTR mode (:func:`keystream_into`), as the targets were set. The
 masks themselves now come out of the GCM code path (:class:`MaskStream`: the same bytes, about
-1.6x faster on CPUs with VAES), so :func:`floor_ratios` also reports every ratio against that
+1.6-2.3x faster on CPUs with VAES), so :func:`floor_ratios` also reports every ratio against that
 faster floor (``*_over_fast_floor_cpu``): the honest distance to what producing the masks costs.
 """
 

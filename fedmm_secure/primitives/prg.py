@@ -13,7 +13,8 @@ on data that is still in cache rather than making one pass over main memory per 
 
 The keystream itself comes mostly out of OpenSSL's AES-GCM code path (:class:`MaskStream`),
 which runs on VAES/AVX-512 lanes where its CTR mode runs on AES-NI only: the bytes are exactly
-the AES-CTR keystream above (tests compare them with plain CTR), produced about 1.6x faster.
+the AES-CTR keystream above (tests compare them with plain CTR), produced 1.6-2.3x faster
+on the project's CPU (bench/RESULTS_masking.md).
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ class MaskStream:
     """The mask PRG's keystream: AES-256-CTR under ``key``, 128-bit big-endian counter from
     zero, read in consecutive pieces with :meth:`fill` (at most ``total`` bytes in all).
 
-    Produced through OpenSSL's GCM code path, about 1.6x faster than its CTR mode on CPUs with
+    Produced through OpenSSL's GCM code path, 1.6-2.3x faster than its CTR mode on CPUs with
     VAES (see :class:`BulkKeystream`), without changing a bit: GCM under the all-zero 96-bit
     nonce encrypts with counter blocks ``0^96 || be32(j + 2)``, which are CTR's blocks ``j + 2``
     while the counter stays below 2^32. So CTR blocks 0 and 1 (32 bytes) come from CTR mode
     and the rest is the GCM encryption of zeros, whose authentication tag is never computed.
-    Streams too long for that (over 2^36 - 32 bytes, GCM's limit per nonce) use CTR mode alone.
+    Streams too long for that (over 2^36 bytes: GCM's limit per nonce) use CTR mode alone.
     """
 
     __slots__ = ("_enc", "_head")

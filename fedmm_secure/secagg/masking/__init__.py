@@ -34,7 +34,7 @@ driver's ``drop_at`` indices):
 
 Every message, the aggregator's included, is an envelope (:mod:`..codec`) whose payload is
 ``session | body | signature``: Ed25519 (the sender's roster key) over the domain tag and the
-SHA-256 digest of every envelope byte before it (hash-then-sign: one fast pass over a megabyte
+BLAKE3 digest of every envelope byte before it (hash-then-sign: one fast pass over a megabyte
 upload instead of Ed25519's two SHA-512 passes). The session digest covers run, round, label,
 participants, length, bounds, threshold, ring, the pinned roster and, after NONCE, every nonce.
 Fewer than t markets at any stage aborts the round (:class:`AbortError`), fewer than a market's
