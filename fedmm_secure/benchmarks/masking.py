@@ -26,7 +26,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from ..primitives.digest import BulkHasher, bulk_digest
-from ..primitives.keys import SymmetricKey
+from ..primitives.keys import IdentityPrivateKey, SymmetricKey
 from ..primitives.prg import MaskStream, accumulate_masks, keystream_into
 from ..primitives.quantization import make_quantizer
 from ..primitives.shamir import recover_secret, recover_secrets, split_secret
@@ -35,7 +35,7 @@ from ..secagg.policy import MarketPolicy
 from ..secagg.masking import MASKED_INPUT, MaskingAggregator
 
 __all__ = ["bench_masking", "keystream_floor", "time_round", "floor_ratios", "mask_breakdown", "shamir_timings",
-           "QUICK_GRID", "FULL_GRID"]
+           "component_costs", "QUICK_GRID", "FULL_GRID"]
 
 QUICK_GRID = ((3, 16_384), (10, 262_144), (10, 1_048_576))
 FULL_GRID = tuple((n, d) for n in (3, 10, 50, 100) for d in (16_384, 262_144, 1_048_576))
@@ -256,6 +256,49 @@ def mask_breakdown(n: int, length: int, *, repeats: int = 5) -> dict:
     per_coord = ms["accumulate_and_hash_ms"] + ms["quantize_ms"] + ms["dequantize_ms"]
     ms["client_per_coordinate_work_over_keystream_n"] = per_coord / ms["keystream_n_ms"]
     return {"n": n, "d": length, **ms}
+
+
+def component_costs(length: int = 1 << 20, *, repeats: int = 21) -> dict:
+    """CPU ms of each piece a round is made of, alone, at ``length`` values (medians of
+    ``repeats`` interleaved samples): what the market's and the aggregator's time decomposes
+    into (bench/RESULTS_masking.md, "What is left")."""
+    n_verify = 50
+    ident = IdentityPrivateKey.generate()
+    pub, msg = ident.public_key(), os.urandom(100)
+    sig = ident.sign(msg)
+    key = os.urandom(32)
+    buf, zeros, data = bytearray(4 * length + 15), bytes(4 * length), os.urandom(4 * length)
+    q = make_quantizer(bounds=1.0, length=length, n_participants=10)
+    x = np.random.default_rng(0).uniform(-1, 1, length)
+    enc, _ = q.quantize(x)
+    total = np.zeros(length, dtype=np.uint32)
+    decoded = np.empty(length)
+
+    def chunked_add() -> None:
+        for i in range(0, length, 1 << 16):
+            seg = total[i:i + (1 << 16)]
+            np.add(seg, enc[i:i + (1 << 16)], out=seg)
+
+    pieces: dict[str, Callable[[], object]] = {
+        f"ed25519_verify_x{n_verify}": lambda: [pub.verify(sig, msg) for _ in range(n_verify)],
+        "blake3_4d_bytes": lambda: bulk_digest([data]),
+        "aes_ctr_keystream_4d_bytes": lambda: keystream_into(key, buf, zeros=zeros),
+        "gcm_path_keystream_4d_bytes": lambda: MaskStream(key, 4 * length).fill(zeros, buf),
+        "add_4d_bytes_chunked": chunked_add,
+        "quantize": lambda: q.quantize(x, out=enc),
+        "dequantize": lambda: q.dequantize_into(enc, decoded, start=0),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in pieces}
+    for fn in pieces.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in pieces.items():
+            with _Clock() as c:
+                fn()
+            samples[name].append(c.cpu)
+    out = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+    out["ed25519_verify"] = out.pop(f"ed25519_verify_x{n_verify}") / n_verify
+    return {"d": length, "cpu_ms": out, "load_average_1min": os.getloadavg()[0]}
 
 
 def shamir_timings(*, n: int = 100, repeats: int = 20) -> dict:
