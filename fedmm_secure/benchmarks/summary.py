@@ -39,11 +39,26 @@ def _masking_rows(m: dict) -> list[Row]:
         rows.append(Row("  of which the masking stage (mask + hash + sign), CPU",
                         _ms(f["client_mask_stage_cpu_ms"]), f"{floor} {_ms(f['floor_cpu_ms'])}",
                         f"{f['client_mask_stage_over_floor_cpu']:.2f}x", "(part of the above)"))
+        if "fast_floor_cpu_ms" in f:
+            # The masks come out of the GCM code path: the same keystream, faster than the CTR
+            # mode the targets' floor is measured with; against that floor too, for honesty.
+            fast = f"same keystreams, GCM path {_ms(f['fast_floor_cpu_ms'])}"
+            rows.append(Row("  market round against the faster keystream floor, CPU",
+                            _ms(f["client_cpu_ms"]), fast,
+                            f"{f['client_over_fast_floor_cpu']:.2f}x", ""))
+            rows.append(Row("  masking stage against the faster keystream floor, CPU",
+                            _ms(f["client_mask_stage_cpu_ms"]), fast,
+                            f"{f['client_mask_stage_over_fast_floor_cpu']:.2f}x", ""))
         for clock, suffix in (("CPU", "_cpu"), ("wall", "")):
             rows.append(Row(f"masking aggregator round, {tag}, {clock}",
                             _ms(f[f"server{suffix}_ms"]),
                             f"AES floor {f['n']} self-masks {_ms(f[f'floor{suffix}_ms'])}",
                             f"{f[f'server_over_floor_{clock.lower()}']:.2f}x", "<= 2x"))
+        if "fast_floor_cpu_ms" in f:
+            rows.append(Row("  aggregator round against the faster keystream floor, CPU",
+                            _ms(f["server_cpu_ms"]),
+                            f"same keystreams, GCM path {_ms(f['fast_floor_cpu_ms'])}",
+                            f"{f['server_over_fast_floor_cpu']:.2f}x", ""))
         rows.append(Row("BLAKE3 per byte (signed uploads)",
                         _ms(f["blake3_cpu_ms_per_4d_bytes"]) + " / 4d B",
                         f"AES-CTR {_ms(f['aes_ctr_keystream_cpu_ms_per_4d_bytes'])}",

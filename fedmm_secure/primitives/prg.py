@@ -10,6 +10,11 @@ Speed matters (the keystream is the floor of a masking client's cost), so keystr
 produced by one ``update_into`` of zeros into a reused buffer and viewed as uint32 without a copy.
 :func:`accumulate_masks` adds and subtracts many masks in cache-sized chunks, so the additions run
 on data that is still in cache rather than making one pass over main memory per mask.
+
+The keystream itself comes mostly out of OpenSSL's AES-GCM code path (:class:`MaskStream`),
+which runs on VAES/AVX-512 lanes where its CTR mode runs on AES-NI only: the bytes are exactly
+the AES-CTR keystream above (tests compare them with plain CTR), produced 1.6-2.3x faster
+on the project's CPU (bench/RESULTS_masking.md).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 from ..errors import ProtocolError
 from .keys import SymmetricKey
 
-__all__ = ["RING_DTYPE", "BulkKeystream", "Keystream", "expand", "accumulate_masks", "keystream_into"]
+__all__ = ["RING_DTYPE", "BulkKeystream", "Keystream", "MaskStream", "expand", "accumulate_masks",
+           "keystream_into"]
 
 RING_DTYPE = np.dtype("<u4")
 _ZERO_IV = bytes(16)
@@ -53,6 +59,46 @@ def keystream_into(key: bytes, out: bytearray | memoryview, *, iv: bytes = _ZERO
     _encryptor(key, iv).update_into(zeros, out)
 
 
+class MaskStream:
+    """The mask PRG's keystream: AES-256-CTR under ``key``, 128-bit big-endian counter from
+    zero, read in consecutive pieces with :meth:`fill` (at most ``total`` bytes in all).
+
+    Produced through OpenSSL's GCM code path, 1.6-2.3x faster than its CTR mode on CPUs with
+    VAES (see :class:`BulkKeystream`), without changing a bit: GCM under the all-zero 96-bit
+    nonce encrypts with counter blocks ``0^96 || be32(j + 2)``, which are CTR's blocks ``j + 2``
+    while the counter stays below 2^32. So CTR blocks 0 and 1 (32 bytes) come from CTR mode
+    and the rest is the GCM encryption of zeros, whose authentication tag is never computed.
+    Streams too long for that (over 2^36 bytes: GCM's limit per nonce) use CTR mode alone.
+    """
+
+    __slots__ = ("_enc", "_head")
+
+    _LEAD = 2 * _BLOCK
+    _GCM_MAX = (1 << 36) - 32    # GCM's limit per nonce, which cryptography enforces
+
+    def __init__(self, key: bytes, total: int) -> None:
+        ctr = _encryptor(key)
+        if total - self._LEAD > self._GCM_MAX or total <= self._LEAD:
+            self._enc, self._head = ctr, memoryview(b"")
+        else:
+            self._head = memoryview(ctr.update(bytes(self._LEAD)))
+            self._enc = Cipher(algorithms.AES(key), modes.GCM(bytes(12))).encryptor()
+
+    def fill(self, zeros: bytes | memoryview, out: bytearray | memoryview) -> None:
+        """Write the next ``len(zeros)`` keystream bytes to the start of ``out``. ``zeros`` is
+        that many zero bytes; ``out`` needs ``block_size - 1`` spare bytes (``update_into``)."""
+        n = len(zeros)
+        k = min(len(self._head), n)
+        if k:
+            out[:k] = self._head[:k]
+            self._head = self._head[k:]
+            if k == n:
+                return
+            zeros, out = memoryview(zeros)[k:], memoryview(out)[k:]
+        # Both modes are streams: partial blocks carry over between calls.
+        self._enc.update_into(zeros, out)
+
+
 def _check_length(length: int) -> None:
     if not isinstance(length, (int, np.integer)) or length < 1:
         raise ProtocolError(f"mask length must be a positive int, got {length!r}")
@@ -65,7 +111,7 @@ def expand(key: SymmetricKey, length: int) -> np.ndarray:
     _check_length(length)
     nbytes = 4 * int(length)
     out = bytearray(nbytes + _BLOCK - 1)
-    _encryptor(key._hazmat_bytes()).update_into(bytes(nbytes), out)
+    MaskStream(key._hazmat_bytes(), nbytes).fill(bytes(nbytes), out)
     return np.frombuffer(out, dtype=RING_DTYPE, count=int(length))
 
 
@@ -91,16 +137,16 @@ def accumulate_masks(acc: np.ndarray, *, add: Sequence[SymmetricKey],
     zeros = bytes(4 * chunk)
     buf = bytearray(4 * chunk + _BLOCK - 1)
     view = np.frombuffer(buf, dtype=RING_DTYPE, count=chunk)
-    ctxs = [(_encryptor(k._hazmat_bytes()), op) for k, op in keys]
+    ctxs = [(MaskStream(k._hazmat_bytes(), 4 * length), op) for k, op in keys]
     zmv = memoryview(zeros)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         m = stop - start
         part = acc[start:stop]
         src = zmv if m == chunk else zmv[:4 * m]
-        for enc, op in ctxs:
-            # CTR state carries over between calls, so chunked output equals one long stream.
-            enc.update_into(src, buf)
+        for stream, op in ctxs:
+            # Stream state carries over between calls, so chunked output equals one long stream.
+            stream.fill(src, buf)
             op(part, view[:m], out=part)
         if finish_chunk is not None:
             finish_chunk(part)

@@ -68,9 +68,13 @@ class Quantizer:
         """Encode ``x`` into ring elements (uint32); returns ``(encoded, clipped_count)``.
 
         Runs in cache-sized chunks (one pass over main memory instead of one per operation);
-        ``out`` may be a preallocated uint32 vector to write into.
+        ``out`` may be a preallocated uint32 vector to write into. A float32 ``x`` is read as
+        it is (each value widened to float64 inside the arithmetic, exactly as converting it
+        first would), so it costs no float64 copy of the input.
         """
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
+        if x.dtype != np.float32:
+            x = np.asarray(x, dtype=np.float64)
         if x.shape != (self.length,):
             raise ProtocolError(f"input of shape {x.shape}, expected ({self.length},)")
         if self.rounding == "stochastic" and not isinstance(rng, np.random.Generator):
@@ -80,6 +84,7 @@ class Quantizer:
         elif out.shape != (self.length,) or out.dtype != np.uint32:
             raise ProtocolError("out must be a uint32 vector of the quantizer's length")
         uniform = self.scale.strides == (0,)
+        nearest = self.rounding == "nearest"
         limit = float(self.qmax)
         n = self.length
         chunk = min(_CHUNK, n)
@@ -92,27 +97,46 @@ class Quantizer:
             stop = min(start + chunk, n)
             m = stop - start
             xs, b, a, f = x[start:stop], buf[:m], absbuf[:m], flags[:m]
-            # A finite sum proves every summand finite (one fast reduction); only a non-finite
-            # sum, which huge finite values can also cause, needs the element-wise check.
-            if not np.isfinite(np.add.reduce(xs)) and not np.all(np.isfinite(xs)):
-                raise DataError("input holds non-finite values")
-            np.abs(xs, out=a)
             if uniform:
-                np.multiply(xs, self.scale[0], out=b)
-                np.greater(a, self.bounds[0], out=f)
+                # min and max propagate NaN and show +-inf: two read-only reductions prove the
+                # chunk finite and, in the common case (nothing beyond the bound), that nothing
+                # needs counting or clipping, which saves four passes over the chunk.
+                lo, hi = np.minimum.reduce(xs), np.maximum.reduce(xs)
+                if not (np.isfinite(lo) and np.isfinite(hi)):
+                    raise DataError("input holds non-finite values")
+                bound = self.bounds[0]
+                outside = bool(lo < -bound or hi > bound)
+                if outside:
+                    np.abs(xs, out=a)
+                    np.greater(a, bound, out=f)
+                np.multiply(xs, self.scale[0], out=b, dtype=np.float64)
             else:
-                np.multiply(xs, self.scale[start:stop], out=b)
+                np.abs(xs, out=a)
+                if not np.isfinite(np.maximum.reduce(a)):   # NaN propagates through max
+                    raise DataError("input holds non-finite values")
                 np.greater(a, self.bounds[start:stop], out=f)
-            clipped += int(np.count_nonzero(f))
-            np.clip(b, -limit, limit, out=b)
-            if self.rounding == "nearest":
-                np.rint(b, out=b)
+                np.multiply(xs, self.scale[start:stop], out=b, dtype=np.float64)
+                outside = True
+            if outside:
+                count = int(np.count_nonzero(f))
+                clipped += count
+                outside = count > 0
+            dst = signed[start:stop]
+            if nearest:
+                # Clip only a chunk holding out-of-bound values. Within the bound, |x * scale| <=
+                # fl(B * fl(qmax / B)) <= qmax (1 + 2^-53)^2 < qmax + 1/2, so rounding alone lands
+                # in [-qmax, qmax]: what clipping first would give, bit for bit.
+                if outside:
+                    np.clip(b, -limit, limit, out=b)
+                # Round and convert in one call (the rounded values are integers in int32 range).
+                np.rint(b, out=dst, casting="unsafe")
             else:
+                np.clip(b, -limit, limit, out=b)
                 b += rng.random(m)
                 np.floor(b, out=b)
-                # floor(qmax + u) exceeds qmax only through float noise; keep the invariant.
-                np.clip(b, -limit, limit, out=b)
-            np.copyto(signed[start:stop], b, casting="unsafe")
+                # floor(qmax + u) exceeds qmax only through float noise; keep the invariant
+                # (clipped and converted in one call: the floored values are integers).
+                np.clip(b, -limit, limit, out=dst, casting="unsafe")
         if self.ring_bits < 32:
             out &= np.uint32(self.modulus - 1)
         return out, clipped

@@ -89,3 +89,34 @@ def test_clipping_is_counted_per_coordinate_bound():
     q = make_quantizer(bounds=np.array([1.0, 2.0, 3.0]), length=3, n_participants=2)
     _, clipped = q.quantize(np.array([1.5, 1.5, -3.5]))
     assert clipped == 2
+
+
+@pytest.mark.parametrize("per_coord", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("bits", [32, 20])
+def test_nearest_encoding_is_the_direct_formula_bit_for_bit(per_coord, dtype, bits):
+    # The chunked encoder skips clipping where a chunk holds nothing beyond the bound and reads
+    # float32 without widening it first; neither may change a single ring element or the count.
+    from fedmm_secure.primitives.quantization import _CHUNK
+    length = 3 * _CHUNK + 17
+    rng = np.random.default_rng(7)
+    bounds = rng.uniform(0.1, 3.0, length) if per_coord else 0.7
+    q = make_quantizer(bounds=bounds, length=length, n_participants=5, ring_bits=bits)
+    b = np.broadcast_to(np.asarray(bounds, dtype=np.float64), (length,))
+    x = rng.uniform(-1.0, 1.0, length) * b            # chunk 0 and the tail: within the bound
+    huge = float(np.finfo(dtype).max)                          # finite, far beyond the bound
+    x[_CHUNK:_CHUNK + 6] = b[_CHUNK:_CHUNK + 6] * np.array([1, -1, 2, -2, 1, 1])
+    x[_CHUNK + 4:_CHUNK + 6] = [huge, -huge]
+    x[_CHUNK + 6] = np.nextafter(b[_CHUNK + 6], np.inf)      # just beyond: clipped and counted
+    x[_CHUNK + 7] = -np.nextafter(b[_CHUNK + 7], np.inf)
+    x[2 * _CHUNK] = b[2 * _CHUNK]                              # exactly at the bound: not counted
+    x = x.astype(dtype)
+    wide = x.astype(np.float64)
+    want = np.rint(np.clip(wide * q.scale, -q.qmax, q.qmax)).astype(np.int64) % (1 << bits)
+    with np.errstate(over="ignore"):
+        got, clipped = q.quantize(x)
+    assert np.array_equal(got.astype(np.int64), want)
+    assert clipped == int(np.count_nonzero(np.abs(wide) > b))
+    assert clipped >= 4
+    with pytest.raises(DataError):
+        q.quantize(np.where(np.arange(length) == length - 1, np.inf, x))

@@ -55,6 +55,46 @@ def test_accumulate_across_chunk_boundaries():
     assert np.array_equal(acc, expand(k, length))
 
 
+def _ctr_reference(key: bytes, nbytes: int) -> bytes:
+    return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(nbytes))
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 9, 1003, (1 << 16) + 5, 3 * (1 << 16)])
+def test_accumulated_masks_are_plain_aes256_ctr(length):
+    # The masks come out of the GCM code path (MaskStream); peers and the aggregator expand
+    # them with whatever this code runs, so they must be CTR's bytes exactly, at every length.
+    raw = [bytes([i]) * 32 for i in (3, 4, 5)]
+    acc = np.arange(length, dtype=np.uint32)
+    accumulate_masks(acc, add=[SymmetricKey(raw[0]), SymmetricKey(raw[1])],
+                     subtract=[SymmetricKey(raw[2])])
+    ref = np.arange(length, dtype=np.uint64)
+    for sign, k in zip((1, 1, -1), raw):
+        ref = ref + sign * np.frombuffer(_ctr_reference(k, 4 * length), dtype="<u4").astype(np.int64)
+    assert np.array_equal(acc, (ref % (1 << 32)).astype(np.uint32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(sizes=st.lists(st.integers(1, 200), min_size=1, max_size=8), gcm_max=st.sampled_from([None, 64]))
+def test_mask_stream_pieces_continue_one_ctr_stream(sizes, gcm_max):
+    # Pieces of any size, across the 32-byte CTR lead-in, and the CTR-only path that streams
+    # longer than GCM's per-nonce limit take (exercised with the limit lowered).
+    from fedmm_secure.primitives.prg import MaskStream
+    total = sum(sizes)
+    old = MaskStream._GCM_MAX
+    if gcm_max is not None:
+        MaskStream._GCM_MAX = gcm_max
+    try:
+        stream = MaskStream(NIST_KEY, total)
+        got = bytearray()
+        for n in sizes:
+            out = bytearray(n + 15)
+            stream.fill(bytes(n), out)
+            got += out[:n]
+    finally:
+        MaskStream._GCM_MAX = old
+    assert bytes(got) == _ctr_reference(NIST_KEY, total)
+
+
 @settings(max_examples=20, deadline=None)
 @given(seeds=st.lists(st.binary(min_size=32, max_size=32), min_size=2, max_size=6, unique=True),
        length=st.integers(1, 500))

@@ -226,3 +226,31 @@ def test_smallest_rounds(n):
     out = run_round(agg, markets, ctx, vecs)
     assert out.survivors == tuple(ids)
     assert np.allclose(out.results[ids[0]], sum(vecs.values()), atol=1e-8)
+
+
+def test_aggregator_decodes_the_same_sum_as_the_markets_on_request():
+    # The aggregator keeps the ring sum and decodes only when asked: bit for bit what every
+    # market released, a fresh array per call, and float32 inputs give what their float64
+    # widening gives.
+    n, length = 4, 5000
+    agg, markets, ids = setup(n, seed=b"lazy")
+    ctx = ctx_for(ids, length, bound=1.0)
+    rng = np.random.default_rng(5)
+    vecs = {m: rng.uniform(-1.2, 1.2, length).astype(np.float32) for m in ids}
+    server = agg.begin_round(ctx)
+    clients = {m: markets[m].begin_round(ctx, vecs[m]) for m in ids}
+    outbox = server.start()
+    while not server.done:
+        outbox = server.handle({m: clients[m].handle(msg) for m, msg in outbox.items()})
+    for m, msg in outbox.items():
+        assert clients[m].handle(msg) is None
+    first, second = server.result(), server.result()
+    assert first is not second and first.dtype == np.float64
+    first[:] = 0.0
+    for m in ids:
+        assert np.array_equal(clients[m].result(), second)
+    q = make_quantizer(bounds=1.0, length=length, n_participants=n)
+    ring = np.zeros(length, dtype=np.uint32)
+    for m in ids:
+        ring += q.quantize(vecs[m].astype(np.float64))[0]
+    assert np.array_equal(second, q.dequantize_sum(ring))

@@ -34,7 +34,7 @@ driver's ``drop_at`` indices):
 
 Every message, the aggregator's included, is an envelope (:mod:`..codec`) whose payload is
 ``session | body | signature``: Ed25519 (the sender's roster key) over the domain tag and the
-SHA-256 digest of every envelope byte before it (hash-then-sign: one fast pass over a megabyte
+BLAKE3 digest of every envelope byte before it (hash-then-sign: one fast pass over a megabyte
 upload instead of Ed25519's two SHA-512 passes). The session digest covers run, round, label,
 participants, length, bounds, threshold, ring, the pinned roster and, after NONCE, every nonce.
 Fewer than t markets at any stage aborts the round (:class:`AbortError`), fewer than a market's
@@ -138,7 +138,11 @@ class _MaskingMarket(MarketEndpoint):
         _check_round(ctx, self._keys)
         self._policy.check_cohort(ctx.participants, "round")  # before any option is looked at
         t, q = self._options.for_round(ctx)
-        return MaskingClient(self.market_id, ctx, np.asarray(vector, dtype=np.float64),
+        # float32 stays float32: the quantizer reads it without a float64 copy of the input.
+        v = np.asarray(vector)
+        if v.dtype != np.float32:
+            v = np.asarray(v, dtype=np.float64)
+        return MaskingClient(self.market_id, ctx, v,
                              identity=self._identity, keys=self._keys,
                              aggregator_key=self._aggregator, policy=self._policy, threshold=t,
                              quantizer=q, entropy=self._options.entropy)

@@ -7,7 +7,8 @@ dealer's signed commitment, skipping (and naming in :attr:`MaskingServer.blamed`
 Masked uploads are taken one at a time (:meth:`MaskingServer.receive`): each is hashed for its
 signature and added into one running sum chunk by chunk while the chunk is in cache, and can be
 dropped by the caller right after, so the aggregator's memory is O(d), not O(n d). The masks are
-removed, the sum decoded and the RESULT hashed for its signature in one more chunked pass.
+removed, the sum reduced and the RESULT hashed for its signature in one more chunked pass; the
+float sum is decoded only if :meth:`MaskingServer.result` is asked for it.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class MaskingServer(ServerRound):
         # This stage's verified replies (body, raw) and, at MASKED_INPUT, the running sum.
         self._received: dict[str, tuple[bytes | memoryview, bytes]] = {}
         self._running: np.ndarray | None = None
+        # After UNMASK: the reduced ring sum (uint32) the RESULT carries; result() decodes it.
         self._result: np.ndarray | None = None
         self._result_digest = b""
         self._blamed: dict[str, str] = {}
@@ -334,30 +336,25 @@ class MaskingServer(ServerRound):
 
     def _unmask_sum(self, u3: Sequence[str], u5: Sequence[str], add: list[SymmetricKey],
                     sub: list[SymmetricKey]) -> tuple[bytes, bytes, np.ndarray]:
-        """The signed RESULT message, its digest and the decoded sum: masks removed, the sum
-        reduced, decoded and hashed for the signature in one chunked pass over the vector."""
+        """The signed RESULT message, its digest and the ring sum: masks removed, the sum
+        reduced and hashed for the signature in one chunked pass over the vector."""
         total, q, n = self._ring_sum, self._q, self._ctx.length
         # The vector is the last section: everything before it, its length prefix included.
         prefix = pack_sections(pack_ids(u3), pack_ids(u5)) + struct.pack(">I", 4 * n)
         head = signed_head(self._ctx, RESULT, SERVER, len(prefix) + 4 * n)
         h = BulkHasher(head + self._session + prefix)
-        decoded = np.empty(n, dtype=np.float64)
-        done = 0
 
         def finish(part: np.ndarray) -> None:
-            nonlocal done
             if q.ring_bits < 32:
                 part &= np.uint32(q.modulus - 1)
-            q.dequantize_into(part, decoded[done:done + part.shape[0]], start=done)
             h.update(part)
-            done += part.shape[0]
 
         accumulate_masks(total, add=add, subtract=sub, finish_chunk=finish)
         digest = DOMAIN + b"/sig" + h.digest()   # what signed_digest gives for the same bytes
         msg = b"".join([head, self._session, prefix,
                         memoryview(total.astype("<u4", copy=False)).cast("B"),
                         self._identity.sign(digest)])
-        return msg, digest, decoded
+        return msg, digest, total
 
     def _on_result(self, bodies, replies) -> dict[str, bytes]:
         def check(m: str, body: bytes) -> None:
@@ -390,4 +387,7 @@ class MaskingServer(ServerRound):
     def result(self) -> np.ndarray:
         if self._result is None or not self._done:
             raise ProtocolError("round not finished")
-        return self._result.copy()
+        # Decoded on request, not in the round: the aggregator's part of the protocol ends with
+        # the signed ring sum, and the deployed runtimes never ask it for the float sum (a fresh
+        # array per call, as the copy was).
+        return self._q.dequantize_sum(self._result)
