@@ -23,6 +23,7 @@ METHODS = ("local", "local_codes", "fedavg", "fedmm", "centralized")
 # Accepted by --methods but not run by default: evaluation references.
 REFERENCE_METHODS = ("oracle",)
 DESIGNS = ("joint", "staged")
+KEY_WEIGHTS = ("size", "counts")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 # DP-SGD clipping norm when the config names none: it should sit near the per-record gradient
 # norms of the family's loss. PF-MSMTrec's ESMM loss (two BCE terms) has median per-record
@@ -101,6 +102,12 @@ class ModelConfig:
     design: str = "joint"
     code_round: int = 0          # joint design: codes are made after this CTR round
     vq_rounds: int = 4           # joint design: federated RQ-VAE rounds when codes are made
+    # How a shared product's row is averaged over the markets that list it: "counts", by each
+    # market's number of training interactions with that product, released once per run under
+    # DP (one accounted Gaussian release; federation/catalogue.py says why); "size", by each
+    # market's training-set size (public, nothing released). Counts chosen on development seeds
+    # (bench/RESULTS_fedmm_dp.md).
+    key_weights: str = "counts"
 
     def __post_init__(self) -> None:
         for f in ("cf_dim", "cf_epochs", "latent_dim", "vq_hidden", "n_global", "n_local", "vq_epochs",
@@ -110,6 +117,9 @@ class ModelConfig:
             _positive(f"model.{f}", getattr(self, f), integer=False)
         if self.design not in DESIGNS:
             raise ConfigError("model.design", f"unknown design {self.design!r}", allowed=", ".join(DESIGNS))
+        if self.key_weights not in KEY_WEIGHTS:
+            raise ConfigError("model.key_weights", f"unknown weighting {self.key_weights!r}",
+                              allowed=", ".join(KEY_WEIGHTS))
         for f in ("code_round", "vq_rounds"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == "code_round" else 1):

@@ -157,7 +157,7 @@ def command(args: argparse.Namespace) -> int:
     priv = results.get("privacy")
     if priv:
         order = "CTR rounds" if cfg.model.design == "joint" else "CF rounds, then CTR rounds"
-        order += ", each market's validation releases (model selection, calibration) in rounds of their own"
+        order += ", each market's full-batch releases (shared-key counts, model selection, calibration) in rounds of their own"
         print(f"epsilon after each ledger round (fedmm: {order}):")
         for m, v in priv.items():
             print(f"  {m}: " + " ".join(f"{e:.2f}" for e in v["epsilon_per_round"]))

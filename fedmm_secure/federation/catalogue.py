@@ -14,6 +14,17 @@ that row on nothing but DP noise, so it contributes weight 0 to it. The upload i
 ``[w * listed_r * theta_r for every row r, w * listed_r for every row r]`` with the market's
 public weight ``w``; the sum gives every row's weighted average without revealing which market
 contributed what beyond the (public) catalogue membership.
+
+The public weight ``w`` is the market's training-set size by default. A product's interactions
+are not spread over markets by size, though: on XMRec a small market's interactions with shared
+products are mostly with products it holds a large share of (``in``: 3% of the listing markets'
+rows, 41% of the product's interactions), so size weights replace what a small market learned
+about its own popular products by the large markets' noise. ``model.key_weights: counts``
+weights each row by the market's number of training interactions with that product instead
+(the pooled gradient's weighting), released once per run with Gaussian noise
+(:func:`key_counts`: one privacy unit moves the count vector by at most 1 in L2), accounted on
+the market's ledger like the validation releases; the upload carries per-row weights
+:func:`count_weights` in (0, 1].
 """
 
 from __future__ import annotations
@@ -23,7 +34,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PublicCatalogue", "keyed_upload", "apply_keyed_sum"]
+__all__ = ["PublicCatalogue", "keyed_upload", "apply_keyed_sum", "key_counts", "count_weights", "COUNT_CAP"]
+
+# Public cap of a count weight: counts are clipped to [1, COUNT_CAP] and divided by it, so every
+# uploaded weight is in (0, 1] (the bound the secure sum announces) and a listed row's own weight
+# stays above apply_keyed_sum's guard; counts above the cap (rare: XMRec's median product has
+# 11-69 interactions in a market) weigh as the cap.
+COUNT_CAP = 512.0
 
 
 @dataclass(frozen=True)
@@ -63,14 +80,39 @@ class PublicCatalogue:
         return listed
 
 
-def keyed_upload(table: np.ndarray, listed: np.ndarray, weight: float) -> np.ndarray:
+def key_counts(rows: np.ndarray, positive: np.ndarray, unit: np.ndarray, n_units: int, n_rows: int) -> np.ndarray:
+    """Training interactions per table row, counted by privacy unit (before noise).
+
+    ``rows``: the table row of every training row's item; ``positive``: its label (negatives
+    are sampled, not chosen by anyone, and are not counted); ``unit``: its privacy unit (0..n_units-1).
+    Each unit's positive rows share a total of 1 (one each when a unit has one positive row, as
+    a record or an interaction has), so adding or removing a unit moves the vector by at most 1
+    in L1 and hence in L2: sensitivity 1.
+    """
+    pos = np.asarray(positive) > 0
+    r, u = np.asarray(rows, np.int64)[pos], np.asarray(unit, np.int64)[pos]
+    per_unit = np.bincount(u, minlength=n_units).astype(np.float64)
+    return np.bincount(r, weights=1.0 / per_unit[u], minlength=n_rows)[:n_rows]
+
+
+def count_weights(counts: np.ndarray) -> np.ndarray:
+    """Upload weights in (0, 1] from (noisy) counts: clipped to [1, COUNT_CAP], over COUNT_CAP."""
+    return np.clip(np.asarray(counts, np.float64), 1.0, COUNT_CAP) / COUNT_CAP
+
+
+def keyed_upload(table: np.ndarray, listed: np.ndarray, weight: float | np.ndarray) -> np.ndarray:
     """One market's upload for the row-wise weighted average of a shared-key table.
 
-    ``table``: (rows, dim) DP-trained parameters; ``listed``: (rows,) 0/1; ``weight`` in (0, 1].
+    ``table``: (rows, dim) DP-trained parameters; ``listed``: (rows,) 0/1; ``weight`` in (0, 1],
+    one for the whole table or one per row.
     """
     if table.shape[0] != listed.shape[0]:
         raise ValueError(f"table has {table.shape[0]} rows, listing has {listed.shape[0]}")
-    w = weight * listed
+    w = np.asarray(weight, np.float64) * listed
+    if w.shape != listed.shape:
+        raise ValueError(f"weights have shape {np.shape(weight)}, expected one or {listed.shape}")
+    if not np.all((w >= 0) & (w <= 1)):
+        raise ValueError("weights must be in [0, 1]")
     return np.concatenate([(w[:, None] * table).ravel(), w])
 
 

@@ -35,6 +35,9 @@ ACCOUNTED_STEPS = (
     ("CTR model selection on validation rows (stage CTR-SELECT; off with model.select_by_validation: false)",
      "reads validation rows: one Gaussian release of a Brier-score difference per comparison (q = 1), "
      "one ledger round per market and comparison"),
+    ("per-product weights of the shared-key average (stage KEY-COUNTS; fedavg and fedmm with model.key_weights: counts)",
+     "reads training rows: one Gaussian release of each shared product's interaction count (q = 1), "
+     "one ledger round per market"),
     ("Platt calibration of the served CTR logits on validation rows (stage CALIBRATE; off with model.calibrate: false)",
      "reads validation rows: noisy Newton steps, one Gaussian release each (q = 1), one ledger round per market"),
     ("PF-MSMTrec alpha choice and checkpoint selection on validation rows (stages PF-ALPHA, PF-SELECT; "

@@ -73,3 +73,39 @@ def test_unshared_items_are_backed_by_their_level1_code_row(markets):
     n_shared = 20
     np.testing.assert_array_equal(key[20:], n_shared + 1 + r.codes[0][20:])
     assert np.all(key[:20] < n_shared)
+
+
+class _Keys(EmbeddedSecureSum):
+    """Records every market's shared-key upload."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.uploads: list[dict] = []
+
+    def secure_sum(self, *, label, round_id, vectors, max_abs):
+        if label == "ctr-keys":
+            self.uploads.append({m: np.array(v) for m, v in vectors.items()})
+        return super().secure_sum(label=label, round_id=round_id, vectors=vectors, max_abs=max_abs)
+
+
+def test_count_weights_are_each_markets_interactions_with_the_product(markets):
+    from fedmm_secure.federation.catalogue import count_weights
+
+    ss = _Keys(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    assert MODEL.key_weights == "counts"   # the default
+    out = fedmm.run_method("fedmm", markets, MODEL, rounds=2, seed=0, secure_sum=ss)
+    n_shared = 20
+    for m in markets:
+        r = out["runs"][m.name]
+        assert r.history["key_weights"] == "counts"
+        key = dict((n, c) for n, _, c, _ in r.columns)["key"]
+        pos = m.train.click > 0
+        counts = np.bincount(key[m.train.items[pos]], minlength=key.max() + 1)[:n_shared]
+        for up in ss.uploads:   # every round's upload carries the same weights
+            weights = up[m.name][-(len(up[m.name]) // (MODEL.ctr_dim + 2)):]
+            np.testing.assert_allclose(weights[:n_shared], count_weights(counts))
+    # Size weights are one number per market, whatever the product.
+    ss = _Keys(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    fedmm.run_method("fedmm", markets, dataclasses.replace(MODEL, key_weights="size"), rounds=1, seed=0, secure_sum=ss)
+    w = ss.uploads[0]["a"][-(len(ss.uploads[0]["a"]) // (MODEL.ctr_dim + 2)):]
+    assert np.unique(w[:n_shared]).size == 1

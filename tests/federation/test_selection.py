@@ -22,8 +22,10 @@ from fedmm_secure.privacy.validation import ValidationAccess
 from fedmm_secure.runtime.embedded import EmbeddedSecureSum
 
 SPECS = (MarketSpec("a", 80, 40, 8), MarketSpec("b", 50, 30, 6))
+# Size weights for shared keys: these tests count validation releases only (the per-product count
+# release reads training rows; tests/federation/test_joint.py and test_run_accounting.py cover it).
 MODEL = ModelConfig(vq_epochs=1, cf_dim=8, latent_dim=4, n_global=8, n_local=4, ctr_dim=8, ctr_hidden=(8,),
-                    batch_size=32, vq_rounds=1)
+                    batch_size=32, vq_rounds=1, key_weights="size")
 
 
 @pytest.fixture(scope="module")

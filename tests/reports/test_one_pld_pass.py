@@ -18,9 +18,11 @@ from fedmm_secure.reports.privacy_report import budget_table
 from ..cli.test_resume import TINY
 
 # Two DP methods: a deployed ledger, a baseline ledger and totals composed over both. Without
-# model selection (a comparison per round in fedmm, none in local) both ledgers hold the same
-# composition (training + the Platt fit's releases), which one accountant serves.
-TWO = dict(TINY, rounds=2, methods=["local", "fedmm"], model=dict(TINY["model"], select_by_validation=False))
+# model selection (a comparison per round in fedmm, none in local) and the per-product count
+# release (fedmm only) both ledgers hold the same composition (training + the Platt fit's
+# releases), which one accountant serves.
+TWO = dict(TINY, rounds=2, methods=["local", "fedmm"],
+           model=dict(TINY["model"], select_by_validation=False, key_weights="size"))
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,10 @@ def test_every_ledgers_rounds_are_in_html_json_and_markdown(three_run):
     assert {r["method"]: r["ledger"] for r in data["rounds"]} == LEDGERS
     md = (three_run / "privacy_report.md").read_text()
     for (method, market, rnd), e in eps.items():
-        # Training rounds, and each market's validation releases in rounds of their own.
+        # Training rounds, and each market's full-batch releases (the shared-key counts of the
+        # sharing methods, validation reads) in rounds of their own.
         assert any(f"| {method} | `{LEDGERS[method]}` | {market} | {rnd} | {stage} |" in md
-                   for stage in ("CTR", "CTR-SELECT", "CALIBRATE"))
+                   for stage in ("CTR", "KEY-COUNTS", "CTR-SELECT", "CALIBRATE"))
     # Each method's refused round is shown as refused, in its own group.
     refused = {(c[0], c[1]) for cls, c in _page(three_run).tables["rounds"] if "refused" in cls}
     assert refused == {(m, "small") for m in METHODS}
@@ -80,8 +81,8 @@ def test_market_summary_is_the_deployed_spend_next_to_the_total(three_run):
         assert v["total_epsilon"] == pytest.approx(total[m]["epsilon"]) and v["total_epsilon"] > v["epsilon"]
         assert set(v["by_method"]) == set(METHODS)
         # The deployed ledger's rounds of this market, not the sum over ledgers: 2 CTR rounds, the
-        # last round's model comparison, the Platt fit.
-        assert v["rounds"] == 2 + 1 + 1
+        # per-product count release, the last round's model comparison, the Platt fit.
+        assert v["rounds"] == 2 + 1 + 1 + 1
     row = {c[0]: c for _, c in _page(three_run).tables["markets"]}["big"]
     assert row[1] == f"{deployed['big']:.4f}" and row[2] == f"{total['big']['epsilon']:.4f}"
 

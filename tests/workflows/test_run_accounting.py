@@ -250,8 +250,10 @@ def test_a_pf_msmtrec_run_accounts_every_method_too(tmp_path, capsys):
     assert "checked: the TOTAL" in capsys.readouterr().out
 
 
-def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(tmp_path):
-    # A run calibrated to a target: DP-SGD, every model comparison and the Platt fit all compose
+@pytest.mark.parametrize("key_weights, releases", [("size", 1 + 3), ("counts", 1 + 1 + 3)])
+def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(tmp_path, key_weights, releases):
+    # A run calibrated to a target: DP-SGD, every model comparison, the Platt fit and (with count
+    # weights) the per-product count release all compose
     # to at most the target on each market's ledger. Recomputed independently: the validation
     # releases (q = 1) as plain Gaussian mechanisms, the training steps as Poisson-subsampled ones.
     from dp_accounting import dp_event
@@ -260,13 +262,14 @@ def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(t
     from fedmm_secure.federation.fedmm.privacy import validation_releases
 
     privacy = {"enabled": True, "epsilon": 3.0, "delta": 1e-5}
-    cfg = config_from_dict(dict(TINY, methods=["fedmm"], privacy=privacy))
+    cfg = config_from_dict(dict(TINY, methods=["fedmm"], privacy=privacy,
+                                model=dict(TINY["model"], key_weights=key_weights)))
     results = fedmm_run.run_experiment(cfg, out_dir=tmp_path / "run")
     events = _ledger_events(tmp_path / "run", "ledger.sqlite")
     for market in ("big", "small"):
         train = [e for e in events[market] if e.sample_rate < 1]
         valid = [e for e in events[market] if e.sample_rate == 1]
-        assert sum(e.steps for e in valid) == validation_releases(cfg, "fedmm") == 1 + 3
+        assert sum(e.steps for e in valid) == validation_releases(cfg, "fedmm") == releases
         ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
         for e in train:
             ref.compose(dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)),

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from ...config import ModelConfig
 from ...models.registry import create_ctr_model
-from ..catalogue import apply_keyed_sum, keyed_upload
+from ...privacy.validation import unit_index
+from ..catalogue import apply_keyed_sum, count_weights, key_counts, keyed_upload
 from ..hooks import RoundHooks
 from ..training import TrainerFactory, TrainSettings, seeded
 from .evaluation import predict
@@ -50,6 +51,7 @@ __all__ = ["JOINT_METHODS", "joint_stage", "item_representations"]
 JOINT_METHODS = ("local", "local_codes", "fedavg", "fedmm")
 # Clip of every coordinate of a code input before its statistics are summed (sizes the ring).
 _INPUT_BOUND = 4.0
+KEY_COUNTS = "key-counts"   # ledger stage label of the per-product count release
 
 
 def _columns(r: MarketRun, cfg: ModelConfig, *, keyed: bool, with_codes: bool, meta: PublicMeta) -> None:
@@ -117,14 +119,37 @@ def _code_inputs(r: MarketRun, meta: PublicMeta, hooks: RoundHooks, rnd: int, fe
     return ((x - torch.from_numpy(mean)) / torch.from_numpy(std)).float()
 
 
-def _average_keys(r: MarketRun, meta: PublicMeta, hooks: RoundHooks, rnd: int, bound: float) -> Pipeline:
+def _count_weights(r: MarketRun, hooks: RoundHooks) -> np.ndarray | None:
+    """This market's weight of every shared product's row from its training interactions with
+    the product (``model.key_weights: counts``, :mod:`..catalogue`): one Gaussian release of
+    sensitivity 1 under DP, on the market's ledger before the noise is drawn. None: the budget
+    refused it, and the size weight is used."""
+    n_shared = r.history["n_shared_rows"]
+    access = hooks.validation_access(r.data.name, KEY_COUNTS, 1)
+    if access.mode == "refused":
+        r.history["key_weights"] = "size (count release refused)"
+        return None
+    train = r.data.train
+    unit, n_units = unit_index(train, access.unit)
+    counts = key_counts(_column(r, "key")[train.items], train.click, unit, n_units, n_shared)
+    if access.mode == "private":
+        counts = counts + access.noise(n_shared, 1.0)
+    r.history["key_weights"] = "counts"
+    return count_weights(counts)
+
+
+def _average_keys(r: MarketRun, meta: PublicMeta, hooks: RoundHooks, rnd: int, bound: float,
+                  shared_weights: np.ndarray | None = None) -> Pipeline:
     """Row-wise average of the shared-key table (embedding and first-order weight together)
-    over the markets that use each row."""
+    over the markets that use each row; shared products' rows weighted by ``shared_weights``
+    when given, every other row (and every row otherwise) by the market's training-set size."""
     emb, lin = r.ctr.embeddings["key"].weight, r.ctr.linear["key"].weight
     table = np.clip(torch.cat([emb, lin], dim=1).detach().double().numpy(), -bound, bound)
     listed = np.zeros(table.shape[0])
     listed[np.unique(_column(r, "key"))] = 1.0
-    w = len(r.data.train) / meta.n_train_max
+    w = np.full(table.shape[0], len(r.data.train) / meta.n_train_max)
+    if shared_weights is not None:
+        w[:len(shared_weights)] = shared_weights
     vec = keyed_upload(table, listed, w)
     bounds = np.concatenate([np.full(table.size, bound), np.ones(table.shape[0])])
     total = yield secure_request(hooks, r.data.name, "ctr-keys", rnd, vec, bounds)
@@ -162,6 +187,9 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         r.ctr.load_state_dict(state_from_bytes(first), strict=False)
     code_round = min(cfg.code_round, max(rounds - 2, 0))
     selector = ModelSelector(r, hooks, enabled=cfg.select_by_validation)
+    # Released once, at the first average (between rounds, as every release from raw rows).
+    count_release = federated and has_key and cfg.key_weights == "counts" and r.history["n_shared_rows"] > 0
+    shared_weights: np.ndarray | None = None
     users_t = torch.from_numpy(data.train.users)
     y = torch.from_numpy(data.train.click)
     for rnd in range(rounds):
@@ -184,7 +212,9 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 if has_key:
-                    yield from _average_keys(r, meta, hooks, rnd, cfg.shared_bound)
+                    if count_release:
+                        shared_weights, count_release = _count_weights(r, hooks), False
+                    yield from _average_keys(r, meta, hooks, rnd, cfg.shared_bound, shared_weights)
                 if shared:
                     yield from average_shared(r, r.ctr, shared, meta, "ctr-shared", rnd, cfg.shared_bound, hooks)
             selector.consider(lambda: predict(r.ctr, x_valid),

@@ -33,10 +33,13 @@ log = logging.getLogger(__name__)
 def validation_releases(cfg: RunConfig, method: str) -> int:
     """Gaussian releases from one market's validation rows in a private run of ``method``
     (:mod:`.selection`): one model comparison when federated (the last round's local against its
-    averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit."""
+    averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit; plus, with
+    ``model.key_weights: counts``, the federated methods' one release of per-product training
+    counts (:mod:`.joint`), planned the same way (a full-batch Gaussian mechanism)."""
     federated = method in ("fedavg", "fedmm")
     comparisons = 1 if federated and cfg.model.select_by_validation else 0
-    return comparisons + (PLATT_STEPS if cfg.model.calibrate else 0)
+    counts = 1 if federated and cfg.model.design == "joint" and cfg.model.key_weights == "counts" else 0
+    return comparisons + counts + (PLATT_STEPS if cfg.model.calibrate else 0)
 
 
 def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
@@ -57,7 +60,8 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
     plans = plan_markets(unit=cfg.privacy_unit(), batch_size=mc.batch_size,
                          # One budget: in the joint design every method trains only the CTR model on
                          # raw rows (codes and sharing are post-processing), so a FedMM market
-                         # spends exactly what `local` spends; the staged design adds a CF stage.
+                         # trains on `local`'s plan (its releases besides DP-SGD are planned below,
+                         # inside the same target); the staged design adds a CF stage.
                          epochs=({"ctr": mc.ctr_epochs} if method == "local" or mc.design == "joint"
                                  else {"cf": mc.cf_epochs, "ctr": mc.ctr_epochs}),
                          rounds=cfg.rounds,
