@@ -24,9 +24,13 @@ import time
 import tomllib
 import zipfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ...errors import ProtocolError
 from .tuning import OBJECT_PULL_BACKOFF_S, OBJECT_PULL_CAP_S
+
+if TYPE_CHECKING:
+    from .doorbell import Doorbell
 
 __all__ = ["InProcessTaskExecutor", "CLIENTAPP_REF", "fab_clientapp_ref"]
 
@@ -57,7 +61,7 @@ class InProcessTaskExecutor:
 
     def __init__(self, *, runtime_api_address: str, handle: Callable[[str, bytes], tuple[str, bytes]],
                  insecure: bool, root_certificates: bytes | None = None, poll_interval: float = 0.05,
-                 log: Callable[[str], None] | None = None, doorbell=None) -> None:
+                 log: Callable[[str], None] | None = None, doorbell: Doorbell | None = None) -> None:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
