@@ -4,6 +4,7 @@ Modules, from the wire up: :mod:`.wire` (frames and payloads), :mod:`.coordinato
 aggregator's side, transport-independent), :mod:`.worker` (a market's long-lived worker),
 :mod:`.executor` (the worker running its SuperNode's ClientApp tasks in process), :mod:`.app`
 (ServerApp and ClientApp), :mod:`.tuning` and :mod:`.supernode` (Flower's idle polls capped),
+:mod:`.doorbell` (the SuperNode wakes its worker when a task waits),
 :mod:`.workloads` (benchmark workloads), :mod:`.pki` (TLS files, throwaway loopback PKI),
 :mod:`.processes` and :mod:`.local` (a whole deployment on loopback).
 

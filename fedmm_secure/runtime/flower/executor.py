@@ -24,9 +24,13 @@ import time
 import tomllib
 import zipfile
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ...errors import ProtocolError
 from .tuning import OBJECT_PULL_BACKOFF_S, OBJECT_PULL_CAP_S
+
+if TYPE_CHECKING:
+    from .doorbell import Doorbell
 
 __all__ = ["InProcessTaskExecutor", "CLIENTAPP_REF", "fab_clientapp_ref"]
 
@@ -50,12 +54,14 @@ class InProcessTaskExecutor:
 
     ``handle(kind, payload) -> (kind, payload)`` is the market worker's dispatcher; it runs on the
     thread that calls :meth:`run_forever` / :meth:`run_one` (tasks are handled one at a time, in
-    order, as the SuperNode hands them out).
+    order, as the SuperNode hands them out). ``doorbell`` (a :class:`~.doorbell.Doorbell` the
+    SuperNode rings when a task is waiting): between tasks, wait for a ring, polling every
+    ``poll_interval`` only in case one is lost.
     """
 
     def __init__(self, *, runtime_api_address: str, handle: Callable[[str, bytes], tuple[str, bytes]],
                  insecure: bool, root_certificates: bytes | None = None, poll_interval: float = 0.05,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, doorbell: Doorbell | None = None) -> None:
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -63,7 +69,7 @@ class InProcessTaskExecutor:
         if poll_interval <= 0:
             raise ValueError("poll_interval must be positive")
         self._address, self._insecure, self._certs = runtime_api_address, insecure, root_certificates
-        self._handle, self._poll = handle, poll_interval
+        self._handle, self._poll, self._doorbell = handle, poll_interval, doorbell
         # Failed tasks and refused FABs are the market operator's business: warnings on this
         # module's logger unless the caller collects them itself.
         self._log = log if log is not None else logging.getLogger(__name__).warning
@@ -88,8 +94,12 @@ class InProcessTaskExecutor:
                     self._log(f"executor: {type(e).__name__}: {e} ({errors} in a row)")
                 ran = False
             if not ran:
-                # Back off while the SuperNode is unreachable (up to 2 s), poll fast otherwise.
-                stop.wait(min(2.0, self._poll * 2 ** min(errors, 6)) if errors else self._poll)
+                if errors:   # back off while the SuperNode is unreachable (up to 2 s)
+                    stop.wait(min(2.0, self._poll * 2 ** min(errors, 6)))
+                elif self._doorbell is not None:
+                    self._doorbell.wait(self._poll)
+                else:
+                    stop.wait(self._poll)
 
     def run_one(self) -> bool:
         """Run the next pending ClientApp task, if any; True if one was run."""
@@ -181,7 +191,8 @@ def _pull_task_input(client):
 
     A task becomes visible as soon as the SuperNode has stored the message, possibly before it
     has stored the message's objects; Flower's default retry then waits 1 s, 2 s, ... (it was
-    written for a freshly started process that is never that early). We poll every 20 ms.
+    written for a freshly started process that is never that early). We retry after 20 ms,
+    doubling up to 50 ms (:mod:`.tuning`).
     """
     from flwr.app import Message
     from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto

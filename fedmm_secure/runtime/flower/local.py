@@ -43,6 +43,11 @@ __all__ = ["APP_PYPROJECT", "FlowerLocalDeployment", "Placement", "same_roster",
 # markets start at once and queue for the same cores, so the wait grows with their number.
 STARTUP_BASE_S = 60.0
 STARTUP_PER_MARKET_S = 20.0
+# How often the SuperLink's SuperExec looks for the ServerApp to launch (once per run).
+SERVERAPP_LAUNCH_POLL_S = 0.5
+# A worker woken by its SuperNode's doorbell polls for tasks only in case a ring is lost.
+DOORBELL_FALLBACK_POLL_S = 0.5
+_UNIX_PATH_MAX = 100   # sun_path holds 104-108 bytes
 
 
 def startup_timeout(n_markets: int) -> float:
@@ -238,16 +243,19 @@ class FlowerLocalDeployment:
         else:
             link_sec = ["--ssl-ca-certfile", str(self.tls.ca), "--ssl-certfile", str(self.tls.cert),
                         "--ssl-keyfile", str(self.tls.key), "--enable-supernode-auth"]
+        # The SuperLink's SuperExec only launches the ServerApp, once per run: it need not poll
+        # the SuperLink (the hub every hop of every stage goes through) 20 times a second.
+        link_env = {**self._env("superlink"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SERVERAPP_LAUNCH_POLL_S)}
         self.groups["superlink"] = self._spawn("superlink", [
             tool("flower-superlink"), *link_sec, "--disable-runtime-dependency-installation",
-            "--host", self.placement.link_host, "--port", str(self.link_port)], env=self._env("superlink"))
+            "--host", self.placement.link_host, "--port", str(self.link_port)], env=link_env)
         self._write_cli_config()
         if self.tls is not None:
             for m in self.markets:  # SuperNode authentication: the operator registers each key
                 self._flwr(["supernode", "register", str(self.tls.node_keys[m][1]), "fedmm-local"],
                            what=f"registering {m}'s SuperNode key", timeout=self.startup_timeout_s)
         ready = {}
-        for m in self.markets:
+        for i, m in enumerate(self.markets):
             rport = free_port()
             ready[m] = self.work / f"worker-{m}.ready"
             cmd = [sys.executable, "-m", "fedmm_secure.runtime.flower.worker", "--market", m,
@@ -257,6 +265,7 @@ class FlowerLocalDeployment:
                    *self._market_rules()]
             if self.resume:
                 cmd.append("--resume")
+            node_env = self._env(f"node-{m}")
             node_sec = ["--insecure"] if self.tls is None else [
                 "--root-certificates", str(self.tls.ca), "--auth-supernode-private-key", str(self.tls.node_keys[m][0])]
             # The Runtime API (SuperNode <-> worker) stays plain HTTP on loopback.
@@ -271,13 +280,20 @@ class FlowerLocalDeployment:
                         f"{self._node_config(m)} worker-address='127.0.0.1:{wport}'"]
             else:
                 # The worker executes the SuperNode's ClientApp tasks itself (no process per
-                # message), and the SuperNode's idle poll is capped (.supernode).
-                cmd += ["--superexec", f"127.0.0.1:{rport}", "--poll-interval", str(self.poll_interval)]
+                # message), woken by its SuperNode's doorbell (.doorbell) and polling only as a
+                # fallback; the SuperNode's idle poll is capped (.supernode).
+                bell = str(self.work / f"doorbell-{i}")
+                cmd += ["--superexec", f"127.0.0.1:{rport}"]
+                if len(bell) < _UNIX_PATH_MAX:
+                    cmd += ["--doorbell", bell, "--poll-interval", str(max(self.poll_interval, DOORBELL_FALLBACK_POLL_S))]
+                    node_env["FEDMM_SUPERNODE_DOORBELL"] = bell
+                else:   # a temporary directory too deep for a socket path: the worker polls
+                    cmd += ["--poll-interval", str(self.poll_interval)]
                 node = [sys.executable, "-m", "fedmm_secure.runtime.flower.supernode", *node,
                         "--isolation", "process", "--node-config", self._node_config(m)]
             if m in self.hang_at:
                 cmd += ["--hang-at", self.hang_at[m], "--hang-marker", str(self.hang_marker(m))]
-            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", node, env=self._env(f"node-{m}"), where=m)
+            self.groups[f"supernode-{m}"] = self._spawn(f"supernode-{m}", node, env=node_env, where=m)
             self.groups[f"worker-{m}"] = self._spawn(f"worker-{m}", cmd, env=self._env(f"node-{m}"), where=m)
         deadline = time.monotonic() + ready_timeout
         while not all(f.exists() for f in ready.values()):

@@ -7,7 +7,7 @@ survives to the next stage. Two ways to connect it to the SuperNode:
 
 * ``--superexec HOST:PORT`` (default of ``fedmm-secure flower local``): the SuperNode runs with
   ``--isolation process`` and this worker executes its ClientApp tasks in process
-  (:mod:`.executor`);
+  (:mod:`.executor`), woken by the SuperNode's doorbell with ``--doorbell`` (:mod:`.doorbell`);
 * ``--listen HOST:PORT``: stock isolation; the ClientApp process Flower starts per message
   relays the message to this socket (one request per connection, :func:`serve`).
 
@@ -370,7 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--superexec", metavar="HOST:PORT", help="the SuperNode's Runtime API (keep it on loopback)")
     mode.add_argument("--listen", metavar="HOST:PORT", help="relay mode: serve the ClientApp here (loopback)")
     p.add_argument("--root-certificates", help="CA of the SuperNode's Runtime API TLS certificate (default: plain HTTP on loopback)")
-    p.add_argument("--poll-interval", type=float, default=0.05)
+    p.add_argument("--poll-interval", type=float, default=0.05,
+                   help="seconds between task polls of the SuperNode (with --doorbell: only in case a ring is lost)")
+    p.add_argument("--doorbell", metavar="PATH",
+                   help="Unix socket the SuperNode rings when a task is waiting (its FEDMM_SUPERNODE_DOORBELL)")
     p.add_argument("--ledger-dir", help="where this market's privacy ledger is written (required for DP runs)")
     p.add_argument("--resume", action="store_true",
                    help="continue the ledger already in --ledger-dir (an interrupted run); its events stay spent")
@@ -411,11 +414,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .executor import InProcessTaskExecutor, wait_for_runtime_api
 
+    bell = None
+    if args.doorbell:
+        from .doorbell import Doorbell
+        try:
+            bell = Doorbell(args.doorbell)
+        except OSError as e:
+            p.exit(2, f"{p.prog}: error: --doorbell: {e}\n")
     wait_for_runtime_api(args.superexec, timeout=args.startup_timeout)
     certs = Path(args.root_certificates).read_bytes() if args.root_certificates else None
     executor = InProcessTaskExecutor(runtime_api_address=args.superexec, handle=guarded(worker.handle),
                                      insecure=certs is None, root_certificates=certs,
-                                     poll_interval=args.poll_interval)
+                                     poll_interval=args.poll_interval, doorbell=bell)
     if ready is not None:
         ready.write_text("ready\n")
     executor.run_forever()

@@ -30,6 +30,17 @@ def test_capped_clock_caps_sleep_and_is_otherwise_time():
         capped_sleep_clock(0.0)
 
 
+def test_capped_clock_local_waits_get_their_own_cap():
+    # Flower's sub-second sleeps are waits on the SuperNode's own state: capped much shorter.
+    clock = capped_sleep_clock(5.0, local_cap=0.01)
+    t0 = time.monotonic()
+    for _ in range(5):
+        clock.sleep(0.5)
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(ValueError):
+        capped_sleep_clock(0.1, local_cap=0.0)
+
+
 def test_fast_object_pulls_binds_short_backoff():
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
@@ -48,6 +59,7 @@ def test_flower_modules_still_have_what_we_tune():
     import flwr.supernode.start_client_internal as loop
 
     assert hasattr(loop, "time") and hasattr(loop, "pull_objects") and hasattr(grid, "pull_objects")
+    assert callable(loop._pull_and_store_message)   # the doorbell rings after it (.supernode)
 
 
 def _fab(pyproject: str) -> bytes:
@@ -88,3 +100,76 @@ def test_executor_survives_an_unreachable_supernode(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "fedmm_secure.runtime.flower.executor"]
     assert 1 <= len(lines) <= 4   # logged, backed off, not spammed
     assert all(line.startswith("executor: ") for line in lines)
+
+
+def test_doorbell_wakes_once_per_burst_and_times_out_otherwise(tmp_path):
+    import stat
+
+    from fedmm_secure.runtime.flower.doorbell import Doorbell, ring
+
+    path = tmp_path / "bell"
+    ring(path)   # nobody listening yet: a lost ring is not an error
+    with Doorbell(path) as bell:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        t0 = time.monotonic()
+        assert bell.wait(0.05) is False and time.monotonic() - t0 >= 0.04
+        for _ in range(3):
+            ring(path)
+        assert bell.wait(5.0) is True
+        assert bell.wait(0.05) is False   # the burst was one wake-up
+    assert not path.exists()
+    with Doorbell(path) as bell:          # a stale socket left by a killed worker is replaced
+        Doorbell(path)
+        ring(path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):          # anything else at the path is not
+        Doorbell(tmp_path / "file")
+
+
+def test_supernode_rings_only_after_storing_a_message(tmp_path):
+    from fedmm_secure.runtime.flower.doorbell import Doorbell
+    from fedmm_secure.runtime.flower.supernode import ringing
+
+    results = iter([None, 42])
+    with Doorbell(tmp_path / "bell") as bell:
+        pull = ringing(lambda **kw: next(results), str(tmp_path / "bell"))
+        assert pull(state=None) is None and bell.wait(0.1) is False
+        assert pull(state=None) == 42 and bell.wait(5.0) is True
+
+
+def test_executor_waits_on_the_doorbell_not_the_poll(tmp_path):
+    import threading
+
+    from fedmm_secure.runtime.flower.doorbell import Doorbell, ring
+    from fedmm_secure.runtime.flower.executor import InProcessTaskExecutor
+    from fedmm_secure.runtime.flower.processes import free_port
+
+    calls = []
+
+    class Counting(InProcessTaskExecutor):
+        def run_one(self) -> bool:
+            calls.append(time.monotonic())
+            return False
+
+    path = tmp_path / "bell"
+    with Doorbell(path) as bell:
+        # A 30 s fallback poll: only the ring can bring the second look within the test.
+        ex = Counting(runtime_api_address=f"127.0.0.1:{free_port()}", handle=lambda k, p: (k, p),
+                      insecure=True, poll_interval=30.0, doorbell=bell)
+        stop = threading.Event()
+        t = threading.Thread(target=ex.run_forever, args=(stop,), daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        assert len(calls) == 1   # looked once, now waiting
+        rung = time.monotonic()
+        ring(path)
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(calls) == 2 and calls[1] - rung < 5.0
+        stop.set()
+        ring(path)
+        t.join(timeout=10)
+        assert not t.is_alive()
