@@ -49,6 +49,8 @@ class RoundHooks:
 
     def validation_access(self, market: str, purpose: str, releases: int = 1) -> ValidationAccess:
         """How ``market`` may read its validation rows for ``releases`` releases (a model
-        comparison, a calibration step): exactly in a non-private run; the privacy session
-        accounts them and hands out Gaussian noise. Call only between rounds."""
+        comparison, a calibration step), or its training rows for the one full-batch release
+        that is not a DP-SGD step (the shared-key counts, ``purpose="key-counts"``): exactly in
+        a non-private run; the privacy session accounts them and hands out Gaussian noise. Call
+        only between rounds."""
         return EXACT

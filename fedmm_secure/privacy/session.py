@@ -274,7 +274,9 @@ class PrivacySession:
         self._round += 1
 
     def validation_access(self, market: str, purpose: str, releases: int = 1) -> ValidationAccess:
-        """Grant ``releases`` Gaussian releases computed from ``market``'s validation rows.
+        """Grant ``releases`` Gaussian releases computed from ``market``'s validation rows (or,
+        for the planned shared-key count release, its training rows: a full-batch Gaussian
+        mechanism accounted the same way).
 
         Opens and commits a ledger round of its own for ``market`` (call it when no training round
         is open): the budget decision, then the event and the epsilon after it, all durable before
