@@ -250,8 +250,12 @@ def test_a_pf_msmtrec_run_accounts_every_method_too(tmp_path, capsys):
     assert "checked: the TOTAL" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("key_weights, releases", [("size", 1 + 3), ("counts", 1 + 1 + 3)])
-def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(tmp_path, key_weights, releases):
+@pytest.mark.parametrize("key_weights, overlap, releases",
+                         [("size", 0.5, 1 + 3), ("counts", 0.5, 1 + 1 + 3),
+                          # no shared keys: nothing to weigh, so no count release is planned
+                          ("counts", 0.0, 1 + 3)])
+def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(tmp_path, key_weights, overlap,
+                                                                               releases):
     # A run calibrated to a target: DP-SGD, every model comparison, the Platt fit and (with count
     # weights) the per-product count release all compose
     # to at most the target on each market's ledger. Recomputed independently: the validation
@@ -263,13 +267,16 @@ def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(t
 
     privacy = {"enabled": True, "epsilon": 3.0, "delta": 1e-5}
     cfg = config_from_dict(dict(TINY, methods=["fedmm"], privacy=privacy,
+                                synthetic=dict(TINY["synthetic"], catalogue_overlap=overlap),
                                 model=dict(TINY["model"], key_weights=key_weights)))
     results = fedmm_run.run_experiment(cfg, out_dir=tmp_path / "run")
     events = _ledger_events(tmp_path / "run", "ledger.sqlite")
     for market in ("big", "small"):
         train = [e for e in events[market] if e.sample_rate < 1]
         valid = [e for e in events[market] if e.sample_rate == 1]
-        assert sum(e.steps for e in valid) == validation_releases(cfg, "fedmm") == releases
+        assert sum(e.steps for e in valid) == validation_releases(cfg, "fedmm", shared_keys=overlap > 0) == releases
+        # Planned as made: a planned release never made would have raised the training noise.
+        assert results["privacy"][market]["validation"]["releases_planned"] == releases
         ref = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
         for e in train:
             ref.compose(dp_event.PoissonSampledDpEvent(e.sample_rate, dp_event.GaussianDpEvent(e.noise_multiplier)),

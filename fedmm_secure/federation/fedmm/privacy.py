@@ -21,6 +21,8 @@ from ...privacy.events import SubsampledGaussianEvent
 from ...privacy.session import PrivacySession, plan_markets
 from ...privacy.sparse_noise import sparse_noise_config
 from ...privacy.validation import PLATT_STEPS
+from ..catalogue import PublicCatalogue
+from .driver import public_catalogue
 
 if TYPE_CHECKING:
     from ...privacy.ledger import Ledger
@@ -30,27 +32,37 @@ __all__ = ["privacy_session", "validation_releases"]
 log = logging.getLogger(__name__)
 
 
-def validation_releases(cfg: RunConfig, method: str) -> int:
+def validation_releases(cfg: RunConfig, method: str, *, shared_keys: bool) -> int:
     """Gaussian releases from one market's validation rows in a private run of ``method``
     (:mod:`.selection`): one model comparison when federated (the last round's local against its
     averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit; plus, with
     ``model.key_weights: counts``, the federated methods' one release of per-product training
-    counts (:mod:`.joint`), planned the same way (a full-batch Gaussian mechanism)."""
+    counts (:mod:`.joint`), planned the same way (a full-batch Gaussian mechanism) when there
+    are ``shared_keys`` to weigh: a release planned and never made would raise the DP-SGD noise
+    for nothing."""
     federated = method in ("fedavg", "fedmm")
     comparisons = 1 if federated and cfg.model.select_by_validation else 0
-    counts = 1 if federated and cfg.model.design == "joint" and cfg.model.key_weights == "counts" else 0
+    counts = 1 if (federated and shared_keys and cfg.model.design == "joint"
+                   and cfg.model.key_weights == "counts") else 0
     return comparisons + counts + (PLATT_STEPS if cfg.model.calibrate else 0)
 
 
 def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: str, ledger: Ledger | None,
                     resume_offset: int = 0, prior_events: Mapping[str, Sequence[SubsampledGaussianEvent]] | None = None,
-                    method_index: int, federation_size: int | None = None) -> PrivacySession:
+                    method_index: int, federation_size: int | None = None,
+                    catalogue: PublicCatalogue | None = None) -> PrivacySession:
     """The DP session (trainer factory + round hooks) for ``markets`` under ``cfg.privacy``.
 
     ``federation_size``: how many markets take part in the secure sums, when this process holds
     only some of them (a market worker on the Flower runtime); it sizes market-level noise.
+    ``catalogue``: the run's public shared keys (whether the count release is planned), built
+    from ``markets`` when None, as the embedded run builds them; a market worker that holds its
+    own market only passes the list it built from the markets' listings.
     """
     p, mc = cfg.privacy, cfg.model
+    catalogue = catalogue if catalogue is not None else public_catalogue(markets)
+    # The pipeline releases counts exactly when the catalogue has shared rows (.joint).
+    shared_keys = catalogue is not None and len(catalogue.shared_keys) > 0
     if cfg.privacy_unit() == "record" and any(m.train.n_interactions < len(m.train) for m in markets):
         # A registered implicit-feedback dataset defaults to "record" (the default follows the
         # built-in loaders' names): one derived row would then be the protected unit.
@@ -83,4 +95,5 @@ def privacy_session(cfg: RunConfig, markets: Sequence[MarketData], *, method: st
                           upload_rng=np.random.default_rng(secrets.randbits(128)),
                           # Validation releases are planned with training: the target covers both.
                           sparse=sparse_noise_config(p),
-                          validation_releases={m.name: validation_releases(cfg, method) for m in markets})
+                          validation_releases={m.name: validation_releases(cfg, method, shared_keys=shared_keys)
+                                               for m in markets})

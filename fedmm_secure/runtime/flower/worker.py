@@ -270,7 +270,8 @@ class MarketWorker:
         method_index = self._cfg.methods.index("fedmm") if "fedmm" in self._cfg.methods else 0
         self._session = privacy_session(self._cfg, [self._data], method="fedmm", ledger=self._ledger,
                                         resume_offset=offset, prior_events=prior,
-                                        method_index=method_index, federation_size=n_markets)
+                                        method_index=method_index, federation_size=n_markets,
+                                        catalogue=self._catalogue)
         return self._session, self._session
 
     def _advance(self, value, *, first: bool = False) -> tuple[str, bytes]:
