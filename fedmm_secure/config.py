@@ -24,6 +24,7 @@ METHODS = ("local", "local_codes", "fedavg", "fedmm", "centralized")
 REFERENCE_METHODS = ("oracle",)
 DESIGNS = ("joint", "staged")
 KEY_WEIGHTS = ("size", "counts")
+CODE_USES = ("field", "key")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 # DP-SGD clipping norm when the config names none: it should sit near the per-record gradient
 # norms of the family's loss. PF-MSMTrec's ESMM loss (two BCE terms) has median per-record
@@ -108,6 +109,13 @@ class ModelConfig:
     # market's training-set size (public, nothing released). Counts chosen on development seeds
     # (bench/RESULTS_fedmm_dp.md).
     key_weights: str = "counts"
+    # How the CTR model reads an item's level-1 (global) code: "field", as one more item field
+    # for every item, its table averaged across markets like the attribute tables (the codebook
+    # is global, so a code row means the same in every market); "key", as the shared-key table's
+    # row for products only this market lists (shared products read their key row only). Field
+    # chosen on development seeds; with the true clusters as codes it recovers the oracle's gain
+    # where "key" recovers less than half of it (bench/RESULTS_fedmm_dp.md).
+    code_use: str = "field"
 
     def __post_init__(self) -> None:
         for f in ("cf_dim", "cf_epochs", "latent_dim", "vq_hidden", "n_global", "n_local", "vq_epochs",
@@ -120,6 +128,8 @@ class ModelConfig:
         if self.key_weights not in KEY_WEIGHTS:
             raise ConfigError("model.key_weights", f"unknown weighting {self.key_weights!r}",
                               allowed=", ".join(KEY_WEIGHTS))
+        if self.code_use not in CODE_USES:
+            raise ConfigError("model.code_use", f"unknown code use {self.code_use!r}", allowed=", ".join(CODE_USES))
         for f in ("code_round", "vq_rounds"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == "code_round" else 1):

@@ -41,6 +41,14 @@ def test_bad_model_calibrate_names_the_field():
     assert e.value.field == "model.calibrate"
 
 
+@pytest.mark.parametrize("model, field", [({"code_use": "both"}, "model.code_use"),
+                                          ({"key_weights": "uniform"}, "model.key_weights")])
+def test_unknown_model_choices_name_the_field(model, field):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": model})
+    assert e.value.field == field
+
+
 def test_private_by_default_at_the_default_target():
     from fedmm_secure.config import DEFAULT_EPSILON
     p = RunConfig().privacy

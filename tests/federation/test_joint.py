@@ -5,6 +5,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from fedmm_secure.config import ModelConfig
 from fedmm_secure.data.synthetic import MarketSpec, SyntheticConfig, generate_markets
@@ -61,14 +62,41 @@ def test_methods_have_the_fields_they_claim(markets):
     attrs = ["iattr0", "iattr1", "uattr0", "uattr1"]
     assert fields["local"] == ["user", "item", *attrs]             # public attributes, no sharing
     assert fields["fedavg"] == ["user", "item", *attrs, "key"]     # shared keys, no codes
-    assert fields["local_codes"] == ["user", "item", *attrs, "key", "code2"]
-    assert fields["fedmm"] == ["user", "item", *attrs, "key", "code2"]
+    assert fields["local_codes"] == ["user", "item", *attrs, "key", "code1", "code2"]
+    assert fields["fedmm"] == ["user", "item", *attrs, "key", "code1", "code2"]
 
 
-def test_unshared_items_are_backed_by_their_level1_code_row(markets):
+def test_level1_code_is_a_field_of_every_item_and_its_table_is_shared(markets):
     ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
-    out = fedmm.run_method("fedmm", markets, MODEL, rounds=3, seed=0, secure_sum=ss)
+    assert MODEL.code_use == "field"   # the default
+    # Serve the last averaged model, so every shared table is the average in every market.
+    cfg = dataclasses.replace(MODEL, select_by_validation=False)
+    out = fedmm.run_method("fedmm", markets, cfg, rounds=3, seed=0, secure_sum=ss)
+    n_shared = 20
+    for m in markets:
+        r = out["runs"][m.name]
+        cols = {n: (c, card) for n, _, c, card in r.columns}
+        np.testing.assert_array_equal(cols["code1"][0], r.codes[0])
+        assert cols["code1"][1] == MODEL.n_global
+        # The key table holds shared products and the "listed only here" row, no code rows.
+        assert cols["key"][1] == n_shared + 1
+        assert np.all(cols["key"][0][:20] < n_shared) and np.all(cols["key"][0][20:] == n_shared)
+    tables = {m.name: out["runs"][m.name].ctr for m in markets}
+    first = tables["a"]
+    for name in ("b", "c"):
+        for part in ("embeddings", "linear"):
+            torch.testing.assert_close(getattr(tables[name], part)["code1"].weight,
+                                       getattr(first, part)["code1"].weight)
+        # The level-2 code table is the market's own.
+        assert not torch.equal(tables[name].embeddings["code2"].weight, first.embeddings["code2"].weight)
+
+
+def test_code_use_key_backs_unshared_items_by_their_level1_code_row(markets):
+    ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    cfg = dataclasses.replace(MODEL, code_use="key")
+    out = fedmm.run_method("fedmm", markets, cfg, rounds=3, seed=0, secure_sum=ss)
     r = out["runs"]["a"]
+    assert [n for n, *_ in r.columns][-2:] == ["key", "code2"]
     key = dict((n, c) for n, _, c, _ in r.columns)["key"]
     n_shared = 20
     np.testing.assert_array_equal(key[20:], n_shared + 1 + r.codes[0][20:])

@@ -10,12 +10,14 @@ else is computed from DP-trained parameters:
 * **fields**: user id, item id, public item attributes and the market's user attributes (every
   method gets them, ``local`` included), and for the shared-space methods a **key** field:
   the row of the item's public catalogue key in a shared-key table (products listed by several
-  markets), or for products only this market lists, the row of their level-1 code (code rows
-  follow the key rows in the same table; before codes exist, one "listed only here" row);
-  code methods add the item's **level-2** (local) code as a field;
+  markets), or for products only this market lists, one "listed only here" row; code methods
+  add the item's **level-1** (global) code and its **level-2** (local) code as fields
+  (``model.code_use: key`` instead puts the level-1 code rows in the key table, after the key
+  rows, for products only this market lists);
 * **sharing** (``fedavg``, ``fedmm``): after each round the shared-key table is averaged row by
-  row over the markets listing each row (:mod:`..catalogue`), and the attribute tables and the
-  interaction MLP by FedAvg; all through the secure sum, all post-processing (no epsilon);
+  row over the markets listing each row (:mod:`..catalogue`), and the attribute tables, the
+  level-1 code table and the interaction MLP by FedAvg; all through the secure sum, all
+  post-processing (no epsilon);
 * **codes** (``local_codes``, ``fedmm``): after round ``code_round`` the item representations of
   the CTR model (item row + key row + attribute rows) go through the RQ-VAE of :mod:`.stages`
   (shared encoder and global level-1 codebook in ``fedmm``, local level-2 codebook); same-key
@@ -68,7 +70,11 @@ def _columns(r: MarketRun, cfg: ModelConfig, *, keyed: bool, with_codes: bool, m
         key = (cat.key_column(d.item_keys) if cat is not None and d.item_keys is not None
                else np.full(d.n_items, n_shared, dtype=np.int64))
         r.history["n_shared_rows"] = n_shared
-        cols.append(("key", "item", key, n_shared + 1 + (cfg.n_global if with_codes else 0)))
+        code_rows = cfg.n_global if with_codes and cfg.code_use == "key" else 0
+        cols.append(("key", "item", key, n_shared + 1 + code_rows))
+    if with_codes and cfg.code_use == "field":
+        # Row 0 for every item until codes exist (then it is just an item bias).
+        cols.append(("code1", "item", np.zeros(d.n_items, dtype=np.int64), cfg.n_global))
     if with_codes:
         cols.append(("code2", "item", np.zeros(d.n_items, dtype=np.int64), cfg.n_local))
     r.columns = cols
@@ -175,10 +181,11 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         r.ctr = create_ctr_model(cfg.ctr_model, fields=ctr_fields(r, cfg, True), dim=cfg.ctr_dim,
                                  hidden=tuple(cfg.ctr_hidden))
     has_key = any(n == "key" for n, *_ in r.columns)
-    # FedAvg'd: what means the same in every market (attribute tables, the interaction MLP);
-    # the key table is averaged row-wise instead; user and item ID tables never leave.
+    # FedAvg'd: what means the same in every market (attribute tables, the level-1 code table of
+    # the global codebook, the interaction MLP); the key table is averaged row-wise instead; user
+    # and item ID tables and the level-2 (local) code table never leave.
     shared = [n for n, _ in r.ctr.named_parameters()
-              if (n.startswith(("embeddings.", "linear.")) and n.split(".")[1].startswith(("iattr", "uattr")))
+              if (n.startswith(("embeddings.", "linear.")) and n.split(".")[1].startswith(("iattr", "uattr", "code1")))
               or (cfg.share_ctr_mlp and n.startswith("mlp."))]
     if federated:
         mine = {k: v for k, v in r.ctr.state_dict().items()
@@ -228,10 +235,13 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
             c1, c2, _, _ = r.vq.codes(x)
             r.codes = (c1, c2)
             if rnd < rounds - 1:
-                # Unshared items move from the placeholder row to their level-1 code's row.
-                n_shared = r.history["n_shared_rows"]
-                key = _column(r, "key")
-                _set_column(r, "key", np.where(key >= n_shared, n_shared + 1 + c1, key))
+                if cfg.code_use == "key":
+                    # Unshared items move from the placeholder row to their level-1 code's row.
+                    n_shared = r.history["n_shared_rows"]
+                    key = _column(r, "key")
+                    _set_column(r, "key", np.where(key >= n_shared, n_shared + 1 + c1, key))
+                else:
+                    _set_column(r, "code1", c1)
                 _set_column(r, "code2", c2)
         progress(f"ctr round {rnd + 1}/{rounds}")
     kept = selector.kept()
