@@ -20,8 +20,12 @@ __all__ = ["ModelConfig", "PrivacyConfig", "RunConfig", "load_config", "config_f
            "dataclass_from_overrides", "METHODS", "DEFAULT_EPSILON", "DEFAULT_MAX_GRAD_NORM"]
 
 METHODS = ("local", "local_codes", "fedavg", "fedmm", "centralized")
-# Accepted by --methods but not run by default: evaluation references.
-REFERENCE_METHODS = ("oracle",)
+# Accepted by --methods but not run by default: evaluation references (synthetic data only).
+# "oracle": `local` given each item's true cluster as an attribute; "fedmm_oracle": `fedmm` with
+# the true clusters as its level-1 codes (what perfect codes would be worth to FedMM).
+REFERENCE_METHODS = ("oracle", "fedmm_oracle")
+# Methods whose markets share parameters through the secure sum.
+SHARING_METHODS = ("fedavg", "fedmm", "fedmm_oracle")
 DESIGNS = ("joint", "staged")
 KEY_WEIGHTS = ("size", "counts")
 CODE_USES = ("field", "key")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import DEFAULT_EPSILON, METHODS, SECAGG_BACKENDS, RunConfig, config_from_dict, load_config
+from ..config import DEFAULT_EPSILON, METHODS, REFERENCE_METHODS, SECAGG_BACKENDS, RunConfig, config_from_dict, load_config
 from ..errors import ConfigError
 from .paths import check_output_dir
 
@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--batch-size", type=int,
                      help="expected records per training step (model.batch_size; default: 256); a market needing more than "
                           "model.max_steps_per_epoch (default 64) steps per epoch samples 1/64 of its records instead")
-    run.add_argument("--methods", type=_csv, help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+    run.add_argument("--methods", type=_csv, help=f"comma-separated subset of {', '.join(METHODS)} (default: all); "
+                     f"synthetic data also takes the references {', '.join(REFERENCE_METHODS)}")
     run.add_argument("--secagg", help=f"secure aggregation backend: {', '.join(SECAGG_BACKENDS)} (default: masking; "
                      "plain is not secure)")
     run.add_argument("--model", dest="model_family", help="model family: fedmm (default) or pf-msmtrec")

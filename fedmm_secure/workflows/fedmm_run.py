@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ..config import RunConfig
+from ..config import SHARING_METHODS, RunConfig
 from ..data.loaders import load_data
 from ..federation.fedmm.driver import run_method
 from ..federation.fedmm.privacy import privacy_session
@@ -61,7 +61,7 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
     for i, method in enumerate(cfg.methods):
         t0 = time.perf_counter()
         secure_sum = None
-        if method in ("fedmm", "fedavg"):
+        if method in SHARING_METHODS:
             secure_sum = EmbeddedSecureSum(backend=cfg.secagg, markets=names, run_id=f"run-{cfg.seed}",
                                            allow_insecure=cfg.secagg == "plain")
 

@@ -137,3 +137,23 @@ def test_count_weights_are_each_markets_interactions_with_the_product(markets):
     fedmm.run_method("fedmm", markets, dataclasses.replace(MODEL, key_weights="size"), rounds=1, seed=0, secure_sum=ss)
     w = ss.uploads[0]["a"][-(len(ss.uploads[0]["a"]) // (MODEL.ctr_dim + 2)):]
     assert np.unique(w[:n_shared]).size == 1
+
+
+def test_fedmm_oracle_reads_the_true_clusters_as_level1_codes(markets):
+    from fedmm_secure.errors import ConfigError
+
+    ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    k = int(max(m.item_cluster.max() for m in markets)) + 1
+    cfg = dataclasses.replace(MODEL, n_global=k, select_by_validation=False)   # serve the coded model
+    out = fedmm.run_method("fedmm_oracle", markets, cfg, rounds=2, seed=0, secure_sum=ss)
+    assert out["nmi_level1_pooled"] == 1.0
+    for m in markets:
+        r = out["runs"][m.name]
+        np.testing.assert_array_equal(r.codes[0], m.item_cluster)
+        np.testing.assert_array_equal(dict((n, c) for n, _, c, _ in r.columns)["code1"], m.item_cluster)
+    with pytest.raises(ConfigError, match="n_global"):
+        fedmm.run_method("fedmm_oracle", markets, dataclasses.replace(MODEL, n_global=k - 1), rounds=1, seed=0,
+                         secure_sum=ss)
+    no_truth = [dataclasses.replace(m, item_cluster=None) for m in markets]
+    with pytest.raises(ConfigError, match="ground-truth"):
+        fedmm.run_method("fedmm_oracle", no_truth, cfg, rounds=1, seed=0, secure_sum=ss)

@@ -295,3 +295,23 @@ def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(t
                         e.steps)
         assert float(ref.get_epsilon(1e-5)) < 0.99 * reported
     assert verify_run(tmp_path / "run").ok
+
+
+def test_fedmm_oracle_reference_has_perfect_codes_and_fedmm_s_privacy_plan(tmp_path):
+    # The reference differs from fedmm only in its level-1 codes (post-processing): its own
+    # ledger must hold the same plan (DP-SGD, comparison, count release, Platt) at the same epsilon.
+    privacy = {"enabled": True, "epsilon": 3.0, "delta": 1e-5}
+    cfg = config_from_dict(dict(TINY, methods=["fedmm", "fedmm_oracle"], privacy=privacy,
+                                model=dict(TINY["model"], n_global=16)))
+    results = fedmm_run.run_experiment(cfg, out_dir=tmp_path / "run")
+    assert results["nmi_level1_pooled"]["fedmm_oracle"] == 1.0
+    assert results["nmi_level1_pooled"]["fedmm"] < 1.0
+    fed = _ledger_events(tmp_path / "run", "ledger.sqlite")
+    ref = _ledger_events(tmp_path / "run", "baselines/fedmm_oracle/ledger.sqlite")
+    for market in ("big", "small"):
+        def plan(events):
+            return sorted((e.sample_rate, e.steps) for e in events)
+        assert plan(ref[market]) == plan(fed[market]) and len(ref[market]) > 0
+        assert results["privacy_by_method"]["fedmm_oracle"][market] == pytest.approx(
+            results["privacy_by_method"]["fedmm"][market], rel=1e-6)
+    assert verify_run(tmp_path / "run").ok

@@ -121,11 +121,13 @@ def drive_in_process(pipelines: dict, secure_sum: SecureSum | None) -> dict[str,
 def run_pipelines(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
                   secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
                   hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None,
-                  codes_only: bool = False, catalogue: PublicCatalogue | None = None) -> dict[str, dict]:
+                  codes_only: bool = False, catalogue: PublicCatalogue | None = None,
+                  true_level1: bool = False) -> dict[str, dict]:
     """Every market's :func:`~.pipeline.market_pipeline` for ``method``, driven in process.
 
     ``catalogue``: the public shared keys (default: built from the markets' public listings for
-    the sharing methods ``fedavg`` and ``fedmm``, when every market has item keys)."""
+    the sharing methods ``fedavg`` and ``fedmm``, when every market has item keys).
+    ``true_level1``: the ``fedmm_oracle`` reference (level-1 codes = true clusters)."""
     names = [m.name for m in markets]
     if catalogue is None and method in ("fedavg", "fedmm"):
         catalogue = public_catalogue(markets)
@@ -136,6 +138,7 @@ def run_pipelines(method: str, markets: Sequence[MarketData], cfg: ModelConfig, 
                                      meta=PublicMeta(index=i, n_train_max=n_train_max, n_items_max=n_items_max,
                                                      catalogue=catalogue),
                                      trainers=trainers, hooks=shared, codes_only=codes_only,
+                                     true_level1=true_level1,
                                      # one progress line per round, not one per market
                                      progress=progress if i == 0 else (lambda s: None))
              for i, m in enumerate(markets)}
@@ -157,6 +160,17 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
             else m.item_cluster[:, None], item_feature_cards=tuple(m.item_feature_cards) + (k,)) for m in markets]
         return run_method("local", with_truth, cfg, rounds=rounds, seed=seed, secure_sum=None, trainers=trainers,
                           hooks=hooks, progress=progress)
+    true_level1 = method == "fedmm_oracle"
+    if true_level1:
+        # Reference, not a method: `fedmm` with every item's true shared cluster as its level-1
+        # code (perfect, perfectly aligned codes; everything else as `fedmm`), i.e. what the
+        # codes could be worth to FedMM. Synthetic data only.
+        if any(m.item_cluster is None for m in markets):
+            raise ConfigError("methods", "fedmm_oracle needs ground-truth clusters", allowed="synthetic data")
+        k = int(max(m.item_cluster.max() for m in markets)) + 1
+        if k > cfg.n_global:
+            raise ConfigError("model.n_global", f"fedmm_oracle needs n_global >= the {k} true clusters")
+        method = "fedmm"
     if method == "centralized":
         pooled = pool_markets(markets, market_field=cfg.design == "joint")
         # Non-private by definition (it pools raw data): plain trainers whatever was asked. In
@@ -177,7 +191,7 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
         return split_pooled(out, pooled, markets, calibrate=cfg.calibrate,
                             models={m: t.model for m, t in tuned.items()})
     outs = run_pipelines(method, markets, cfg, rounds=rounds, seed=seed, secure_sum=secure_sum,
-                         trainers=trainers, hooks=hooks, progress=progress)
+                         trainers=trainers, hooks=hooks, progress=progress, true_level1=true_level1)
     runs = {m.name: outs[m.name]["run"] for m in markets}
     result: dict = {"markets": {m: outs[m]["metrics"] for m in runs}, "runs": runs}
     with_codes = all(r.codes is not None for r in runs.values())

@@ -167,8 +167,11 @@ def _average_keys(r: MarketRun, meta: PublicMeta, hooks: RoundHooks, rnd: int, b
 
 
 def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, seed: int, meta: PublicMeta,
-                trainers: TrainerFactory, hooks: RoundHooks, progress: Callable[[str], None]) -> Pipeline:
-    """``method`` for one market; the only raw-data stage is ``"ctr"`` (one DP event stream)."""
+                trainers: TrainerFactory, hooks: RoundHooks, progress: Callable[[str], None],
+                true_level1: bool = False) -> Pipeline:
+    """``method`` for one market; the only raw-data stage is ``"ctr"`` (one DP event stream).
+    ``true_level1`` (the ``fedmm_oracle`` reference): the true clusters replace the learned
+    level-1 codes."""
     if method not in JOINT_METHODS:
         raise ValueError(f"joint_stage runs {', '.join(JOINT_METHODS)}, not {method!r}")
     data, m = r.data, r.data.name
@@ -233,6 +236,8 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
             yield from rqvae_stage(r, cfg, rounds=cfg.vq_rounds, federated=federated, seed=seed, meta=meta,
                                    hooks=hooks, progress=progress, inputs=x)
             c1, c2, _, _ = r.vq.codes(x)
+            if true_level1:
+                c1 = np.asarray(data.item_cluster, dtype=np.int64)
             r.codes = (c1, c2)
             if rnd < rounds - 1:
                 if cfg.code_use == "key":

@@ -30,12 +30,15 @@ __all__ = ["market_pipeline"]
 
 def market_pipeline(data: MarketData, cfg: ModelConfig, *, method: str, rounds: int, seed: int,
                     meta: PublicMeta, trainers: TrainerFactory = plain_trainers, hooks: RoundHooks | None = None,
-                    progress: Callable[[str], None] = lambda s: None, codes_only: bool = False) -> Pipeline:
+                    progress: Callable[[str], None] = lambda s: None, codes_only: bool = False,
+                    true_level1: bool = False) -> Pipeline:
     """``method`` in {local, local_codes, fedavg, fedmm} for one market.
 
     ``cfg.design == "joint"`` (default): one DP-trained CTR model, codes and sharing derived
     from it (:mod:`.joint`). ``"staged"``: CF, RQ-VAE and CTR stages (``fedavg`` is joint-only);
     ``codes_only`` (the audit's recomputation of codes) stops the staged design after stage 2.
+    ``true_level1`` (joint design, evaluation reference only): the item's true cluster
+    (``data.item_cluster``) replaces its learned level-1 code.
     """
     if method not in JOINT_METHODS:
         raise ValueError(f"market_pipeline runs {', '.join(JOINT_METHODS)}, not {method!r}")
@@ -43,11 +46,12 @@ def market_pipeline(data: MarketData, cfg: ModelConfig, *, method: str, rounds: 
     r = MarketRun(data, torch.Generator().manual_seed(seed * 1_000_003 + meta.index))
     if cfg.design == "joint" and not codes_only:
         yield from joint_stage(r, cfg, method=method, rounds=rounds, seed=seed, meta=meta, trainers=trainers,
-                               hooks=hooks, progress=progress)
+                               hooks=hooks, progress=progress, true_level1=true_level1)
         _calibrate(r, cfg, hooks, r.codes is not None)
         return {"metrics": market_metrics(r, cfg, r.codes is not None), "run": r}
-    if method == "fedavg":
-        raise ValueError("fedavg exists in the joint design only (model.design = joint)")
+    if method == "fedavg" or true_level1:
+        raise ValueError(f"{'fedavg' if method == 'fedavg' else 'true level-1 codes'} exist in the joint design only "
+                         "(model.design = joint)")
     federated, with_codes = method == "fedmm", method != "local"
     if with_codes:
         yield from cf_stage(r, cfg, rounds=rounds, federated=federated, meta=meta, trainers=trainers,

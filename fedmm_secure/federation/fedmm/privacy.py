@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...config import RunConfig
+from ...config import SHARING_METHODS, RunConfig
 from ...data.market import MarketData
 from ...privacy.budget import BudgetPolicy
 from ...privacy.events import SubsampledGaussianEvent
@@ -40,7 +40,7 @@ def validation_releases(cfg: RunConfig, method: str, *, shared_keys: bool) -> in
     counts (:mod:`.joint`), planned the same way (a full-batch Gaussian mechanism) when there
     are ``shared_keys`` to weigh: a release planned and never made would raise the DP-SGD noise
     for nothing."""
-    federated = method in ("fedavg", "fedmm")
+    federated = method in SHARING_METHODS
     comparisons = 1 if federated and cfg.model.select_by_validation else 0
     counts = 1 if (federated and shared_keys and cfg.model.design == "joint"
                    and cfg.model.key_weights == "counts") else 0
