@@ -212,7 +212,9 @@ def _git_commit() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="synthetic", help="synthetic or xmrec:PATH (any loader spec)")
-    ap.add_argument("--methods", default="local,local_codes,fedavg,fedmm,centralized")
+    ap.add_argument("--methods", default=None,
+                    help="comma list (default: local,local_codes,fedavg,fedmm,centralized, and on synthetic "
+                         "data also the references oracle and fedmm_oracle, so the headroom is shown)")
     ap.add_argument("--target", default="fedmm", help="method compared against every other one")
     ap.add_argument("--seeds", default="5-9", help="e.g. 0-4, 5,7,9")
     ap.add_argument("--seed-role", default="dev", help="dev or held-out: written into the report")
@@ -236,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         args.workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
     seeds = parse_seeds(args.seeds)
+    if args.methods is None:
+        refs = ",oracle,fedmm_oracle" if args.data == "synthetic" else ""
+        args.methods = "local,local_codes,fedavg,fedmm,centralized" + refs
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = [p.strip() for p in args.privacy.split(",") if p.strip()]
     extra: dict = {}
