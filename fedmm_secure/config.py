@@ -117,8 +117,9 @@ class ModelConfig:
     # for every item, its table averaged across markets like the attribute tables (the codebook
     # is global, so a code row means the same in every market); "key", as the shared-key table's
     # row for products only this market lists (shared products read their key row only). Field
-    # chosen on development seeds; with the true clusters as codes it recovers the oracle's gain
-    # where "key" recovers less than half of it (bench/RESULTS_fedmm_dp.md).
+    # chosen on development seeds; with the true clusters as codes (the fedmm_oracle reference)
+    # it gains about half of what `oracle` gains on held-out seeds, "key" nothing
+    # (bench/RESULTS_fedmm_dp.md).
     code_use: str = "field"
 
     def __post_init__(self) -> None:
@@ -290,6 +291,10 @@ class RunConfig:
         for m in self.methods if self.model_family == "fedmm" else ():
             if m not in METHODS + REFERENCE_METHODS:
                 raise ConfigError("methods", f"unknown method {m!r}", allowed=", ".join(METHODS + REFERENCE_METHODS))
+            if m in REFERENCE_METHODS and self.data != "synthetic":
+                # Refused before anything runs: references need the generator's true clusters.
+                raise ConfigError("methods", f"{m} is a reference that needs the synthetic generator's true clusters",
+                                  allowed=", ".join(METHODS))
         if self.secagg not in SECAGG_BACKENDS:
             raise ConfigError("secagg", f"unknown backend {self.secagg!r}", allowed=", ".join(SECAGG_BACKENDS))
         if self.model_family not in MODEL_FAMILIES:

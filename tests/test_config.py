@@ -41,6 +41,14 @@ def test_bad_model_calibrate_names_the_field():
     assert e.value.field == "model.calibrate"
 
 
+def test_references_need_synthetic_data():
+    assert config_from_dict({"methods": ["fedmm", "fedmm_oracle", "oracle"]}).methods[1] == "fedmm_oracle"
+    for ref in ("oracle", "fedmm_oracle"):
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({"methods": ["fedmm", ref], "data": "xmrec:/nowhere"})
+        assert e.value.field == "methods"
+
+
 @pytest.mark.parametrize("model, field", [({"code_use": "both"}, "model.code_use"),
                                           ({"key_weights": "uniform"}, "model.key_weights")])
 def test_unknown_model_choices_name_the_field(model, field):

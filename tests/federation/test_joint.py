@@ -154,6 +154,9 @@ def test_fedmm_oracle_reads_the_true_clusters_as_level1_codes(markets):
     with pytest.raises(ConfigError, match="n_global"):
         fedmm.run_method("fedmm_oracle", markets, dataclasses.replace(MODEL, n_global=k - 1), rounds=1, seed=0,
                          secure_sum=ss)
+    with pytest.raises(ConfigError, match="joint design"):
+        fedmm.run_method("fedmm_oracle", markets, dataclasses.replace(cfg, design="staged"), rounds=1, seed=0,
+                         secure_sum=ss)
     no_truth = [dataclasses.replace(m, item_cluster=None) for m in markets]
     with pytest.raises(ConfigError, match="ground-truth"):
         fedmm.run_method("fedmm_oracle", no_truth, cfg, rounds=1, seed=0, secure_sum=ss)

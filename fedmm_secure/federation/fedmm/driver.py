@@ -170,6 +170,8 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
         k = int(max(m.item_cluster.max() for m in markets)) + 1
         if k > cfg.n_global:
             raise ConfigError("model.n_global", f"fedmm_oracle needs n_global >= the {k} true clusters")
+        if cfg.design != "joint":
+            raise ConfigError("model.design", "fedmm_oracle exists in the joint design only", allowed="joint")
         method = "fedmm"
     if method == "centralized":
         pooled = pool_markets(markets, market_field=cfg.design == "joint")

@@ -49,9 +49,10 @@ def market_pipeline(data: MarketData, cfg: ModelConfig, *, method: str, rounds: 
                                hooks=hooks, progress=progress, true_level1=true_level1)
         _calibrate(r, cfg, hooks, r.codes is not None)
         return {"metrics": market_metrics(r, cfg, r.codes is not None), "run": r}
-    if method == "fedavg" or true_level1:
-        raise ValueError(f"{'fedavg' if method == 'fedavg' else 'true level-1 codes'} exist in the joint design only "
-                         "(model.design = joint)")
+    if method == "fedavg":
+        raise ValueError("fedavg exists in the joint design only (model.design = joint)")
+    if true_level1:
+        raise ValueError("true level-1 codes exist in the joint design only (model.design = joint)")
     federated, with_codes = method == "fedmm", method != "local"
     if with_codes:
         yield from cf_stage(r, cfg, rounds=rounds, federated=federated, meta=meta, trainers=trainers,
