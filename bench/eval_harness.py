@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmm_secure.config import METHODS, REFERENCE_METHODS
 from fedmm_secure.workflows.run_batch import RunJob, run_jobs
 from fedmm_secure.reports.paired import paired_difference, parse_seeds
 
@@ -239,8 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
     seeds = parse_seeds(args.seeds)
     if args.methods is None:
-        refs = ",oracle,fedmm_oracle" if args.data == "synthetic" else ""
-        args.methods = "local,local_codes,fedavg,fedmm,centralized" + refs
+        args.methods = ",".join(METHODS + (REFERENCE_METHODS if args.data == "synthetic" else ()))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     settings = [p.strip() for p in args.privacy.split(",") if p.strip()]
     extra: dict = {}

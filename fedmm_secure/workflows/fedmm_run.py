@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ..config import SHARING_METHODS, RunConfig
+from ..config import REFERENCE_METHODS, SHARING_METHODS, RunConfig
 from ..data.loaders import load_data
-from ..federation.fedmm.driver import run_method
+from ..federation.fedmm.driver import check_reference, run_method
 from ..federation.fedmm.privacy import privacy_session
 from ..privacy.run_ledgers import RunLedgers
 from ..reports.run_report import write_json_atomic, write_run_report
@@ -39,6 +39,9 @@ def run_experiment(cfg: RunConfig, *, out_dir: Path, progress: Callable[[str, fl
     """
     cfg = cfg.resolved()
     markets = load_data(cfg)   # a bad data path fails before anything is written
+    for method in cfg.methods:   # so does a reference these markets or this model cannot run
+        if method in REFERENCE_METHODS:
+            check_reference(method, markets, cfg.model)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Every DP method gets its own ledger (baselines read the same raw rows as the deployed method).
     ledgers = RunLedgers(out_dir, cfg.to_dict(), cfg.methods, resume=resume) if cfg.privacy.enabled else None

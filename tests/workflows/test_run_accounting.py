@@ -315,3 +315,15 @@ def test_fedmm_oracle_reference_has_perfect_codes_and_fedmm_s_privacy_plan(tmp_p
         assert results["privacy_by_method"]["fedmm_oracle"][market] == pytest.approx(
             results["privacy_by_method"]["fedmm"][market], rel=1e-6)
     assert verify_run(tmp_path / "run").ok
+
+
+def test_a_reference_that_cannot_run_fails_before_anything_is_written(tmp_path):
+    # TINY's 8 level-1 codes cannot hold the generator's 16 clusters: refused after the data is
+    # read, before `fedmm` trains or any ledger or result exists.
+    from fedmm_secure.errors import ConfigError
+
+    cfg = config_from_dict(dict(TINY, methods=["fedmm", "fedmm_oracle"]))
+    with pytest.raises(ConfigError) as e:
+        fedmm_run.run_experiment(cfg, out_dir=tmp_path / "run")
+    assert e.value.field == "model.n_global"
+    assert not (tmp_path / "run").exists()

@@ -27,7 +27,8 @@ from .finetune import finetune_pooled
 from .pipeline import market_pipeline
 from .protocol import Barrier, BroadcastRequest, PublicMeta, SumRequest
 
-__all__ = ["drive_in_process", "run_pipelines", "run_method", "pool_markets", "public_catalogue"]
+__all__ = ["drive_in_process", "run_pipelines", "run_method", "pool_markets", "public_catalogue",
+           "check_reference"]
 
 
 class _SharedHooks(RoundHooks):
@@ -145,6 +146,22 @@ def run_pipelines(method: str, markets: Sequence[MarketData], cfg: ModelConfig, 
     return drive_in_process(pipes, secure_sum)
 
 
+def check_reference(method: str, markets: Sequence[MarketData], cfg: ModelConfig) -> int:
+    """The number of true clusters a reference ``method`` (``oracle``, ``fedmm_oracle``) reads
+    from ``markets``; ConfigError when it cannot run on them with ``cfg`` (no ground truth,
+    ``fedmm_oracle`` with fewer level-1 codes than clusters or outside the joint design).
+    A run checks every reference before it writes anything."""
+    if any(m.item_cluster is None for m in markets):
+        raise ConfigError("methods", f"{method} needs ground-truth clusters", allowed="synthetic data")
+    k = int(max(m.item_cluster.max() for m in markets)) + 1
+    if method == "fedmm_oracle":
+        if k > cfg.n_global:
+            raise ConfigError("model.n_global", f"fedmm_oracle needs n_global >= the {k} true clusters")
+        if cfg.design != "joint":
+            raise ConfigError("model.design", "fedmm_oracle exists in the joint design only", allowed="joint")
+    return k
+
+
 def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, rounds: int, seed: int,
                secure_sum: SecureSum | None, trainers: TrainerFactory = plain_trainers,
                hooks: RoundHooks | None = None, progress: Callable[[str], None] = lambda s: None) -> dict:
@@ -152,9 +169,7 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
     if method == "oracle":
         # Reference, not a method: `local` given every item's true shared cluster as one more
         # item attribute (the codes a perfect aligner would produce). Synthetic data only.
-        if any(m.item_cluster is None for m in markets):
-            raise ConfigError("methods", "oracle needs ground-truth clusters", allowed="synthetic data")
-        k = int(max(m.item_cluster.max() for m in markets)) + 1
+        k = check_reference(method, markets, cfg)
         with_truth = [dataclasses.replace(
             m, item_features=np.column_stack([m.item_features, m.item_cluster]) if m.item_features is not None
             else m.item_cluster[:, None], item_feature_cards=tuple(m.item_feature_cards) + (k,)) for m in markets]
@@ -165,13 +180,7 @@ def run_method(method: str, markets: Sequence[MarketData], cfg: ModelConfig, *, 
         # Reference, not a method: `fedmm` with every item's true shared cluster as its level-1
         # code (perfect, perfectly aligned codes; everything else as `fedmm`), i.e. what the
         # codes could be worth to FedMM. Synthetic data only.
-        if any(m.item_cluster is None for m in markets):
-            raise ConfigError("methods", "fedmm_oracle needs ground-truth clusters", allowed="synthetic data")
-        k = int(max(m.item_cluster.max() for m in markets)) + 1
-        if k > cfg.n_global:
-            raise ConfigError("model.n_global", f"fedmm_oracle needs n_global >= the {k} true clusters")
-        if cfg.design != "joint":
-            raise ConfigError("model.design", "fedmm_oracle exists in the joint design only", allowed="joint")
+        check_reference(method, markets, cfg)
         method = "fedmm"
     if method == "centralized":
         pooled = pool_markets(markets, market_field=cfg.design == "joint")
