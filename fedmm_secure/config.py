@@ -29,6 +29,7 @@ SHARING_METHODS = ("fedavg", "fedmm", "fedmm_oracle")
 DESIGNS = ("joint", "staged")
 KEY_WEIGHTS = ("size", "counts")
 CODE_USES = ("field", "key")
+SERVES = ("ensemble", "select")
 MODEL_FAMILIES = ("fedmm", "pf-msmtrec")
 # DP-SGD clipping norm when the config names none: it should sit near the per-record gradient
 # norms of the family's loss. PF-MSMTrec's ESMM loss (two BCE terms) has median per-record
@@ -121,6 +122,13 @@ class ModelConfig:
     # it gains about half of what `oracle` gains on held-out seeds, "key" nothing
     # (bench/RESULTS_fedmm_dp.md).
     code_use: str = "field"
+    # What a federated market makes of each round's two CTR models (locally trained; right after
+    # averaging), joint design: "ensemble", one candidate that averages their logits (nothing is
+    # compared, so under DP nothing is released); "select", the better of the two on the
+    # market's validation rows (under DP one noisy comparison in the last round). Ensemble
+    # chosen on development seeds: above the noisy choice on every XMRec market at epsilon 8
+    # (bench/RESULTS_fedmm_dp.md).
+    serve: str = "ensemble"
 
     def __post_init__(self) -> None:
         for f in ("cf_dim", "cf_epochs", "latent_dim", "vq_hidden", "n_global", "n_local", "vq_epochs",
@@ -135,6 +143,8 @@ class ModelConfig:
                               allowed=", ".join(KEY_WEIGHTS))
         if self.code_use not in CODE_USES:
             raise ConfigError("model.code_use", f"unknown code use {self.code_use!r}", allowed=", ".join(CODE_USES))
+        if self.serve not in SERVES:
+            raise ConfigError("model.serve", f"unknown serving {self.serve!r}", allowed=", ".join(SERVES))
         for f in ("code_round", "vq_rounds"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if f == "code_round" else 1):

@@ -70,7 +70,7 @@ def test_level1_code_is_a_field_of_every_item_and_its_table_is_shared(markets):
     ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
     assert MODEL.code_use == "field"   # the default
     # Serve the last averaged model, so every shared table is the average in every market.
-    cfg = dataclasses.replace(MODEL, select_by_validation=False)
+    cfg = dataclasses.replace(MODEL, select_by_validation=False, serve="select")
     out = fedmm.run_method("fedmm", markets, cfg, rounds=3, seed=0, secure_sum=ss)
     n_shared = 20
     for m in markets:
@@ -144,7 +144,7 @@ def test_fedmm_oracle_reads_the_true_clusters_as_level1_codes(markets):
 
     ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
     k = int(max(m.item_cluster.max() for m in markets)) + 1
-    cfg = dataclasses.replace(MODEL, n_global=k, select_by_validation=False)   # serve the coded model
+    cfg = dataclasses.replace(MODEL, n_global=k, select_by_validation=False, serve="select")   # serve the coded model
     out = fedmm.run_method("fedmm_oracle", markets, cfg, rounds=2, seed=0, secure_sum=ss)
     assert out["nmi_level1_pooled"] == 1.0
     for m in markets:
@@ -160,3 +160,30 @@ def test_fedmm_oracle_reads_the_true_clusters_as_level1_codes(markets):
     no_truth = [dataclasses.replace(m, item_cluster=None) for m in markets]
     with pytest.raises(ConfigError, match="ground-truth"):
         fedmm.run_method("fedmm_oracle", no_truth, cfg, rounds=1, seed=0, secure_sum=ss)
+
+
+def test_a_federated_market_serves_the_logit_mean_of_a_rounds_local_and_averaged_models(markets):
+    from fedmm_secure.federation.fedmm.evaluation import logits
+    from fedmm_secure.federation.fedmm.features import ctr_inputs
+    from fedmm_secure.models import LogitMean
+
+    ss = EmbeddedSecureSum(backend="plain", markets=[m.name for m in markets], run_id="t", allow_insecure=True)
+    assert MODEL.serve == "ensemble"   # the default
+    # Selection off: every market serves its last round's pair.
+    cfg = dataclasses.replace(MODEL, select_by_validation=False)
+    out = fedmm.run_method("fedmm", markets, cfg, rounds=2, seed=0, secure_sum=ss)
+    shared = {m.name: out["runs"][m.name].ctr.members[1] for m in markets}
+    for m in markets:
+        r = out["runs"][m.name]
+        assert isinstance(r.ctr, LogitMean) and len(r.ctr.members) == 2
+        local, averaged = r.ctr.members
+        x = ctr_inputs(r, m.test, True)
+        np.testing.assert_allclose(logits(r.ctr, x), (logits(local, x) + logits(averaged, x)) / 2, rtol=1e-5, atol=1e-6)
+        # The same round's pair: the market's own tables are equal, the averaged ones are not.
+        torch.testing.assert_close(local.embeddings["item"].weight, averaged.embeddings["item"].weight)
+        torch.testing.assert_close(local.embeddings["user"].weight, averaged.embeddings["user"].weight)
+        assert not torch.equal(local.embeddings["code1"].weight, averaged.embeddings["code1"].weight)
+        torch.testing.assert_close(averaged.embeddings["code1"].weight, shared["a"].embeddings["code1"].weight)
+    # Without federation there is one model a round: `local` serves a plain CTR model.
+    alone = fedmm.run_method("local", markets, MODEL, rounds=2, seed=0, secure_sum=ss)
+    assert not any(isinstance(alone["runs"][m.name].ctr, LogitMean) for m in markets)

@@ -108,8 +108,23 @@ def test_flipping_validation_labels_changes_nothing_when_selection_and_calibrati
         assert base_priv[m]["epsilon"] == other_priv[m]["epsilon"]
         assert base_priv[m]["validation"]["releases_planned"] == 0
     # The control: with selection and calibration on, the same flip does change the served model.
-    on_base, on_priv = _private_run(markets, MODEL)
-    on_other, _ = _private_run(flipped, MODEL)
+    select = dataclasses.replace(MODEL, serve="select")
+    on_base, on_priv = _private_run(markets, select)
+    on_other, _ = _private_run(flipped, select)
     assert any(on_base[m]["logloss"] != on_other[m]["logloss"] or on_base[m]["auc"] != on_other[m]["auc"]
                for m in ("a", "b"))
     assert all(on_priv[m]["validation"]["releases_used"] == 1 + 3 for m in ("a", "b"))
+
+
+def test_a_private_ensemble_compares_nothing_so_its_ranking_ignores_the_validation_labels(markets):
+    # model.serve: ensemble (the default): a round's two models are one candidate, so a private
+    # federated market makes no comparison; only the Platt fit reads validation rows.
+    assert MODEL.serve == "ensemble"
+    flipped = [_flip(m) for m in markets]
+    base, base_priv = _private_run(markets, MODEL)
+    other, _ = _private_run(flipped, MODEL)
+    for m in ("a", "b"):
+        assert base[m]["auc"] == other[m]["auc"]
+        assert base_priv[m]["validation"]["releases_planned"] == base_priv[m]["validation"]["releases_used"] == 3
+    # The calibration still reads them: the flip moves the served LogLoss.
+    assert any(base[m]["logloss"] != other[m]["logloss"] for m in ("a", "b"))

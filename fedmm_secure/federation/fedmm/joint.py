@@ -24,12 +24,19 @@ else is computed from DP-trained parameters:
   items have identical inputs in every market, so they get the same level-1 code by
   construction. Post-processing: no raw row is read.
 
+**Served model**: each round offers the market's model selection (:mod:`.selection`) one
+candidate; in the federated methods it is the mean of the logits of the round's two models, the
+locally trained one and the one right after averaging (``model.serve: ensemble``; measured above
+the noisy choice between them on every XMRec market, bench/RESULTS_fedmm_dp.md), or each of them
+(``serve: select``). The ensemble reads no row: no release.
+
 Methods: ``local`` (no key field, no codes), ``local_codes`` (codes, nothing shared),
 ``fedavg`` (shared keys + FedAvg, no codes), ``fedmm`` (both).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -37,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ModelConfig
+from ...models.ensemble import LogitMean
 from ...models.registry import create_ctr_model
 from ...privacy.validation import unit_index
 from ..catalogue import apply_keyed_sum, count_weights, key_counts, keyed_upload
@@ -197,6 +205,8 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         r.ctr.load_state_dict(state_from_bytes(first), strict=False)
     code_round = min(cfg.code_round, max(rounds - 2, 0))
     selector = ModelSelector(r, hooks, enabled=cfg.select_by_validation)
+    # A federated round's candidate: its two models' logit mean, or each model on its own.
+    pair = federated and cfg.serve == "ensemble"
     # Released once, at the first average (between rounds, as every release from raw rows).
     count_release = federated and has_key and cfg.key_weights == "counts" and r.history["n_shared_rows"] > 0
     shared_weights: np.ndarray | None = None
@@ -219,6 +229,7 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         # on it), between the locally trained model and the one right after averaging; under DP
         # each comparison is a noisy, accounted release (.selection).
         selector.start_round(final=rnd == rounds - 1)
+        local_state: dict | None = None
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 if has_key:
@@ -227,8 +238,12 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
                     yield from _average_keys(r, meta, hooks, rnd, cfg.shared_bound, shared_weights)
                 if shared:
                     yield from average_shared(r, r.ctr, shared, meta, "ctr-shared", rnd, cfg.shared_bound, hooks)
-            selector.consider(lambda: predict(r.ctr, x_valid),
-                              lambda: ({k: t.clone() for k, t in r.ctr.state_dict().items()}, list(r.columns)))
+            if pair and phase == "local":
+                local_state = _state(r.ctr)     # offered with the averaged model, as one candidate
+                continue
+            states = [local_state, _state(r.ctr)] if pair else [_state(r.ctr)]
+            last = (states, list(r.columns))
+            selector.consider(lambda states=states: predict(_served(r.ctr, states), x_valid), lambda last=last: last)
         # Every market's comparisons are on its ledger before any market opens another round.
         yield Barrier("ctr-select", rnd)
         if with_codes and rnd == code_round:
@@ -249,7 +264,24 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
                     _set_column(r, "code1", c1)
                 _set_column(r, "code2", c2)
         progress(f"ctr round {rnd + 1}/{rounds}")
-    kept = selector.kept()
-    if kept is not None:
-        r.ctr.load_state_dict(kept[0])
-        r.columns = kept[1]
+    # Without a kept candidate (selection off) the final round's candidate is served.
+    states, r.columns = selector.kept() or last
+    r.ctr = _served(r.ctr, states)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: t.clone() for k, t in model.state_dict().items()}
+
+
+def _served(model: torch.nn.Module, states: list[dict[str, torch.Tensor]]) -> torch.nn.Module:
+    """``model`` with ``states[0]`` loaded, or with several states the mean of their logits
+    (``model.serve: ensemble``: a round's locally trained and averaged models)."""
+    if len(states) == 1:
+        model.load_state_dict(states[0])
+        return model
+    members = []
+    for state in states:
+        member = copy.deepcopy(model)
+        member.load_state_dict(state)
+        members.append(member)
+    return LogitMean(members)

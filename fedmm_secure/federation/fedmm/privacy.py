@@ -34,14 +34,17 @@ log = logging.getLogger(__name__)
 
 def validation_releases(cfg: RunConfig, method: str, *, shared_keys: bool) -> int:
     """Gaussian releases from one market's validation rows in a private run of ``method``
-    (:mod:`.selection`): one model comparison when federated (the last round's local against its
-    averaged model; none otherwise), ``PLATT_STEPS`` for the Platt fit; plus, with
+    (:mod:`.selection`): one model comparison when federated and a round's two models compete
+    (``model.serve: select``, or the staged design: the last round's local against its averaged
+    model; none otherwise, as when ``serve: ensemble`` makes them one candidate),
+    ``PLATT_STEPS`` for the Platt fit; plus, with
     ``model.key_weights: counts``, the federated methods' one release of per-product training
     counts (:mod:`.joint`), planned the same way (a full-batch Gaussian mechanism) when there
     are ``shared_keys`` to weigh: a release planned and never made would raise the DP-SGD noise
     for nothing."""
     federated = method in SHARING_METHODS
-    comparisons = 1 if federated and cfg.model.select_by_validation else 0
+    compete = cfg.model.design == "staged" or cfg.model.serve == "select"
+    comparisons = 1 if federated and compete and cfg.model.select_by_validation else 0
     counts = 1 if (federated and shared_keys and cfg.model.design == "joint"
                    and cfg.model.key_weights == "counts") else 0
     return comparisons + counts + (PLATT_STEPS if cfg.model.calibrate else 0)

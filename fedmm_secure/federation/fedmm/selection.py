@@ -6,9 +6,10 @@ hooks say how the rows may be read (:meth:`~fedmm_secure.federation.hooks.RoundH
 
 * exact (non-private run): the candidate with the highest validation AUC is kept, and the Platt
   map is the maximum-likelihood fit, as without DP;
-* private: the candidates are those of the **last round only** (federated: its local and its
-  averaged model, one noisy difference of Brier scores, one release for the whole run;
-  otherwise the final model without a comparison). Comparing across rounds by a Brier score
+* private: the candidates are those of the **last round only** (federated with
+  ``model.serve: select``: its local and its averaged model, one noisy difference of Brier
+  scores, one release for the whole run; otherwise the round's one candidate, kept without a
+  comparison: with ``serve: ensemble`` the mean of the two models' logits). Comparing across rounds by a Brier score
   would favour the early, barely trained models, whose probabilities stay near the base rate
   while DP-SGD inflates later logits (measured: bench/RESULTS_fedmm_dp.md), and every
   comparison costs budget; only the served model depends on the choice, so earlier rounds'
