@@ -184,6 +184,11 @@ def test_a_federated_market_serves_the_logit_mean_of_a_rounds_local_and_averaged
         torch.testing.assert_close(local.embeddings["user"].weight, averaged.embeddings["user"].weight)
         assert not torch.equal(local.embeddings["code1"].weight, averaged.embeddings["code1"].weight)
         torch.testing.assert_close(averaged.embeddings["code1"].weight, shared["a"].embeddings["code1"].weight)
+    # Without DP comparisons are exact and free: each round offers its local model, its averaged
+    # model and their ensemble, every candidate after the first compared with the kept one.
+    exact = fedmm.run_method("fedmm", markets, MODEL, rounds=2, seed=0, secure_sum=ss)
+    for m in markets:
+        assert len(exact["runs"][m.name].history["valid_selection"]) == 3 * 2 - 1
     # Without federation there is one model a round: `local` serves a plain CTR model.
     alone = fedmm.run_method("local", markets, MODEL, rounds=2, seed=0, secure_sum=ss)
     assert not any(isinstance(alone["runs"][m.name].ctr, LogitMean) for m in markets)

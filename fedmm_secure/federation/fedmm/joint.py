@@ -24,11 +24,12 @@ else is computed from DP-trained parameters:
   items have identical inputs in every market, so they get the same level-1 code by
   construction. Post-processing: no raw row is read.
 
-**Served model**: each round offers the market's model selection (:mod:`.selection`) one
-candidate; in the federated methods it is the mean of the logits of the round's two models, the
-locally trained one and the one right after averaging (``model.serve: ensemble``; measured above
-the noisy choice between them on every XMRec market, bench/RESULTS_fedmm_dp.md), or each of them
-(``serve: select``). The ensemble reads no row: no release.
+**Served model**: a federated round leaves two models, the locally trained one and the one
+right after averaging. Under DP the market serves the mean of the last round's two models'
+logits (``model.serve: ensemble``; measured above the noisy choice between them on every XMRec
+market, bench/RESULTS_fedmm_dp.md): nothing is compared, so no validation row is read for it.
+Without DP the model selection (:mod:`.selection`) keeps the best by validation AUC of every
+round's two models and their ensemble. ``serve: select``: the two models compete on their own.
 
 Methods: ``local`` (no key field, no codes), ``local_codes`` (codes, nothing shared),
 ``fedavg`` (shared keys + FedAvg, no codes), ``fedmm`` (both).
@@ -226,8 +227,9 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         yield Barrier("ctr", rnd)
         x_valid = ctr_inputs(r, data.valid, True)
         # Model selection on the market's own validation split (only the served model depends
-        # on it), between the locally trained model and the one right after averaging; under DP
-        # each comparison is a noisy, accounted release (.selection).
+        # on it), between the locally trained model, the one right after averaging and (pair)
+        # their ensemble; under DP each comparison is a noisy, accounted release (.selection),
+        # so a pair is offered as its ensemble alone, and nothing is compared.
         selector.start_round(final=rnd == rounds - 1)
         local_state: dict | None = None
         for phase in ("local", "averaged") if federated else ("local",):
@@ -238,12 +240,15 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
                     yield from _average_keys(r, meta, hooks, rnd, cfg.shared_bound, shared_weights)
                 if shared:
                     yield from average_shared(r, r.ctr, shared, meta, "ctr-shared", rnd, cfg.shared_bound, hooks)
+            state = _state(r.ctr)
+            candidates = [[state]] if not pair or selector.exact else []
             if pair and phase == "local":
-                local_state = _state(r.ctr)     # offered with the averaged model, as one candidate
-                continue
-            states = [local_state, _state(r.ctr)] if pair else [_state(r.ctr)]
-            last = (states, list(r.columns))
-            selector.consider(lambda states=states: predict(_served(r.ctr, states), x_valid), lambda last=last: last)
+                local_state = state
+            elif pair:
+                candidates.append([local_state, state])
+            for states in candidates:
+                last = (states, list(r.columns))
+                selector.consider(lambda states=states: predict(_served(r.ctr, states), x_valid), lambda last=last: last)
         # Every market's comparisons are on its ledger before any market opens another round.
         yield Barrier("ctr-select", rnd)
         if with_codes and rnd == code_round:

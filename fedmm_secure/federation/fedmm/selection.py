@@ -47,6 +47,8 @@ class ModelSelector:
     def __init__(self, r: MarketRun, hooks: RoundHooks, *, enabled: bool) -> None:
         self.r, self.hooks, self.enabled = r, hooks, enabled
         self.last_round_only = bool(hooks.validation_accounted)
+        # Comparisons are exact and free (a run without DP): offer every model worth comparing.
+        self.exact = not self.last_round_only
         self.active = True
         self.labels = r.data.valid.click
         self.best: tuple[np.ndarray, Any] | None = None    # (validation probabilities, snapshot)
