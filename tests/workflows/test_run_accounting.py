@@ -250,12 +250,14 @@ def test_a_pf_msmtrec_run_accounts_every_method_too(tmp_path, capsys):
     assert "checked: the TOTAL" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("key_weights, overlap, releases",
-                         [("size", 0.5, 1 + 3), ("counts", 0.5, 1 + 1 + 3),
+@pytest.mark.parametrize("key_weights, overlap, serve, releases",
+                         [("size", 0.5, "select", 1 + 3), ("counts", 0.5, "select", 1 + 1 + 3),
                           # no shared keys: nothing to weigh, so no count release is planned
-                          ("counts", 0.0, 1 + 3)])
+                          ("counts", 0.0, "select", 1 + 3),
+                          # the default ensemble compares nothing: counts and the Platt fit only
+                          ("counts", 0.5, "ensemble", 1 + 3), ("size", 0.5, "ensemble", 3)])
 def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(tmp_path, key_weights, overlap,
-                                                                               releases):
+                                                                               serve, releases):
     # A run calibrated to a target: DP-SGD, every model comparison, the Platt fit and (with count
     # weights) the per-product count release all compose
     # to at most the target on each market's ledger. Recomputed independently: the validation
@@ -268,7 +270,7 @@ def test_target_covers_selection_and_calibration_recomputed_with_dp_accounting(t
     privacy = {"enabled": True, "epsilon": 3.0, "delta": 1e-5}
     cfg = config_from_dict(dict(TINY, methods=["fedmm"], privacy=privacy,
                                 synthetic=dict(TINY["synthetic"], catalogue_overlap=overlap),
-                                model=dict(TINY["model"], key_weights=key_weights)))
+                                model=dict(TINY["model"], key_weights=key_weights, serve=serve)))
     results = fedmm_run.run_experiment(cfg, out_dir=tmp_path / "run")
     events = _ledger_events(tmp_path / "run", "ledger.sqlite")
     for market in ("big", "small"):
