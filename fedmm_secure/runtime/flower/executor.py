@@ -36,6 +36,7 @@ __all__ = ["InProcessTaskExecutor", "CLIENTAPP_REF", "fab_clientapp_ref"]
 
 CLIENTAPP_REF = "fedmm_secure.runtime.flower.app:client_app"
 _PULL_MAX_S = 600.0    # give up on a message whose objects never arrive
+_STOP_CHECK_S = 0.1   # a doorbell wait looks at the stop event this often
 _HEARTBEAT_S = 10.0   # Flower's task heartbeat interval is 30 s; stay well inside it
 
 
@@ -97,9 +98,19 @@ class InProcessTaskExecutor:
                 if errors:   # back off while the SuperNode is unreachable (up to 2 s)
                     stop.wait(min(2.0, self._poll * 2 ** min(errors, 6)))
                 elif self._doorbell is not None:
-                    self._doorbell.wait(self._poll)
+                    self._wait_for_doorbell(stop)
                 else:
                     stop.wait(self._poll)
+
+    def _wait_for_doorbell(self, stop: threading.Event) -> None:
+        """Up to one poll interval for a ring, in slices, so that a stop is seen within
+        ``_STOP_CHECK_S`` rather than after the whole (fallback) poll interval."""
+        assert self._doorbell is not None
+        deadline = time.monotonic() + self._poll
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or self._doorbell.wait(min(left, _STOP_CHECK_S)):
+                return
 
     def run_one(self) -> bool:
         """Run the next pending ClientApp task, if any; True if one was run."""
