@@ -16,8 +16,6 @@ from .paths import check_output_dir
 
 __all__ = ["register", "command"]
 
-# Ledger stage labels of a FedMM market's full-batch releases, as the run summary names them.
-_RELEASE_NAMES = {"key-counts": "shared-key counts", "ctr-select": "model selection", "calibrate": "calibration"}
 _PRIVACY_FLAGS = (("epsilon", "epsilon"), ("noise_multiplier", "noise_multiplier"),
                   ("max_grad_norm", "max_grad_norm"), ("delta", "delta"), ("epsilon_budget", "epsilon_budget"),
                   ("on_exceed", "on_exceed"), ("unit", "unit"),
@@ -160,9 +158,13 @@ def command(args: argparse.Namespace) -> int:
     priv = results.get("privacy")
     if priv:
         order = "CTR rounds" if cfg.model.design == "joint" else "CF rounds, then CTR rounds"
-        # The releases this run made, as its ledgers name their stages.
+        from ..federation.fedmm.joint import KEY_COUNTS
+        from ..federation.fedmm.selection import CALIBRATE, SELECT
+
+        # The releases this run made, found by the stage labels its ledgers hold.
         made = {s for v in priv.values() for s in (v.get("round_stages") or {}).values()}
-        names = [n for stage, n in _RELEASE_NAMES.items() if stage in made]
+        names = [n for stage, n in ((KEY_COUNTS, "shared-key counts"), (SELECT, "model selection"),
+                                    (CALIBRATE, "calibration")) if stage in made]
         if names:
             order += f", each market's full-batch releases ({', '.join(names)}) in rounds of their own"
         print(f"epsilon after each ledger round (fedmm: {order}):")

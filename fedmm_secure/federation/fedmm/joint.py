@@ -211,6 +211,7 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
     # Released once, at the first average (between rounds, as every release from raw rows).
     count_release = federated and has_key and cfg.key_weights == "counts" and r.history["n_shared_rows"] > 0
     shared_weights: np.ndarray | None = None
+    local_state: dict[str, torch.Tensor] | None = None   # a federated round's locally trained model
     users_t = torch.from_numpy(data.train.users)
     y = torch.from_numpy(data.train.click)
     for rnd in range(rounds):
@@ -230,8 +231,8 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
         # on it), between the locally trained model, the one right after averaging and (pair)
         # their ensemble; under DP each comparison is a noisy, accounted release (.selection),
         # so a pair is offered as its ensemble alone, and nothing is compared.
-        selector.start_round(final=rnd == rounds - 1)
-        local_state: dict | None = None
+        final = rnd == rounds - 1
+        selector.start_round(final=final)
         for phase in ("local", "averaged") if federated else ("local",):
             if phase == "averaged":
                 if has_key:
@@ -240,15 +241,15 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
                     yield from _average_keys(r, meta, hooks, rnd, cfg.shared_bound, shared_weights)
                 if shared:
                     yield from average_shared(r, r.ctr, shared, meta, "ctr-shared", rnd, cfg.shared_bound, hooks)
-            state = _state(r.ctr)
-            candidates = [[state]] if not pair or selector.exact else []
-            if pair and phase == "local":
-                local_state = state
-            elif pair:
-                candidates.append([local_state, state])
-            for states in candidates:
-                last = (states, list(r.columns))
-                selector.consider(lambda states=states: predict(_served(r.ctr, states), x_valid), lambda last=last: last)
+            # Copies only of what may be kept or served: a pair's local half when this round is
+            # scored or is the last; any model only when the selector keeps it.
+            if pair and phase == "local" and (selector.looking or final):
+                local_state = _state(r.ctr)
+            if not pair or selector.exact:
+                selector.consider(lambda: predict(r.ctr, x_valid), lambda: ([_state(r.ctr)], list(r.columns)))
+            if pair and phase == "averaged":
+                selector.consider(lambda: predict(_ensemble(r.ctr, local_state), x_valid),
+                                  lambda: ([local_state, _state(r.ctr)], list(r.columns)))
         # Every market's comparisons are on its ledger before any market opens another round.
         yield Barrier("ctr-select", rnd)
         if with_codes and rnd == code_round:
@@ -269,24 +270,27 @@ def joint_stage(r: MarketRun, cfg: ModelConfig, *, method: str, rounds: int, see
                     _set_column(r, "code1", c1)
                 _set_column(r, "code2", c2)
         progress(f"ctr round {rnd + 1}/{rounds}")
-    # Without a kept candidate (selection off) the final round's candidate is served.
-    states, r.columns = selector.kept() or last
-    r.ctr = _served(r.ctr, states)
+    kept = selector.kept()
+    if kept is not None:
+        states, r.columns = kept
+        if len(states) == 1:
+            r.ctr.load_state_dict(states[0])
+        else:
+            local, averaged = states
+            r.ctr.load_state_dict(averaged)
+            r.ctr = _ensemble(r.ctr, local)
+    elif pair:   # selection off or never scored: the final round's ensemble
+        r.ctr = _ensemble(r.ctr, local_state)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: t.clone() for k, t in model.state_dict().items()}
 
 
-def _served(model: torch.nn.Module, states: list[dict[str, torch.Tensor]]) -> torch.nn.Module:
-    """``model`` with ``states[0]`` loaded, or with several states the mean of their logits
-    (``model.serve: ensemble``: a round's locally trained and averaged models)."""
-    if len(states) == 1:
-        model.load_state_dict(states[0])
-        return model
-    members = []
-    for state in states:
-        member = copy.deepcopy(model)
-        member.load_state_dict(state)
-        members.append(member)
-    return LogitMean(members)
+def _ensemble(averaged: torch.nn.Module, local_state: dict[str, torch.Tensor] | None) -> LogitMean:
+    """The logit mean of ``averaged`` and a copy of it holding ``local_state`` (``model.serve:
+    ensemble``: a round's locally trained and averaged models)."""
+    assert local_state is not None, "the pair's local half is copied whenever it can be served"
+    local = copy.deepcopy(averaged)
+    local.load_state_dict(local_state)
+    return LogitMean([local, averaged])

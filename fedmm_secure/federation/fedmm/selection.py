@@ -47,8 +47,6 @@ class ModelSelector:
     def __init__(self, r: MarketRun, hooks: RoundHooks, *, enabled: bool) -> None:
         self.r, self.hooks, self.enabled = r, hooks, enabled
         self.last_round_only = bool(hooks.validation_accounted)
-        # Comparisons are exact and free (a run without DP): offer every model worth comparing.
-        self.exact = not self.last_round_only
         self.active = True
         self.labels = r.data.valid.click
         self.best: tuple[np.ndarray, Any] | None = None    # (validation probabilities, snapshot)
@@ -61,10 +59,20 @@ class ModelSelector:
             self.best = None
             self.active = final
 
+    @property
+    def exact(self) -> bool:
+        """Comparisons are exact and free (a run without DP): offer every model worth comparing."""
+        return not self.last_round_only
+
+    @property
+    def looking(self) -> bool:
+        """Whether a candidate offered now is scored (else :meth:`consider` does nothing)."""
+        return self.enabled and self.active
+
     def consider(self, probs: Callable[[], np.ndarray], snapshot: Callable[[], Any]) -> None:
         """Offer the market's current model: ``probs()`` its validation click probabilities,
         ``snapshot()`` what to restore if it is kept."""
-        if not self.enabled or not self.active:
+        if not self.looking:
             return
         if self.best is None:   # the first candidate is kept without a comparison: no release
             self.best = (probs(), snapshot())
