@@ -50,7 +50,8 @@ def test_references_need_synthetic_data():
 
 
 @pytest.mark.parametrize("model, field", [({"code_use": "both"}, "model.code_use"),
-                                          ({"key_weights": "uniform"}, "model.key_weights")])
+                                          ({"key_weights": "uniform"}, "model.key_weights"),
+                                          ({"serve": "best"}, "model.serve")])
 def test_unknown_model_choices_name_the_field(model, field):
     with pytest.raises(ConfigError) as e:
         config_from_dict({"model": model})
