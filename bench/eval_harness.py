@@ -6,6 +6,10 @@ One command runs every (privacy setting, seed) once with all requested methods, 
   method against every other method with 95% t-intervals over seeds, code alignment, epsilon;
 * ``results.json`` -- the same numbers plus every run's per-seed values;
 * ``paired.png``  -- the paired differences per market with their intervals;
+* with several privacy settings, a privacy-utility section in both (every method's mean AUC
+  per epsilon, and what privacy costs it: the method at epsilon minus the same method without
+  DP, paired over seeds; :mod:`fedmm_secure.reports.privacy_utility`) and
+  ``privacy_utility.png``;
 
 and records the exact command line. Examples::
 
@@ -42,6 +46,7 @@ import numpy as np
 from fedmm_secure.config import METHODS, REFERENCE_METHODS
 from fedmm_secure.workflows.run_batch import RunJob, run_jobs
 from fedmm_secure.reports.paired import paired_difference, parse_seeds
+from fedmm_secure.reports.privacy_utility import plot_utility_curve, utility_curve, utility_markdown
 
 __all__ = ["main", "summarize", "render_markdown"]
 
@@ -301,8 +306,19 @@ def main(argv: list[str] | None = None) -> int:
               "seed_role": args.seed_role, "workers": args.workers, "threads": args.threads, "methods": methods, "target": args.target, "extra_config": extra,
               "settings": {n: summarize(r, methods=methods, target=args.target, sparse=sparse)
                            for n, r in runs.items()}}
+    curves = {}
+    if len(report["settings"]) > 1:
+        # Several settings: what each epsilon costs every method (paired against no DP).
+        rows = ["mean"] + (["sparse_mean"] if sparse else [])
+        curves = {r: utility_curve(report["settings"], methods=methods, row=r) for r in rows}
+        report["privacy_utility"] = {r: [dict(vars(p), cost=p.cost.as_dict() if p.cost else None) for p in pts]
+                                     for r, pts in curves.items()}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     text = render_markdown(report)
+    for r, pts in curves.items():
+        text += f"\n## Privacy-utility ({r})\n\n" + utility_markdown(pts, row=r) + "\n"
+    if any(not np.isinf(p.epsilon) for p in curves.get("mean", [])):
+        plot_utility_curve(curves["mean"], out / "privacy_utility.png", title=f"{args.data.split(':')[0]}: mean AUC over markets")
     (out / "RESULTS.md").write_text(text + "\n")
     _plot(report, out / "paired.png")
     print(text)
