@@ -311,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         # Several settings: what each epsilon costs every method (paired against no DP).
         rows = ["mean"] + (["sparse_mean"] if sparse else [])
         curves = {r: utility_curve(report["settings"], methods=methods, row=r) for r in rows}
-        report["privacy_utility"] = {r: [dict(vars(p), cost=p.cost.as_dict() if p.cost else None) for p in pts]
-                                     for r, pts in curves.items()}
+        report["privacy_utility"] = {r: [p.as_dict() for p in pts] for r, pts in curves.items()}
     (out / "results.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
     text = render_markdown(report)
     for r, pts in curves.items():

@@ -37,6 +37,13 @@ class UtilityPoint:
     ci_high: float
     cost: PairedDiff | None          # method here - same method without DP, paired; None without a no-DP run
 
+    def as_dict(self) -> dict:
+        """JSON-ready: no DP's epsilon as null (JSON has no infinity), the cost as a dict."""
+        d = {f: getattr(self, f) for f in ("setting", "epsilon", "method", "n", "mean", "ci_low", "ci_high")}
+        d["epsilon"] = None if math.isinf(self.epsilon) else self.epsilon
+        d["cost"] = self.cost.as_dict() if self.cost is not None else None
+        return d
+
 
 def setting_epsilon(name: str) -> float:
     """``"eps8"`` -> 8.0, ``"no_dp"`` -> inf; anything else is not a harness setting name."""

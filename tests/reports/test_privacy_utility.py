@@ -1,5 +1,6 @@
 """The privacy-utility view: ordering, paired cost of privacy, rendering and the plot."""
 
+import json
 import math
 
 import numpy as np
@@ -37,6 +38,9 @@ def test_points_run_by_epsilon_with_no_dp_last_and_cost_is_paired_on_common_seed
     assert p.mean == pytest.approx(np.mean([0.73, 0.78, 0.69]))
     assert p.ci_low < p.mean < p.ci_high
     assert pts[-1].cost is None and math.isinf(pts[-1].epsilon)
+    # JSON-ready: strict JSON has no infinity, so no DP's epsilon is null.
+    assert json.loads(json.dumps(pts[-1].as_dict(), allow_nan=False))["epsilon"] is None
+    assert pts[3].as_dict()["cost"]["n"] == 3 and pts[3].as_dict()["epsilon"] == 8.0
 
 
 def test_without_a_no_dp_run_there_is_no_cost_and_no_cost_table():
