@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["PairedDiff", "paired_difference", "parse_seeds"]
+__all__ = ["PairedDiff", "paired_difference", "t_half_width", "parse_seeds"]
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], *, level: float = 
         nan = float("nan")
         return PairedDiff(n, mean, nan, nan, nan, int((d > 0).sum()), level)
     sd = float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, df=n - 1)) * sd / math.sqrt(n)
+    half = t_half_width(sd, n, level)
     return PairedDiff(n, mean, sd, mean - half, mean + half, int((d > 0).sum()), level)
+
+
+def t_half_width(sd: float, n: int, level: float) -> float:
+    """Half-width of the two-sided ``level`` Student-t interval of a mean of ``n >= 2`` values
+    with sample standard deviation ``sd``."""
+    return float(stats.t.ppf(0.5 + level / 2, df=n - 1)) * sd / math.sqrt(n)
 
 
 def parse_seeds(spec: str) -> list[int]:

@@ -15,9 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
-
-from .paired import PairedDiff, paired_difference
+from .paired import PairedDiff, paired_difference, t_half_width
 
 __all__ = ["UtilityPoint", "setting_epsilon", "utility_curve", "utility_markdown", "plot_utility_curve"]
 
@@ -65,7 +63,7 @@ def _mean_interval(values: Sequence[float], level: float) -> tuple[int, float, f
         return 0, math.nan, math.nan, math.nan
     if v.size < 2:
         return 1, float(v[0]), math.nan, math.nan
-    half = float(stats.t.ppf(0.5 + level / 2, df=v.size - 1)) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    half = t_half_width(float(v.std(ddof=1)), int(v.size), level)
     return int(v.size), float(v.mean()), float(v.mean()) - half, float(v.mean()) + half
 
 
